@@ -1,0 +1,150 @@
+"""``mst-ds``: one entry point, every flag declared once.
+
+Each sub-command is a thin adapter: it declares its flags here and calls ``run(args)`` of the module
+that owns the work (imported lazily so ``mst-ds plan`` does not pay for DeepSpeed's import).
+Bad input ends with one line on stderr and exit code 2; a failure found while running (a corrupt
+shard, a NaN loss) with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable
+
+from mst_ds.config import ConfigError
+
+EXIT_USAGE = 2
+
+
+class UsageError(ConfigError):
+    """Bad input found after parsing (missing path, wrong checkpoint): one line, exit 2."""
+
+
+def _add_config_flags(p: argparse.ArgumentParser, *, default_preset: str | None = "mst_deit_s_100ep") -> None:
+    p.add_argument("--preset", default=default_preset, help="preset name (mst-ds presets) or a recipe YAML path")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable); the value is parsed as YAML")
+
+
+def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", default=None, help="checkpoint directory/tag, run directory, or timm .safetensors export; omitted = random init of --preset")
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher", help="which network of a checkpoint")
+    p.add_argument("--train", required=True, help="labelled training data: shards (manifest/dir) or an ImageFolder")
+    p.add_argument("--val", required=True, help="labelled validation data: shards (manifest/dir) or an ImageFolder")
+    p.add_argument("--out", default=None, help="output directory (default: next to the checkpoint, or runs/eval)")
+    p.add_argument("--batch-size", type=int, default=None, help="feature-extraction batch per rank")
+    p.add_argument("--num-workers", type=int, default=None, help="loader workers")
+
+
+# (name, module, help, flag declarer)
+COMMANDS: list[tuple[str, str, str, Callable[[argparse.ArgumentParser], None]]] = []
+
+
+def command(name: str, module: str, help: str):
+    def deco(fn: Callable[[argparse.ArgumentParser], None]):
+        COMMANDS.append((name, module, help, fn))
+        return fn
+
+    return deco
+
+
+@command("presets", "mst_ds.plan", "list the presets")
+def _presets(p):
+    pass
+
+
+@command("plan", "mst_ds.plan", "print the resolved config, parameter counts, batches and schedules")
+def _plan(p):
+    _add_config_flags(p)
+    p.add_argument("--world-size", type=int, default=None, help="ranks to plan for (default: WORLD_SIZE or 1)")
+    p.add_argument("--dataset-size", type=int, default=None, help="training samples (default: manifest or data.num_samples)")
+    p.add_argument("--no-model", action="store_true", help="skip building the model (parameter counts)")
+
+
+@command("train", "mst_ds.train", "pre-train MST on the DeepSpeed engine (resumes automatically)")
+def _train(p):
+    _add_config_flags(p)
+    p.add_argument("--run-dir", default=None, help="run directory (default: run.output_dir/run.name)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+
+
+@command("export", "mst_ds.checkpoint", "export a checkpoint's backbone as timm safetensors")
+def _export(p):
+    p.add_argument("ckpt", help="checkpoint tag directory or run directory (newest complete checkpoint)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher")
+
+
+@command("knn", "mst_ds.eval.knn", "weighted k-NN evaluation (Wu et al., as DINO runs it)")
+def _knn(p):
+    _add_config_flags(p)
+    _add_eval_data_flags(p)
+    p.add_argument("--k", default=None, help="comma-separated k values (default: eval.knn_k)")
+    p.add_argument("--temperature", type=float, default=None, help="default: eval.knn_temperature")
+
+
+@command("linear", "mst_ds.eval.linear", "linear probe on frozen features (last CLS or DINO's last-4 concat)")
+def _linear(p):
+    _add_config_flags(p)
+    _add_eval_data_flags(p)
+    p.add_argument("--probe", choices=["cls", "dino"], default="dino", help="cls: last CLS token; dino: last n blocks' CLS concatenated")
+    p.add_argument("--epochs", type=int, default=None, help="default: eval.linear_epochs")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+
+
+@command("attn", "mst_ds.eval.attention", "last-layer CLS attention maps, side-by-side figures, video")
+def _attn(p):
+    _add_config_flags(p)
+    p.add_argument("inputs", nargs="+", help="image files, folders, shard manifests, or (with --video) a video file / frame folder")
+    p.add_argument("--ckpt", action="append", default=[], help="model to show (repeat for model A, model B); 'random' = random init of --preset")
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher")
+    p.add_argument("--out", default="runs/attn", help="output directory")
+    p.add_argument("--keep", type=float, default=0.6, help="thresholded map keeps this fraction of the attention mass")
+    p.add_argument("--max-images", type=int, default=8)
+    p.add_argument("--video", action="store_true", help="treat the input as a video / frame folder")
+
+
+@command("report", "mst_ds.eval.report", "mean ± standard error over seeds, and training curves")
+def _report(p):
+    p.add_argument("run_dirs", nargs="+", help="run directories holding eval results and metrics.jsonl")
+    p.add_argument("--out", default=None, help="output directory (default: the first run's parent)")
+
+
+@command("demo", "mst_ds.demo", "end to end on real images on CPU: shards, pre-training, k-NN, figures")
+def _demo(p):
+    p.add_argument("--out", default="demo_out", help="output directory")
+    p.add_argument("--steps", type=int, default=None, help="pre-training optimizer steps (default: the demo's budget)")
+    p.add_argument("--procs", type=int, default=2, help="DeepSpeed CPU processes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mst-ds", description="MST pre-training and evaluation on DeepSpeed")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module, help, declare in COMMANDS:
+        p = sub.add_parser(name, help=help, description=help)
+        declare(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def error_exit(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"mst-ds: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        module = importlib.import_module(args._module)
+        return int(module.run(args) or 0)
+    except ConfigError as err:
+        return error_exit(str(err))
+    except KeyboardInterrupt:
+        return error_exit("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""Typed configuration of an MST run.
+
+One pydantic section per component; each component builds itself from its section. The defaults
+*are* the paper's DeiT-S / 100-epoch recipe (``../shared/SPEC.md`` §1–§3): every field says where its
+number comes from — ``[S]`` the MST supplement, ``[P]`` the paper, ``[D]`` a DINO/iBOT default where the
+paper is silent. Recipes in ``mst_ds/configs/*.yaml`` list only what differs from their ``parent``.
+
+Numbers derived from others (peak lr from the global batch, per-rank micro-batch, steps per epoch) are
+computed in :func:`derive` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; ``str(err)`` is one line naming the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+class DataConfig(Section):
+    train: str | None = Field(None, description="Training shards: a manifest index.json, its directory, a brace pattern or pipe:/http URL list. None = synthetic/unset (plan only).")
+    val: str | None = Field(None, description="Held-out shards for evaluation.")
+    num_samples: int = Field(1_281_167, gt=0, description="Training-set size used when no manifest is given (ImageNet-1k train). The manifest's count wins when present.")
+    num_workers: int = Field(8, ge=0, description="Loader worker processes per rank (decode + crop on CPU).")
+    shuffle_buffer: int = Field(2000, ge=0, description="Samples in the seeded shuffle buffer of each worker [D].")
+    corrupt_policy: Literal["count", "error"] = Field("count", description="A sample that fails to decode: count it and continue, or stop.")
+
+
+class AugmentConfig(Section):
+    """Multi-crop with BYOL's photometric parameters [S §2] (SwAV/DINO multi-crop)."""
+
+    global_crop_size: int = Field(224, gt=0, description="[S §2] global views 224×224.")
+    global_crop_scale: tuple[float, float] = Field((0.4, 1.0), description="[D] DINO ViT-S RandomResizedCrop scale of global views.")
+    local_crop_size: int = Field(96, gt=0, description="[D] SwAV/DINO local views 96×96.")
+    local_crop_scale: tuple[float, float] = Field((0.05, 0.4), description="[D] DINO local crop scale.")
+    n_local_crops: int = Field(6, ge=0, description="[D] number of local views (DINO code uses 8; 6 keeps the step cheaper).")
+    flip_p: float = Field(0.5, ge=0, le=1, description="[S] BYOL horizontal flip.")
+    color_jitter: tuple[float, float, float, float] = Field((0.4, 0.4, 0.2, 0.1), description="[S] BYOL brightness, contrast, saturation, hue.")
+    color_jitter_p: float = Field(0.8, ge=0, le=1, description="[S] BYOL.")
+    grayscale_p: float = Field(0.2, ge=0, le=1, description="[S] BYOL.")
+    blur_p: tuple[float, float] = Field((1.0, 0.1), description="[S] BYOL Gaussian blur probability of global view 1 and 2.")
+    local_blur_p: float = Field(0.5, ge=0, le=1, description="[D] DINO local-view blur probability.")
+    blur_sigma: tuple[float, float] = Field((0.1, 2.0), description="[S] BYOL blur sigma range.")
+    solarize_p: tuple[float, float] = Field((0.0, 0.2), description="[S] BYOL solarization probability of global view 1 and 2.")
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="ImageNet normalisation mean.")
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="ImageNet normalisation std.")
+    interpolation: Literal["bicubic", "bilinear"] = Field("bicubic", description="[D] DINO resize interpolation.")
+
+
+class HeadConfig(Section):
+    """DINO projection head [D] (DINO ViT-S recipe, 'setting follows [2]' S §7)."""
+
+    out_dim: int = Field(65536, gt=0, description="[D] prototypes K.")
+    hidden_dim: int = Field(2048, gt=0, description="[D] MLP hidden width.")
+    bottleneck_dim: int = Field(256, gt=0, description="[D] bottleneck before the weight-normalised last layer.")
+    nlayers: int = Field(3, ge=1, description="[D] MLP depth.")
+    use_bn: bool = Field(True, description="[S §3] BN in the head's hidden layers (SyncBN when distributed). SPEC §8: needed by small CPU models.")
+    norm_last_layer: bool = Field(False, description="[D] DINO ViT-S: False (weight-norm gain trainable).")
+
+
+class ModelConfig(Section):
+    arch: str = Field("deit_small_patch16_224", description="[P] timm ViT name; DeiT-S = ViT-S/16.")
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra kwargs for timm.create_model (e.g. img_size, patch_size, embed_dim, depth, num_heads).")
+    drop_path_rate: float = Field(0.1, ge=0, lt=1, description="[D] stochastic depth of the student.")
+    fused_attn: bool = Field(True, description="Fused SDPA in blocks other than the last (the last always runs the explicit path to return its attention). SPEC §8: off is faster on small CPU models.")
+    head: HeadConfig = Field(default_factory=HeadConfig)
+
+
+class MaskConfig(Section):
+    """Attention-guided masking [P]; knobs and defaults [D] (SPEC §1.3)."""
+
+    enabled: bool = Field(True, description="False = DINO baseline (no masking).")
+    strategy: Literal["attention", "random"] = Field("attention", description="[P] low-attention patches; 'random' is the Table 4 ablation.")
+    ratio: float = Field(0.3, ge=0, le=1, description="[D] r: the lowest r·N attention patches are candidates. Unconfirmed by the paper.")
+    prob: float = Field(0.5, ge=0, le=1, description="[D] p: each candidate masked with probability p (r·p ≈ 15 %, BERT's rate). For 'random', the per-patch mask probability.")
+    mode: Literal["per_token", "per_image"] = Field("per_token", description="[D] per_token: each candidate independently; per_image: exactly round(r·p·N) lowest-attention candidates chosen at random.")
+    heads: Literal["mean", "max"] = Field("mean", description="[D] how the last block's heads are combined.")
+    replacement: Literal["mask_token", "bert"] = Field("mask_token", description="[S Table 4] mask_token = ours; bert = 80 % mask token, 10 % random token, 10 % unchanged.")
+
+
+class DecoderConfig(Section):
+    """Global image decoder g [P] (SPEC §1.5): all student patch tokens → the image."""
+
+    enabled: bool = Field(True, description="False = no restoration branch (DINO baseline).")
+    kind: Literal["pixel_shuffle", "transposed_conv"] = Field("pixel_shuffle", description="[D] conv+PixelShuffle ×2 stages (cheap) or transposed convs.")
+    channels: list[int] = Field(default_factory=lambda: [256, 128, 64, 32], description="[D] width of each ×2 upsampling stage; the number of stages times 2 must equal the patch size.")
+    use_bn: bool = Field(True, description="[S §3] BN + ReLU in the stages (SyncBN when distributed).")
+
+
+class LossConfig(Section):
+    dino_weight: float = Field(1.0, ge=0, description="[S §7] λ1, weight of the DINO self-distillation loss (v_2 in Algorithm 1).")
+    restore_weight: float = Field(0.6, ge=0, description="[S §7, §10] λ2, weight of the L1 restoration loss (v_1 in Algorithm 1).")
+    restore_reduction: Literal["mean", "sum_per_image"] = Field("mean", description="[D] L1 reduction: mean over pixels, or sum over pixels averaged over images (Algorithm 1's ambiguous abs(p-q).sum().mean()).")
+    restore_target: Literal["image", "masked_patches"] = Field("image", description="[S Table 4] restore the whole original image, or only masked patches (BERT-style ablation).")
+    student_temp: float = Field(0.1, gt=0, description="[D] student temperature.")
+    teacher_temp: float = Field(0.07, gt=0, description="[D] final teacher temperature.")
+    warmup_teacher_temp: float = Field(0.04, gt=0, description="[D] initial teacher temperature.")
+    warmup_teacher_temp_epochs: float = Field(30, ge=0, description="[D] linear teacher-temperature warm-up length.")
+    center_momentum: float = Field(0.9, ge=0, lt=1, description="[D] EMA of the teacher-output center.")
+
+
+class OptimConfig(Section):
+    batch_size: int = Field(1024, gt=0, description="[S §7] global batch (images per optimizer step, all ranks and accumulation).")
+    base_lr: float = Field(5e-4, gt=0, description="[S §7] lr per 256 images; peak lr = base_lr × batch_size / 256 (2e-3 at 1024).")
+    min_lr: float = Field(1e-6, ge=0, description="[D] end of the cosine.")
+    weight_decay: float = Field(0.04, ge=0, description="[S §7] initial weight decay.")
+    weight_decay_end: float = Field(0.4, ge=0, description="[D] final weight decay (cosine).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (torch defaults, as DINO).")
+    clip_grad: float = Field(3.0, ge=0, description="[D] gradient clipping (global norm under DeepSpeed; DINO clips per parameter). 0 = off.")
+
+
+class ScheduleConfig(Section):
+    epochs: int = Field(100, gt=0, description="[S] 100 or 300.")
+    warmup_epochs: float = Field(10, ge=0, description="[S §7] linear lr warm-up.")
+    momentum_teacher: float = Field(0.996, ge=0, le=1, description="[D] initial teacher EMA momentum, cosine to momentum_teacher_end per iteration.")
+    momentum_teacher_end: float = Field(1.0, ge=0, le=1, description="[D]")
+    freeze_last_layer_epochs: float = Field(1, ge=0, description="[D] head last layer frozen during the first epoch(s).")
+
+
+class EngineConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    precision: Literal["auto", "bf16", "fp16", "fp32", "autocast_bf16"] = Field("auto", description="auto: bf16 on compute capability ≥ 8.0 and ROCm, fp16 on V100, bf16 on CPU.")
+    grad_accum_steps: int = Field(1, gt=0, description="Gradient accumulation; micro-batch = batch / (world × accumulation).")
+    template: str = Field("base.json", description="DeepSpeed JSON template in ds_configs/ (engine settings only).")
+    nan_policy: Literal["stop", "skip"] = Field("stop", description="A non-finite loss stops the run (last good checkpoint kept) or skips the step.")
+    sync_bn: bool = Field(True, description="[S §3] convert BN to SyncBN when world size > 1.")
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(0, ge=0, description="Save every N steps (0 = only at epoch ends).")
+    every_epochs: int = Field(1, ge=0, description="Save every N epochs.")
+    keep_last: int = Field(3, ge=1, description="Complete checkpoints kept.")
+    resume: bool = Field(True, description="Resume from the newest complete checkpoint of the run directory.")
+    allow_config_change: bool = Field(False, description="Resume even if the config hash differs.")
+
+
+class EvalConfig(Section):
+    knn_k: list[int] = Field(default_factory=lambda: [10, 20, 100, 200], description="[S §4] k values.")
+    knn_temperature: float = Field(0.07, gt=0, description="[S §4] weights exp(sim / T).")
+    linear_lr: float = Field(0.00024, gt=0, description="[S §5] lr at batch 1024 (scaled linearly with the batch).")
+    linear_batch_size: int = Field(1024, gt=0, description="[S §5]")
+    linear_epochs: int = Field(100, gt=0, description="[S §5]")
+    linear_momentum: float = Field(0.9, ge=0, lt=1, description="[D] SGD momentum.")
+    linear_lr_sweep: list[float] = Field(default_factory=list, description="Extra lrs trained in the same pass (one head each).")
+    n_last_blocks: int = Field(4, ge=1, description="[D] DINO probe: class tokens of the last n blocks concatenated.")
+    avgpool_patch_tokens: bool = Field(False, description="[D] DINO option: append average-pooled patch tokens.")
+    image_size: int = Field(224, gt=0, description="[S §4] center crop size (resize to image_size·256/224 first).")
+
+
+class RunConfig(Section):
+    name: str = Field("mst", description="Run name (directory under output_dir).")
+    output_dir: str = Field("runs", description="Where run directories go.")
+    seed: int = Field(0, ge=0, description="[S §1] same seed for comparisons.")
+    log_every: int = Field(10, gt=0, description="Metrics every N steps.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (CPU demo budget); schedules still span the full run unless schedule_steps is set.")
+    schedule_steps: int | None = Field(None, gt=0, description="Stretch schedules over this many steps instead of epochs × steps_per_epoch (CPU budgets).")
+    time_limit_min: float | None = Field(None, gt=0, description="Safety cap in minutes: stop (with a checkpoint) after this time.")
+
+
+class MSTConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MSTConfig:
+        if self.optim.batch_size % self.engine.grad_accum_steps:
+            raise ValueError(
+                f"optim.batch_size={self.optim.batch_size} is not divisible by engine.grad_accum_steps={self.engine.grad_accum_steps}"
+            )
+        return self
+
+    # -- identity ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self, *, ignore: Iterable[str] = ("run", "checkpoint", "data.num_workers")) -> str:
+        """Hash of what defines the training trajectory (resume refuses a different one)."""
+        d = self.to_dict()
+        for key in ignore:
+            parts = key.split(".")
+            node = d
+            for p in parts[:-1]:
+                node = node[p]
+            node.pop(parts[-1], None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: presets, files, --set overrides, with the source of every value
+# --------------------------------------------------------------------------------------------------
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v and key != "model.timm_kwargs":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = d
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _recipe_chain(name_or_path: str) -> list[tuple[str, dict[str, Any]]]:
+    """[(source label, overrides)] from the root parent down to the named recipe."""
+    chain: list[tuple[str, dict[str, Any]]] = []
+    seen: set[str] = set()
+    current: str | None = name_or_path
+    while current:
+        path = Path(current)
+        if not (path.suffix in (".yaml", ".yml") and path.exists()):
+            path = PRESET_DIR / f"{current}.yaml"
+            if not path.exists():
+                raise ConfigError(f"unknown preset or config file '{current}' (presets: {', '.join(list_presets())})")
+        if str(path) in seen:
+            raise ConfigError(f"{path}: parent cycle")
+        seen.add(str(path))
+        data = _read_yaml(path)
+        current = data.pop("parent", None)
+        chain.append((f"preset:{path.stem}" if path.parent == PRESET_DIR else f"file:{path}", data))
+    return list(reversed(chain))
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``section.key=value`` → (dotted key, YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if "." not in key:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+@dataclass
+class LoadedConfig:
+    config: MSTConfig
+    sources: dict[str, str]  # dotted key → "default" | "preset:NAME" | "file:PATH" | "--set"
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    inp = e.get("input")
+    shown = "" if isinstance(inp, dict) or e["type"] == "extra_forbidden" else f" (got {inp!r})"
+    return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
+
+
+def build_config(raw: Mapping[str, Any]) -> MSTConfig:
+    try:
+        return MSTConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(preset: str = "mst_deit_s_100ep", sets: Iterable[str] = (), overrides: Mapping[str, Any] | None = None) -> LoadedConfig:
+    """Resolve preset chain + ``--set`` items (+ programmatic ``overrides``) into a validated config."""
+    raw: dict[str, Any] = {}
+    sources = {k: "default" for k in _flatten(MSTConfig().to_dict())}
+    for label, data in _recipe_chain(preset):
+        for key, value in _flatten(data).items():
+            _set_dotted(raw, key, copy.deepcopy(value))
+            sources[key] = label
+    items = [parse_set(s) for s in sets] + list((overrides or {}).items())
+    for key, value in items:
+        _set_dotted(raw, key, value)
+        sources[key] = "--set"
+    return LoadedConfig(build_config(raw), sources)
+
+
+def config_from_file(path: str | Path) -> MSTConfig:
+    """A resolved config written next to a run (config.yaml or .json)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    data = json.loads(path.read_text()) if path.suffix == ".json" else _read_yaml(path)
+    return build_config(data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Derived numbers: the one place they are computed
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Derived:
+    world_size: int
+    dataset_size: int
+    global_batch: int
+    micro_batch: int  # per rank, per forward
+    grad_accum_steps: int
+    steps_per_epoch: int  # optimizer steps; the last partial batch of an epoch is dropped
+    total_steps: int  # schedule length in optimizer steps
+    warmup_steps: int
+    peak_lr: float
+    freeze_last_layer_steps: int
+    teacher_temp_warmup_steps: int
+    n_views: int  # 2 global + local
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def derive(cfg: MSTConfig, world_size: int = 1, dataset_size: int | None = None) -> Derived:
+    """Everything computed from the config, the world size and the data set size."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be ≥ 1 (got {world_size})")
+    accum = cfg.engine.grad_accum_steps
+    per_step = world_size * accum
+    if cfg.optim.batch_size % per_step:
+        raise ConfigError(
+            f"optim.batch_size: global batch {cfg.optim.batch_size} is not divisible by world size {world_size} × "
+            f"grad_accum_steps {accum}"
+        )
+    n = dataset_size if dataset_size is not None else cfg.data.num_samples
+    steps_per_epoch = n // cfg.optim.batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(f"optim.batch_size: global batch {cfg.optim.batch_size} is larger than the data set ({n} samples)")
+    total = cfg.run.schedule_steps or cfg.schedule.epochs * steps_per_epoch
+    # Epoch-denominated knobs are converted with the same scale as the schedule length, so a
+    # stretched CPU schedule keeps the paper's proportions.
+    epoch_len = total / cfg.schedule.epochs
+
+    def steps(epochs: float) -> int:
+        return min(total, int(math.floor(epochs * epoch_len)))
+
+    return Derived(
+        world_size=world_size,
+        dataset_size=n,
+        global_batch=cfg.optim.batch_size,
+        micro_batch=cfg.optim.batch_size // per_step,
+        grad_accum_steps=accum,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=steps(cfg.schedule.warmup_epochs),
+        peak_lr=cfg.optim.base_lr * cfg.optim.batch_size / 256,
+        freeze_last_layer_steps=steps(cfg.schedule.freeze_last_layer_epochs),
+        teacher_temp_warmup_steps=steps(cfg.loss.warmup_teacher_temp_epochs),
+        n_views=2 + cfg.augment.n_local_crops,
+    )
