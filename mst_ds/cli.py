@@ -37,6 +37,7 @@ def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (default: next to the checkpoint, or runs/eval)")
     p.add_argument("--batch-size", type=int, default=None, help="feature-extraction batch per rank")
     p.add_argument("--num-workers", type=int, default=None, help="loader workers")
+    p.add_argument("--no-cache", action="store_true", help="recompute features even if OUT/features holds them")
 
 
 # (name, module, help, flag declarer)
@@ -92,6 +93,9 @@ def _linear(p):
     _add_eval_data_flags(p)
     p.add_argument("--probe", choices=["cls", "dino"], default="dino", help="cls: last CLS token; dino: last n blocks' CLS concatenated")
     p.add_argument("--epochs", type=int, default=None, help="default: eval.linear_epochs")
+    p.add_argument("--lr-sweep", default=None, help="comma-separated extra lrs (at batch 1024) trained in the same pass, one head each (default: eval.linear_lr_sweep)")
+    p.add_argument("--avgpool", action="store_true", default=None, help="append average-pooled patch tokens (default: eval.avgpool_patch_tokens)")
+    p.add_argument("--no-augment", action="store_true", help="train on cached center-crop features instead of random-resized-crop + flip (fast on CPU; not the paper's protocol)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
 
 
@@ -105,6 +109,8 @@ def _attn(p):
     p.add_argument("--keep", type=float, default=0.6, help="thresholded map keeps this fraction of the attention mass")
     p.add_argument("--max-images", type=int, default=8)
     p.add_argument("--video", action="store_true", help="treat the input as a video / frame folder")
+    p.add_argument("--fps", type=float, default=None, help="frame rate of the assembled video (default: the source's, else 10)")
+    p.add_argument("--max-frames", type=int, default=0, help="use at most this many video frames (0 = all)")
 
 
 @command("report", "mst_ds.eval.report", "mean ± standard error over seeds, and training curves")
@@ -122,6 +128,9 @@ def _demo(p):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mst-ds", description="MST pre-training and evaluation on DeepSpeed")
+    # `deepspeed --module mst_ds.cli` puts --local_rank=N before the sub-command.
+    parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, help, declare in COMMANDS:
         p = sub.add_parser(name, help=help, description=help)

@@ -103,7 +103,7 @@ class DecoderConfig(Section):
 
     enabled: bool = Field(True, description="False = no restoration branch (DINO baseline).")
     kind: Literal["pixel_shuffle", "transposed_conv"] = Field("pixel_shuffle", description="[D] conv+PixelShuffle ×2 stages (cheap) or transposed convs.")
-    channels: list[int] = Field(default_factory=lambda: [256, 128, 64, 32], description="[D] width of each ×2 upsampling stage; the number of stages times 2 must equal the patch size.")
+    channels: list[int] = Field(default_factory=lambda: [128, 64, 32, 16], description="[D] width of each ×2 upsampling stage; 2^len(channels) must equal the patch size. [128,64,32,16] keeps the DeiT-S MST step ≤ 1.15× the DINO step (bench/step_cost.py: 1.07–1.08×; [256,128,64,32] measured 1.17×).")
     use_bn: bool = Field(True, description="[S §3] BN + ReLU in the stages (SyncBN when distributed).")
 
 

@@ -1,0 +1,134 @@
+"""``mst-shards write|verify|inspect``.
+
+Bad input (missing source, bad flag value, unreadable inputs under ``--strict``) → one line on stderr,
+exit 2. A verification failure → one line per problem naming the shard, exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_tools import TOOL_VERSION
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mst-shards", description="ImageNet / ImageFolder → verified WebDataset shards")
+    parser.add_argument("--version", action="version", version=TOOL_VERSION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    w = sub.add_parser("write", help="write shards + index.json (resumes an interrupted run)")
+    w.add_argument("--src", required=True, help="ImageFolder tree, or ILSVRC2012 train tar / val folder or tar")
+    w.add_argument("--out", required=True, help="output folder for the shards and index.json")
+    w.add_argument("--split", required=True, choices=["train", "val"])
+    w.add_argument("--layout", choices=["imagefolder", "ilsvrc"], default="imagefolder")
+    w.add_argument("--val-labels", default=None, help="ILSVRC val: the devkit (folder/.tar.gz), its ground-truth file, or one wnid per line")
+    w.add_argument("--max-count", type=int, default=256, help="images per shard")
+    w.add_argument("--workers", type=int, default=1, help="writer processes (each writes a disjoint range of shards)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the sample-list shuffle")
+    w.add_argument("--strict", action="store_true", help="an unreadable input is an error (exit 2)")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("verify", help="check every shard against index.json (exit 1 on any mismatch)")
+    v.add_argument("dir", help="shard folder (or its index.json)")
+    v.add_argument("--decode", action="store_true", help="also decode every image")
+
+    i = sub.add_parser("inspect", help="class histogram, size statistics, contact sheet")
+    i.add_argument("dir", help="shard folder (or its index.json)")
+    i.add_argument("--out", default=None, help="contact-sheet PNG (default: DIR/contact_sheet.png)")
+    i.add_argument("--max-shards", type=int, default=None, help="read only the first N shards")
+    i.add_argument("--sheet-images", type=int, default=64)
+    return parser
+
+
+def _write(args) -> int:
+    from rich.console import Console
+
+    from data_tools.writer import write_shards
+
+    res = write_shards(args.src, args.out, split=args.split, layout=args.layout, val_labels=args.val_labels,
+                       max_count=args.max_count, workers=args.workers, seed=args.seed, strict=args.strict,
+                       progress=not args.quiet)
+    m = res.manifest
+    mb = m.total_bytes / 1e6
+    Console(stderr=True).print(
+        f"wrote {res.written} shards, kept {res.kept} from an earlier run: {m.total:,} images in {len(m.shards)} shards, "
+        f"{len(m.classes)} classes, {mb:,.1f} MB, {m.total / max(res.seconds, 1e-9):,.0f} images/s, "
+        f"{mb / max(res.seconds, 1e-9):,.1f} MB/s; {len(m.unreadable)} unreadable inputs → {Path(args.out) / 'index.json'}")
+    for u in m.unreadable[:20]:
+        print(f"  unreadable: {u}", file=sys.stderr)
+    if len(m.unreadable) > 20:
+        print(f"  ... and {len(m.unreadable) - 20} more (index.json lists all)", file=sys.stderr)
+    return 0
+
+
+def _verify(args) -> int:
+    from data_tools.verify import verify_dir
+
+    report = verify_dir(args.dir, decode=args.decode)
+    for p in report.problems:
+        print(f"mst-shards: verify: {p}", file=sys.stderr)
+    if not report.ok:
+        bad = len({p.split(": ", 1)[0] for p in report.problems})
+        print(f"mst-shards: verify FAILED: {bad} of {report.shards} shards damaged", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"verify OK: {report.shards} shards, {report.samples:,} samples{' (all decoded)' if args.decode else ''}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from data_tools.inspection import contact_sheet, inspect_dir, stats_row
+
+    res = inspect_dir(args.dir, max_shards=args.max_shards, sheet_images=args.sheet_images)
+    m = res.manifest
+    con = Console()
+    con.print(f"[bold]{m.split}[/bold]: {m.total:,} images in {len(m.shards)} shards, {len(m.classes)} classes, "
+              f"{m.total_bytes / 1e6:,.1f} MB, {len(m.unreadable)} unreadable inputs, written by {m.tool_version}")
+    hist = Table(title=f"class histogram ({res.samples:,} samples read)")
+    for col in ("index", "wnid", "name", "count", ""):
+        hist.add_column(col)
+    top = max(res.class_counts.values(), default=1)
+    for c in m.classes:
+        n = res.class_counts.get(c["index"], 0)
+        hist.add_row(str(c["index"]), c["wnid"], c["name"], f"{n:,}", "█" * max(0, round(30 * n / top)))
+    if -1 in res.class_counts:
+        hist.add_row("-", "-", "(no label)", f"{res.class_counts[-1]:,}", "")
+    con.print(hist)
+    sizes = Table(title="image statistics")
+    for col in ("", "min", "p5", "median", "p95", "max"):
+        sizes.add_column(col)
+    sizes.add_row("width (px)", *stats_row(res.widths))
+    sizes.add_row("height (px)", *stats_row(res.heights))
+    sizes.add_row("bytes", *stats_row(res.bytes_per_image))
+    con.print(sizes)
+    con.print("formats: " + ", ".join(f"{f}/{mode}: {n:,}" for (f, mode), n in sorted(res.formats.items())))
+    out = Path(args.out) if args.out else Path(m.root) / "contact_sheet.png"
+    if res.thumbs:
+        con.print(f"contact sheet of {len(res.thumbs)} images → {contact_sheet(res.thumbs, out)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_tools.writer import WriteError
+    from mst_ds.config import ConfigError
+    from mst_ds.data.manifest import ManifestError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return {"write": _write, "verify": _verify, "inspect": _inspect}[args.command](args)
+    except (WriteError, ManifestError, ConfigError) as err:
+        print(f"mst-shards: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mst-shards: error: interrupted (rerun to finish; finished shards are kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

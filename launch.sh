@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Launch `mst-ds train` through the DeepSpeed launcher: one CPU machine, one GPU node, or a cluster.
+#
+#   ./launch.sh --preset NAME [--hostfile FILE] [--nodes N] [--gpus-per-node G] [--set k=v ...]
+#               [--run-dir DIR] [--cpu N] [--no_ssh --node_rank R --master_addr A [--master_port P]]
+#
+#   --cpu N           N local CPU processes (DS_ACCELERATOR=cpu, gloo backend)
+#   --hostfile FILE   DeepSpeed hostfile ("host slots=G" per line); the launcher starts every node over
+#                     pdsh/ssh, or, with --no_ssh, run this same command on every node with its --node_rank
+#   --nodes/--gpus-per-node   how much of the hostfile to use (default: all of it)
+# Everything after `--` goes to the DeepSpeed launcher unchanged. The launcher appends --local_rank=N to
+# the training command; `mst-ds train` accepts it. ROCm (Sugon DCU) vs CUDA is detected from torch and
+# the matching RCCL/NCCL environment is set (override any variable by exporting it first).
+set -euo pipefail
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+die() { echo "launch.sh: error: $*" >&2; exit 2; }
+
+preset="" hostfile="" nodes="" gpus="" cpu="" run_dir="" master_port="${MASTER_PORT:-29500}"
+sets=() launcher=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --preset) preset="${2:?--preset needs a value}"; shift 2 ;;
+    --hostfile) hostfile="${2:?}"; shift 2 ;;
+    --nodes) nodes="${2:?}"; shift 2 ;;
+    --gpus-per-node) gpus="${2:?}"; shift 2 ;;
+    --cpu) cpu="${2:?}"; shift 2 ;;
+    --set) sets+=(--set "${2:?--set needs section.key=value}"); shift 2 ;;
+    --run-dir) run_dir="${2:?}"; shift 2 ;;
+    --no_ssh|--no-ssh) launcher+=(--no_ssh); shift ;;
+    --node_rank|--node-rank) launcher+=(--node_rank "${2:?}"); shift 2 ;;
+    --master_addr|--master-addr) launcher+=(--master_addr "${2:?}"); shift 2 ;;
+    --master_port|--master-port) master_port="${2:?}"; shift 2 ;;
+    -h|--help) usage 0 ;;
+    --) shift; launcher+=("$@"); break ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+done
+[[ -n "$preset" ]] || die "--preset is required"
+[[ -z "$hostfile" || -f "$hostfile" ]] || die "--hostfile $hostfile: no such file"
+[[ -z "$cpu" || "$cpu" =~ ^[1-9][0-9]*$ ]] || die "--cpu $cpu: expected a positive process count"
+
+cd "$(dirname "$0")"
+[[ -f .venv/bin/activate && -z "${VIRTUAL_ENV:-}" ]] && . .venv/bin/activate
+
+# Accelerator and collective-library environment.
+if [[ -n "$cpu" ]]; then
+  export DS_ACCELERATOR=cpu
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / cpu > 0 ? $(nproc) / cpu : 1 ))}"
+  gpus="$cpu"
+elif [[ "${DS_ACCELERATOR:-}" == cpu ]]; then
+  :  # CPU processes per node from the hostfile's slots or --gpus-per-node (e.g. multi-node CPU tests)
+elif ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  die "no GPU visible to torch: use --cpu N for CPU processes"
+elif python -c 'import sys, torch; sys.exit(0 if torch.version.hip else 1)' 2>/dev/null; then
+  # ROCm (DCU): RCCL sits behind the "nccl" backend and reads the NCCL_* variables.
+  export DS_ACCELERATOR=cuda
+  export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+  export HSA_FORCE_FINE_GRAIN_PCIE="${HSA_FORCE_FINE_GRAIN_PCIE:-1}"  # RCCL peer-to-peer over PCIe
+  export MIOPEN_USER_DB_PATH="${MIOPEN_USER_DB_PATH:-/tmp/miopen-${USER:-user}}"  # no locks on a shared home
+  export MIOPEN_CUSTOM_CACHE_DIR="${MIOPEN_CUSTOM_CACHE_DIR:-$MIOPEN_USER_DB_PATH}"
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+else
+  export DS_ACCELERATOR=cuda
+  export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+fi
+
+cmd=(deepspeed --master_port "$master_port")
+[[ -n "$hostfile" ]] && cmd+=(--hostfile "$hostfile")
+[[ -n "$nodes" ]] && cmd+=(--num_nodes "$nodes")
+[[ -n "$gpus" ]] && cmd+=(--num_gpus "$gpus")
+cmd+=("${launcher[@]}" --module mst_ds.cli train --preset "$preset" "${sets[@]}")
+[[ -n "$run_dir" ]] && cmd+=(--run-dir "$run_dir")
+echo "launch.sh: DS_ACCELERATOR=$DS_ACCELERATOR ${cmd[*]}" >&2
+exec "${cmd[@]}"

@@ -1,0 +1,401 @@
+"""Multi-crop augmentation of MST/DINO (SPEC §3), split into a CPU stage and a batched device stage.
+
+DINO's PIL pipeline runs at ~20–30 images/s per CPU core because colour jitter (mostly hue) dominates
+(SPEC §3). So the work is split, with the same distributions:
+
+* :class:`MultiCropCPU` (loader workers): decode, RandomResizedCrop (bicubic), horizontal flip → uint8
+  views; all randomness from one per-sample seed, so a resumed loader reproduces every crop exactly.
+* :class:`Photometric` (training device, CPU tensors where there is none): colour jitter (BYOL: p 0.8,
+  random order of the four adjustments), grayscale p 0.2, Gaussian blur (per view: global 1 p 1.0,
+  global 2 p 0.1, locals p 0.5; sigma 0.1–2.0), solarize (global 2 p 0.2), normalise — per-sample
+  parameters drawn from a ``torch.Generator``, applied to whole batches.
+
+View order everywhere: global 1, global 2, then the local views.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+
+from mst_ds.config import AugmentConfig
+
+_PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+_TV_INTERP = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Crop parameter columns of ``params``: top, left, height, width (original-image pixels), flipped.
+PARAM_FIELDS = ("top", "left", "height", "width", "flip")
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Image bytes (JPEG incl. CMYK, PNG, ...) → fully decoded RGB PIL image; raises on corrupt data."""
+    img = Image.open(io.BytesIO(data))
+    img.load()  # decode now, so a corrupt file fails here and not later inside a transform
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU stage
+# --------------------------------------------------------------------------------------------------
+def random_resized_crop_params(
+    rng: random.Random, height: int, width: int, scale: Sequence[float], ratio: Sequence[float] = (3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawing from ``rng`` → (top, left, h, w)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image → uint8 (3, H, W) (a channels-last view: batching copies it once, contiguously)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+class MultiCropCPU:
+    """Decode + RandomResizedCrop + flip for 2 global and ``n_local`` local views → uint8 tensors."""
+
+    def __init__(
+        self,
+        global_size: int,
+        local_size: int,
+        global_scale: Sequence[float],
+        local_scale: Sequence[float],
+        n_local: int,
+        flip_p: float = 0.5,
+        interpolation: str = "bicubic",
+    ):
+        self.global_size, self.local_size = global_size, local_size
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.n_local, self.flip_p = n_local, flip_p
+        self.resample = _PIL_RESAMPLE[interpolation]
+
+    @classmethod
+    def from_config(cls, cfg: AugmentConfig) -> MultiCropCPU:
+        return cls(cfg.global_crop_size, cfg.local_crop_size, cfg.global_crop_scale, cfg.local_crop_scale,
+                   cfg.n_local_crops, cfg.flip_p, cfg.interpolation)
+
+    @property
+    def n_views(self) -> int:
+        return 2 + self.n_local
+
+    def _view(self, img: Image.Image, rng: random.Random, size: int, scale) -> tuple[torch.Tensor, list[int]]:
+        top, left, h, w = random_resized_crop_params(rng, img.height, img.width, scale)
+        view = img.resize((size, size), self.resample, box=(left, top, left + w, top + h))
+        flip = rng.random() < self.flip_p
+        if flip:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        return _to_uint8_chw(view), [top, left, h, w, int(flip)]
+
+    def __call__(self, img: Image.Image | bytes, seed: int) -> dict:
+        """→ dict(global=[uint8 (3,G,G)]*2, local=[uint8 (3,L,L)]*n, params=int32 (2+n, 5))."""
+        if isinstance(img, bytes | bytearray):
+            img = decode_rgb(img)
+        elif img.mode != "RGB":
+            img = img.convert("RGB")
+        rng = random.Random(seed)
+        views, params = [], []
+        for v in range(self.n_views):
+            size, scale = (self.global_size, self.global_scale) if v < 2 else (self.local_size, self.local_scale)
+            view, p = self._view(img, rng, size, scale)
+            views.append(view)
+            params.append(p)
+        return {"global": views[:2], "local": views[2:], "params": torch.tensor(params, dtype=torch.int32)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched photometric stage
+# --------------------------------------------------------------------------------------------------
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) float → (B,1,H,W) luma with PIL's ITU-R 601-2 weights."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    f = f.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * mean).clamp_(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    f = f.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * _gray(x)).clamp_(0, 1)
+
+
+def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue by ``f`` turns per sample: (B,3,H,W) in [0,1], f (B,).
+
+    The same HSV round trip as torchvision/PIL, written without materialising S and the sextant
+    table: with V = max, C = max − min and H in sextants, channel n = V − C·clamp(min(k, 4 − k), 0, 1),
+    k = (H + n) mod 6 for n = 5, 3, 1 (R, G, B). ~4× faster than the table form on CPU.
+    """
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    c = maxc - torch.minimum(torch.minimum(r, g), b)
+    inv = c.reciprocal().masked_fill_(c == 0, 0.0)  # grey pixels: any hue, zero chroma
+    is_r, is_g = maxc == r, maxc == g
+    # Hue in sextants, shifted by 6 so every k below is positive (fmod is then the modulo).
+    h = torch.where(is_r, (g - b).mul_(inv), torch.where(is_g, (b - r).mul_(inv).add_(2.0), (r - g).mul_(inv).add_(4.0)))
+    h.add_(6.0 * f.view(-1, 1, 1) + 6.0)
+    out = torch.empty_like(x)
+    for ch, n in enumerate((5.0, 3.0, 1.0)):
+        k = torch.fmod(h + n, 6.0)
+        t = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+        torch.sub(maxc, t.mul_(c), out=out[:, ch])
+    return out
+
+
+def _blur_fixed_radius(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    b, c, h, w = x.shape
+    k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kern = torch.exp(-0.5 * (k.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*3, K)
+    y = x.reshape(1, b * c, h, w)
+    pad_w, pad_h = min(radius, w - 1), min(radius, h - 1)
+    # Replicate padding cannot exceed the image; fall back to zero padding of the remainder.
+    y = F.pad(y, (pad_w, pad_w, pad_h, pad_h), mode="replicate")
+    if radius > pad_w or radius > pad_h:
+        y = F.pad(y, (radius - pad_w,) * 2 + (radius - pad_h,) * 2)
+    y = F.conv2d(y, kern.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.conv2d(y, kern.view(b * c, 1, -1, 1), groups=b * c)
+    return y.view(b, c, h, w)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample Gaussian blur, (B,3,H,W) with sigma (B,); separable, edge pixels extended like PIL.
+
+    The kernel reaches 3σ; samples are grouped by that radius so a small σ pays for a small kernel."""
+    radius = torch.ceil(3.0 * sigma).to(torch.int64).clamp_(min=1)
+    if bool((radius == radius[0]).all()):
+        return _blur_fixed_radius(x, sigma, int(radius[0]))
+    out = torch.empty_like(x)
+    for r in torch.unique(radius).tolist():
+        idx = torch.nonzero(radius == r).flatten()
+        out[idx] = _blur_fixed_radius(x[idx], sigma[idx], int(r))
+    return out
+
+
+def batch_generator(seed: int, epoch: int, batch_index: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The photometric randomness of one batch, from (seed, epoch, batch index) only: a run resumed
+    mid-epoch redraws exactly the jitter/blur/solarize of the batches it has not seen yet."""
+    g = torch.Generator(device=device)
+    g.manual_seed(zlib.crc32(f"photometric:{seed}:{epoch}:{batch_index}".encode()))
+    return g
+
+
+class Photometric:
+    """Batched BYOL photometric augmentation + normalisation of multi-crop views, on their device."""
+
+    def __init__(
+        self,
+        jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
+        jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_p: Sequence[float] = (1.0, 0.1),
+        local_blur_p: float = 0.5,
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        solarize_p: Sequence[float] = (0.0, 0.2),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        self.jitter, self.jitter_p, self.grayscale_p = tuple(jitter), jitter_p, grayscale_p
+        self.blur_p, self.local_blur_p, self.blur_sigma = tuple(blur_p), local_blur_p, tuple(blur_sigma)
+        self.solarize_p = tuple(solarize_p)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @classmethod
+    def from_config(cls, cfg: AugmentConfig) -> Photometric:
+        return cls(cfg.color_jitter, cfg.color_jitter_p, cfg.grayscale_p, cfg.blur_p, cfg.local_blur_p,
+                   cfg.blur_sigma, cfg.solarize_p, cfg.mean, cfg.std)
+
+    def view_probs(self, v: int) -> tuple[float, float]:
+        """(blur p, solarize p) of view ``v`` (0, 1 = globals)."""
+        if v < 2:
+            return self.blur_p[v], self.solarize_p[v]
+        return self.local_blur_p, 0.0
+
+    def _rand(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        dev = generator.device if generator is not None else "cpu"
+        return torch.rand(n, generator=generator, device=dev).cpu()
+
+    def draw(self, bsz: int, v: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Per-sample random parameters of view ``v`` for a batch of ``bsz`` (CPU tensors):
+        jitter (B,) bool, factors (B,4) brightness/contrast/saturation/hue, order (B,4) a permutation
+        of the four adjustments (torchvision draws one per call = per sample here), gray (B,) bool,
+        blur (B,) bool, sigma (B,), solarize (B,) bool."""
+        br, co, sa, hu = self.jitter
+        lo_hi = [(max(0.0, 1 - br), 1 + br), (max(0.0, 1 - co), 1 + co), (max(0.0, 1 - sa), 1 + sa), (-hu, hu)]
+        blur_p, sol_p = self.view_probs(v)
+        lo, hi = self.blur_sigma
+        return {
+            "jitter": self._rand(bsz, generator) < self.jitter_p,
+            "factors": torch.stack([a + (b - a) * self._rand(bsz, generator) for a, b in lo_hi], 1),
+            "order": torch.argsort(self._rand(bsz * 4, generator).view(bsz, 4), dim=1),
+            "gray": self._rand(bsz, generator) < self.grayscale_p,
+            "blur": self._rand(bsz, generator) < blur_p,
+            "sigma": lo + (hi - lo) * self._rand(bsz, generator),
+            "solarize": self._rand(bsz, generator) < sol_p,
+        }
+
+    def color_jitter(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """ColorJitter(b, c, s, h) on the samples with ``p["jitter"]``, each with its factors and order.
+
+        Samples sharing an order of the four adjustments are processed together (one gather, four
+        ops, one scatter), which costs far less than masking every op."""
+        br, co, sa, hu = self.jitter
+        identity = (br == 0, co == 0, sa == 0, hu == 0)  # a zero-strength adjustment is the identity
+        fns = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in torch.nonzero(p["jitter"]).flatten().tolist():
+            groups.setdefault(tuple(p["order"][i].tolist()), []).append(i)
+        factors = p["factors"].to(x.device)
+        for perm, members in groups.items():
+            idx = torch.tensor(members, device=x.device)
+            y, f = x[idx], factors[idx]
+            for t in perm:
+                if not identity[t]:
+                    y = fns[t](y, f[:, t])
+            x[idx] = y
+        return x
+
+    def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
+        """float (B,3,S,S) in [0,1] + parameters from :meth:`draw` → augmented (normalised) float.
+        Modifies ``x`` in place."""
+        dev = x.device
+        x = self.color_jitter(x, p)
+        gray = p["gray"].to(dev)
+        if p["gray"].any():
+            x[gray] = _gray(x[gray]).expand(-1, 3, -1, -1)
+        blur = p["blur"].to(dev)
+        if p["blur"].any():
+            x[blur] = gaussian_blur(x[blur], p["sigma"].to(dev)[blur])
+        sol = p["solarize"].to(dev)
+        if p["solarize"].any():
+            xs = x[sol]
+            # PIL's solarize inverts pixels >= 128 (of 255).
+            x[sol] = torch.where(xs >= 127.5 / 255.0, 1.0 - xs, xs)
+        if not normalize:
+            return x
+        inv_std = 1.0 / torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
+        shift = -torch.tensor(self.mean, device=dev).view(1, 3, 1, 1) * inv_std
+        return x.mul_(inv_std).add_(shift)
+
+    def __call__(self, views: list[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """views: [uint8 (B,3,S,S)] in view order → [float32 (B,3,S,S)] augmented and normalised."""
+        return [self.augment_view(u8, v, generator) for v, u8 in enumerate(views)]
+
+    def augment_view(self, u8: torch.Tensor, v: int, generator: torch.Generator | None = None,
+                     normalize: bool = True) -> torch.Tensor:
+        """One view batch: uint8 (B,3,S,S) → float (B,3,S,S); ``v`` selects the blur/solarize p."""
+        p = self.draw(u8.shape[0], v, generator)
+        return self.apply(u8.float().div_(255.0), p, normalize)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation transforms (PIL → normalised float tensor)
+# --------------------------------------------------------------------------------------------------
+def _to_rgb(img: Image.Image) -> Image.Image:
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def eval_transform(image_size: int = 224, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+    """Resize the short side to ``image_size``·256/224 (bicubic), center crop ``image_size`` [S §4]."""
+    return T.Compose([
+        T.Lambda(_to_rgb),
+        T.Resize(int(round(image_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def linear_train_transform(image_size: int = 224, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+    """RandomResizedCrop + horizontal flip only [S §5] (DINO's linear-probe training transform)."""
+    return T.Compose([
+        T.Lambda(_to_rgb),
+        T.RandomResizedCrop(image_size),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def pil_reference_multicrop(cfg: AugmentConfig) -> list[T.Compose]:
+    """DINO's PIL multi-crop pipeline (one Compose per view) — the reference for tests and benchmarks."""
+    interp = _TV_INTERP[cfg.interpolation]
+    norm = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+
+    def jitter():
+        return [
+            T.RandomHorizontalFlip(p=cfg.flip_p),
+            T.RandomApply([T.ColorJitter(*cfg.color_jitter)], p=cfg.color_jitter_p),
+            T.RandomGrayscale(p=cfg.grayscale_p),
+        ]
+
+    def blur(p):
+        return PILGaussianBlur(p, cfg.blur_sigma)
+
+    views = []
+    for v in range(2 + cfg.n_local_crops):
+        g = v < 2
+        size, scale = (cfg.global_crop_size, cfg.global_crop_scale) if g else (cfg.local_crop_size, cfg.local_crop_scale)
+        ops = [T.Lambda(_to_rgb), T.RandomResizedCrop(size, scale=scale, interpolation=interp), *jitter(),
+               blur(cfg.blur_p[v] if g else cfg.local_blur_p)]
+        if g and cfg.solarize_p[v] > 0:
+            ops.append(PILSolarize(cfg.solarize_p[v]))
+        ops.append(norm)
+        views.append(T.Compose(ops))
+    return views
+
+
+class PILGaussianBlur:
+    """DINO's GaussianBlur: PIL ImageFilter.GaussianBlur with radius ~ U(sigma) applied with prob p."""
+
+    def __init__(self, p: float, sigma: Sequence[float]):
+        self.p, self.sigma = p, tuple(sigma)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        from PIL import ImageFilter
+
+        if random.random() >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+class PILSolarize:
+    """DINO's Solarization: PIL ImageOps.solarize (threshold 128) with prob p."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        from PIL import ImageOps
+
+        return ImageOps.solarize(img) if random.random() < self.p else img

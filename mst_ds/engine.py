@@ -1,0 +1,333 @@
+"""The DeepSpeed engine of a run: distributed start, precision choice, the JSON config, named groups.
+
+The DeepSpeed JSON = a template from ``ds_configs/`` (engine settings only) + what the pydantic config
+decides: batch sizes from :func:`mst_ds.config.derive`, the precision block, the ZeRO stage and an
+explicit ``gradient_clipping`` (DeepSpeed ≥ 0.19.3 silently clips at 1.0 when the key is absent,
+SPEC §7). The optimizer is a plain ``torch.optim.AdamW`` (no compiled DeepSpeed ops: works on ROCm
+and CPU); there is no DeepSpeed scheduler — the loop writes lr / weight decay into the groups, which
+it addresses by their ``"name"`` (DeepSpeed drops empty groups, so indices shift).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mst_ds.config import ConfigError, Derived, MSTConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+# Keys the pydantic config owns; a template that sets them is refused (one source of truth).
+_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping", "bf16", "fp16", "torch_autocast", "optimizer", "scheduler")
+
+# Group names; the loop sets lr / weight decay per name (schedules) and 0 lr on the frozen ones.
+REGULARIZED = "regularized"
+NOT_REGULARIZED = "not_regularized"
+LAST_LAYER = "last_layer"
+LAST_LAYER_NOT_REGULARIZED = "last_layer_not_regularized"
+FROZEN_GROUPS = (LAST_LAYER, LAST_LAYER_NOT_REGULARIZED)
+DECAYED_GROUPS = (REGULARIZED, LAST_LAYER)
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed start
+# --------------------------------------------------------------------------------------------------
+def accelerator_name() -> str:
+    """'cpu' or 'cuda' (ROCm runs the CUDA path), as DeepSpeed's accelerator reports it."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL/RCCL on GPUs) → (rank, world).
+
+    A plain ``python`` start (no launcher) becomes a world of one on a free local port, so the same
+    code runs under ``deepspeed``, ``torchrun`` and bare.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        backend = "gloo" if accelerator_name() == "cpu" else "nccl"
+        deepspeed.init_distributed(dist_backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    """This rank's device (``cuda:LOCAL_RANK`` or cpu)."""
+    if accelerator_name() == "cpu":
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What decides the precision: accelerator kind, CUDA compute capability, ROCm or not."""
+
+    kind: str  # "cpu" | "cuda"
+    capability: tuple[int, int] | None = None
+    rocm: bool = False
+
+    @classmethod
+    def current(cls) -> DeviceInfo:
+        if accelerator_name() == "cpu":
+            return cls("cpu")
+        return cls("cuda", torch.cuda.get_device_capability(), torch.version.hip is not None)
+
+
+def resolve_precision(requested: str, dev: DeviceInfo) -> str:
+    """engine.precision → "bf16" | "fp16" | "fp32" | "autocast_bf16" for this device.
+
+    auto: bf16 on compute capability ≥ 8.0 and on ROCm, fp16 (dynamic loss scale) below 8.0 (V100:
+    torch reports bf16 as supported there, by slow emulation — SPEC §7), bf16 on CPU.
+    """
+    native_bf16 = dev.kind == "cpu" or dev.rocm or (dev.capability is not None and dev.capability >= (8, 0))
+    if requested == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    if requested == "fp16" and dev.kind == "cpu":
+        raise ConfigError("engine.precision: fp16 is not supported on CPU (use bf16, autocast_bf16 or fp32)")
+    if requested in ("bf16", "autocast_bf16") and not native_bf16:
+        raise ConfigError(
+            f"engine.precision: {requested} needs compute capability ≥ 8.0 or ROCm (this GPU is "
+            f"{dev.capability[0]}.{dev.capability[1]}); use fp16 or auto"
+        )
+    return requested
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The low-precision compute dtype of a precision mode (None for fp32)."""
+    return {"bf16": torch.bfloat16, "autocast_bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def _precision_block(precision: str) -> dict[str, Any]:
+    """The DeepSpeed keys of a precision mode; the fp16 loss-scaler settings are engine settings and
+    live in ``ds_configs/precision/fp16.json``."""
+    if precision == "bf16":
+        return {"bf16": {"enabled": True}}
+    if precision == "fp16":
+        fp16 = json.loads((DS_CONFIG_DIR / "precision" / "fp16.json").read_text())
+        return {"fp16": {"enabled": True, **fp16}}
+    if precision == "autocast_bf16":
+        # fp32 weights and optimizer; matmuls in bf16 (exact fp32 teacher EMA source).
+        return {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+    return {}
+
+
+# --------------------------------------------------------------------------------------------------
+# The DeepSpeed JSON
+# --------------------------------------------------------------------------------------------------
+def load_template(name: str) -> dict[str, Any]:
+    path = Path(name) if Path(name).is_absolute() else DS_CONFIG_DIR / name
+    if not path.exists():
+        names = ", ".join(sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")))
+        raise ConfigError(f"engine.template: no DeepSpeed template {name!r} (in ds_configs/: {names})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"engine.template: {path} is not valid JSON ({err})") from None
+    owned = [k for k in _OWNED_KEYS if k in data]
+    if owned or "stage" in data.get("zero_optimization", {}):
+        raise ConfigError(
+            f"engine.template: {path.name} sets {', '.join(owned) or 'zero_optimization.stage'}; "
+            "templates hold engine settings only (batch, precision, clipping, stage come from the config)"
+        )
+    return data
+
+
+def build_ds_config(cfg: MSTConfig, derived: Derived, precision: str, *, load_universal: bool = False) -> dict[str, Any]:
+    """Template + batch sizes + precision + clipping + ZeRO stage → the dict given to DeepSpeed."""
+    ds = copy.deepcopy(load_template(cfg.engine.template))
+    micro, accum, world = derived.micro_batch, derived.grad_accum_steps, derived.world_size
+    if micro * accum * world != derived.global_batch:
+        raise ConfigError(
+            f"optim.batch_size: {derived.global_batch} ≠ micro-batch {micro} × accumulation {accum} × world {world}"
+        )
+    ds.update(
+        train_batch_size=derived.global_batch,
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accum,
+        # Always explicit: absent means 1.0 since DeepSpeed 0.19.3. Global norm (DINO clips per
+        # parameter, which partitioned gradients cannot express).
+        gradient_clipping=float(cfg.optim.clip_grad),
+    )
+    ds.setdefault("zero_optimization", {})["stage"] = cfg.engine.zero_stage
+    ds.update(_precision_block(precision))
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+# Named parameter groups
+# --------------------------------------------------------------------------------------------------
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of parameters timm's models list in ``no_weight_decay()`` (tokens, position
+    embedding), collected from every submodule that defines it, plus any ``*token`` parameter."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        fn = getattr(module, "no_weight_decay", None)
+        if callable(fn):
+            names |= {f"{prefix}.{n}" if prefix else n for n in fn()}
+    names |= {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1].endswith("token")}
+    return names
+
+
+def param_groups(model: nn.Module, frozen_prefix: str = "head.last_layer") -> list[dict[str, Any]]:
+    """Trainable parameters in named groups: regularised / not regularised / head last layer.
+
+    Not regularised follows timm's ``param_groups_weight_decay`` rule (1-D parameters — biases and
+    norms — and the ``no_weight_decay()`` names: cls / mask tokens, position embedding). The head's
+    last layer gets groups of its own so it can be frozen by lr 0 (SPEC §7: ``p.grad = None`` does
+    nothing under ZeRO). Empty groups are left out.
+    """
+    skip = no_weight_decay_names(model)
+    buckets: dict[str, list[nn.Parameter]] = {
+        REGULARIZED: [], NOT_REGULARIZED: [], LAST_LAYER: [], LAST_LAYER_NOT_REGULARIZED: []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+        frozen = name.startswith(frozen_prefix + ".")
+        key = (LAST_LAYER if decay else LAST_LAYER_NOT_REGULARIZED) if frozen else (
+            REGULARIZED if decay else NOT_REGULARIZED)
+        buckets[key].append(p)
+    return [{"name": k, "params": v, "weight_decay": 0.0} for k, v in buckets.items() if v]
+
+
+def set_group_values(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, *, frozen: bool) -> None:
+    """Write this step's lr and weight decay into every named group (before ``engine.step``)."""
+    for group in optimizer.param_groups:
+        name = group.get("name")
+        group["lr"] = 0.0 if (frozen and name in FROZEN_GROUPS) else lr
+        group["weight_decay"] = weight_decay if name in DECAYED_GROUPS else 0.0
+
+
+class GradientGate:
+    """Zeroes the gradients of given parameters while closed (tensor hooks, before ZeRO sees them).
+
+    With lr 0 alone the frozen last layer would not move, but AdamW would still accumulate its
+    moments during the freeze and the frozen gradients would count in the clipping norm; DINO's
+    ``p.grad = None`` has neither effect. The hook restores that at every ZeRO stage.
+    """
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.closed = False
+        self._handles = [p.register_hook(self._hook) for p in params]
+
+    def _hook(self, grad: torch.Tensor) -> torch.Tensor | None:
+        return torch.zeros_like(grad) if self.closed else None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def frozen_params(model: nn.Module, frozen_prefix: str = "head.last_layer") -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(frozen_prefix + ".")]
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------
+def convert_sync_bn(model: nn.Module, world_size: int, enabled: bool, dev: torch.device) -> tuple[nn.Module, bool]:
+    """BN → SyncBN when distributed [S §3]. torch's SyncBN refuses CPU tensors, so CPU ranks keep
+    per-rank BN statistics (returned flag False) — a CPU-only limitation, not a GPU one."""
+    if not enabled or world_size <= 1 or dev.type == "cpu":
+        return model, False
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model), True
+
+
+def register_zero3_external_parameters(model: nn.Module) -> int:
+    """Make ZeRO-3 gather the parameters the backbone uses outside a tensor-returning module forward.
+
+    ZeRO-3 gathers a module's parameters around that module's ``forward`` and re-gathers them for its
+    backward through hooks on the forward's tensor outputs. The backbone returns a dataclass (no hook
+    attaches) and calls ViT internals (``vit._pos_embed``) instead of ``vit.forward``, so the mask token,
+    cls token and position embedding would be released before their gradients arrive. They are
+    declared external parameters of ``vit.patch_embed`` (runs first, returns a tensor) and kept
+    resident (``ds_persist``: they are tiny next to the blocks) → number registered.
+    """
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+    from timm.models.vision_transformer import VisionTransformer
+
+    count = 0
+    for parent in model.modules():
+        for child in parent.children():
+            if isinstance(child, VisionTransformer):
+                for p in [*child.parameters(recurse=False), *parent.parameters(recurse=False)]:
+                    register_external_parameter(child.patch_embed, p)
+                    p.ds_persist = True
+                    count += 1
+    return count
+
+
+def match_bn_buffers_to_weights(model: nn.Module) -> None:
+    """Cast BN running statistics to their layer's weight dtype (bf16/fp16 engines).
+
+    DeepSpeed casts parameters, not buffers, to bf16/fp16; CPU batch_norm refuses bf16 weights with
+    fp32 running statistics. The student's running statistics are never used for evaluation (the
+    fp32 teacher keeps its own), so their precision does not matter.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            for name in ("running_mean", "running_var"):
+                buf = getattr(m, name)
+                if buf is not None and buf.dtype != m.weight.dtype:
+                    setattr(m, name, buf.to(m.weight.dtype))
+
+
+def build_engine(model: nn.Module, cfg: MSTConfig, derived: Derived, precision: str, *,
+                 load_universal: bool = False):
+    """deepspeed.initialize with named AdamW groups → (engine, ds_config dict)."""
+    import deepspeed
+
+    ds_config = build_ds_config(cfg, derived, precision, load_universal=load_universal)
+    groups = param_groups(model)
+    optimizer = torch.optim.AdamW(groups, lr=derived.peak_lr, betas=tuple(cfg.optim.betas), weight_decay=0.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if cfg.engine.zero_stage == 3:
+        register_zero3_external_parameters(engine.module)
+    if precision in ("bf16", "fp16"):
+        match_bn_buffers_to_weights(engine.module)
+    return engine, ds_config
+
+
+def grad_norm_stage0(engine) -> float | None:
+    """Global gradient norm before the step where DeepSpeed does not report one (ZeRO-0 fp32 /
+    autocast: ``get_global_grad_norm`` stays None). Call at the accumulation boundary, after backward
+    (gradients are already averaged over ranks)."""
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def loss_scale(engine) -> float:
+    """Current dynamic loss scale (fp16) or 1.0."""
+    scale = getattr(engine.optimizer, "cur_scale", None)
+    return float(scale) if scale is not None else 1.0

@@ -1,0 +1,471 @@
+"""Frozen-backbone features for the evaluators (k-NN, linear probe) [S §4, §5].
+
+* :func:`load_backbone`: the teacher (default) or student backbone of a run / checkpoint directory
+  (through :mod:`mst_ds.checkpoint`), of a timm-keyed ``.safetensors`` export, or the preset's network
+  at random init (seeded by ``run.seed``) when no checkpoint is given.
+* :func:`extract_features`: CLS (``n_last_blocks=1``), DINO's concatenation of the last n blocks'
+  final-norm CLS, optionally followed by the average-pooled patch tokens; batch by batch under
+  ``no_grad`` with a rich progress bar. Under torch.distributed every rank reads a disjoint part of
+  the data (``make_eval_loader``); the parts are all-gathered in fixed-size row chunks (bounded
+  memory) and every rank ends with all rows **ordered by sample key**, so the features do not depend
+  on the number of ranks or workers.
+* :class:`EvalContext`: what ``mst-ds knn`` and ``mst-ds linear`` share — config resolution (a run's
+  own ``config.yaml`` wins over ``--preset``), distributed start, output directory, and a disk cache
+  of features keyed by (model, data, options).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mst_ds.cli import UsageError
+from mst_ds.config import MSTConfig, load_config
+from mst_ds.model.backbone import Backbone, BackboneOutput
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+RANDOM = "random"
+GATHER_ROWS = 65536  # rows per all_gather round: bounds the extra memory of the exchange
+
+
+# --------------------------------------------------------------------------------------------------
+# Which network: config and weights
+# --------------------------------------------------------------------------------------------------
+def is_random(ckpt: str | None) -> bool:
+    return ckpt is None or str(ckpt) == RANDOM
+
+
+def find_run_dir(ckpt: str | Path) -> Path | None:
+    """RUN for RUN, RUN/checkpoints or RUN/checkpoints/TAG (the directory holding config.yaml)."""
+    p = Path(ckpt)
+    for cand in (p, p.parent, p.parent.parent):
+        if cand.is_dir() and (cand / "config.yaml").is_file():
+            return cand
+    return None
+
+
+def safetensors_model_meta(path: Path) -> dict[str, Any] | None:
+    """The timm model description ``mst-ds export`` stores in the file's metadata, if any."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # not a safetensors file at all
+        raise UsageError(f"{path}: not a readable .safetensors file ({type(err).__name__})") from None
+    return json.loads(meta["mst_ds"]) if "mst_ds" in meta else None
+
+
+def resolve_config(ckpt: str | None, preset: str, sets: list[str] | tuple[str, ...] = ()) -> MSTConfig:
+    """The config that describes ``ckpt``'s network: its run's config.yaml when there is one (``--set``
+    still applies), the architecture stored in a safetensors export, else ``preset``."""
+    if is_random(ckpt):
+        return load_config(preset, sets).config
+    path = Path(ckpt)
+    if not path.exists():
+        raise UsageError(f"{ckpt}: no such checkpoint, run directory or .safetensors file")
+    if path.suffix == ".safetensors":
+        cfg = load_config(preset, sets).config
+        meta = safetensors_model_meta(path)
+        if meta is not None:
+            model_args = {k: v for k, v in meta.get("model_args", {}).items() if k not in ("num_classes", "dynamic_img_size")}
+            cfg.model.arch = meta["architecture"]
+            cfg.model.timm_kwargs = model_args
+        return cfg
+    run_dir = find_run_dir(path)
+    if run_dir is not None:
+        return load_config(str(run_dir / "config.yaml"), sets).config
+    return load_config(preset, sets).config
+
+
+def _load_strict(module: torch.nn.Module, state: dict[str, Tensor], source: str, arch: str) -> None:
+    """load_state_dict, but any missing/unexpected key or shape difference is one UsageError line."""
+    own = module.state_dict()
+    for k, v in state.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            raise UsageError(f"{source}: a checkpoint of another architecture than {arch} "
+                             f"({k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model)")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise UsageError(f"{source}: a checkpoint of another architecture than {arch} "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected keys; {what})")
+    module.load_state_dict(state)
+
+
+def load_backbone(ckpt: str | None, cfg: MSTConfig, which: str = "teacher") -> Backbone:
+    """The frozen backbone (eval mode, no grad, CPU) of ``ckpt`` built from ``cfg.model``.
+
+    ckpt None / 'random': random init of the preset, seeded by ``cfg.run.seed`` (without touching
+    the global RNG). A run / checkpoints / tag directory: the teacher's (or student's) backbone via
+    :func:`mst_ds.checkpoint.load_teacher_student`. A ``.safetensors`` file: timm key names.
+    """
+    if which not in ("teacher", "student"):
+        raise UsageError(f"--which {which!r}: expected teacher or student")
+    arch = f"{cfg.model.arch} {cfg.model.timm_kwargs}" if cfg.model.timm_kwargs else cfg.model.arch
+    if is_random(ckpt):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.run.seed)
+            backbone = Backbone.from_config(cfg.model, drop_path_rate=0.0)
+    else:
+        path = Path(ckpt)
+        if not path.exists():
+            raise UsageError(f"{ckpt}: no such checkpoint, run directory or .safetensors file")
+        backbone = Backbone.from_config(cfg.model, drop_path_rate=0.0)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            _load_strict(backbone.vit, load_file(str(path)), str(path), arch)
+        else:
+            from mst_ds.checkpoint import load_teacher_student
+
+            teacher, student = load_teacher_student(path, cfg)
+            state = teacher if which == "teacher" else student
+            prefix = "backbone."
+            sub = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+            if not sub:
+                raise UsageError(f"{ckpt}: the {which} state has no backbone.* weights")
+            _load_strict(backbone, sub, str(path), arch)
+    backbone.eval()
+    backbone.requires_grad_(False)
+    return backbone
+
+
+def model_identity(ckpt: str | None, cfg: MSTConfig, which: str) -> dict[str, Any]:
+    """What identifies the network's weights (part of the feature-cache key and of result files)."""
+    model = cfg.model.model_dump(mode="json")
+    model.pop("head", None)
+    if is_random(ckpt):
+        return {"ckpt": RANDOM, "model": model, "seed": cfg.run.seed}
+    path = Path(ckpt).resolve()
+    if path.is_file():
+        st = path.stat()
+        return {"ckpt": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "model": model}
+    from mst_ds.checkpoint import read_meta, resolve
+
+    ckpt_dir, tag = resolve(path)
+    return {"ckpt": str((ckpt_dir / tag).resolve()), "tag": tag, "step": read_meta(ckpt_dir / tag).get("step"),
+            "which": which, "model": model}
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranks and device
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    started_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_dist() -> Dist:
+    """Under a launcher (WORLD_SIZE > 1): torch.distributed through the engine's start (gloo on CPU,
+    NCCL on GPUs) and this rank's device. Otherwise a single process, no process group."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or dist.is_initialized():
+        from mst_ds import engine
+
+        started = not dist.is_initialized()
+        rank, world = engine.init_distributed()
+        return Dist(rank, world, engine.device(), started)
+    return Dist(0, 1, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+def check_labelled(source: str) -> None:
+    """A folder of images without class sub-folders has no labels: one clear line."""
+    p = Path(source)
+    if not p.exists() and not any(c in source for c in "{}:"):
+        raise UsageError(f"{source}: no such data (expected shards or an ImageFolder)")
+    if p.is_dir() and not (p / "index.json").exists() and not any(c.is_dir() for c in p.iterdir()):
+        if any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir()):
+            raise UsageError(f"{source}: images without labels (an ImageFolder needs one sub-folder per class)")
+
+
+def open_eval_data(source: str, *, transform, batch_size: int, num_workers: int, rank: int = 0,
+                   world_size: int = 1):
+    """``make_eval_loader`` with the label check → (loader of (images, labels, keys), num_classes)."""
+    from mst_ds.data.reader import make_eval_loader
+
+    check_labelled(source)
+    loader, num_classes = make_eval_loader(source, transform=transform, batch_size=batch_size,
+                                           num_workers=num_workers, rank=rank, world_size=world_size)
+    if num_classes < 1:
+        raise UsageError(f"{source}: data without labels (no classes in the manifest)")
+    return loader, num_classes
+
+
+def data_identity(source: str) -> dict[str, Any]:
+    """A cheap fingerprint of a data source: adding/removing files changes a class folder's mtime;
+    a shard set is identified by its manifest."""
+    p = Path(source)
+    if p.is_dir() and not (p / "index.json").exists():
+        subdirs = sorted(d for d in p.iterdir() if d.is_dir())
+        return {"folder": str(p.resolve()), "classes": len(subdirs),
+                "mtimes": hashlib.sha256("".join(f"{d.name}:{d.stat().st_mtime_ns};" for d in subdirs).encode()).hexdigest()[:16]}
+    index = p / "index.json" if p.is_dir() else p
+    if index.is_file():
+        return {"manifest": str(index.resolve()), "sha256": hashlib.sha256(index.read_bytes()).hexdigest()[:16]}
+    return {"source": source}
+
+
+# --------------------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which features: the last ``n_last_blocks`` final-norm CLS tokens concatenated (1 = the CLS),
+    then, with ``avgpool``, the mean of the final-norm patch tokens (DINO's linear-eval options)."""
+
+    n_last_blocks: int = 1
+    avgpool: bool = False
+
+    def dim(self, embed_dim: int) -> int:
+        return embed_dim * (self.n_last_blocks + int(self.avgpool))
+
+
+def select_features(out: BackboneOutput, spec: FeatureSpec) -> Tensor:
+    """BackboneOutput → (B, spec.dim(D))."""
+    parts = list(out.last_cls) if spec.n_last_blocks > 1 else [out.cls]
+    if spec.avgpool:
+        # DINO interleaves the two with a reshape (and only for n=1); a linear layer does not care
+        # about the order, so the pooled tokens are simply appended.
+        parts.append(out.patch_tokens.mean(dim=1))
+    return torch.cat(parts, dim=-1)
+
+
+@torch.no_grad()
+def backbone_features(backbone: Backbone, images: Tensor, spec: FeatureSpec) -> Tensor:
+    """images (B,3,S,S) on the backbone's device → features (B, F) float32."""
+    n = spec.n_last_blocks if spec.n_last_blocks > 1 else 0
+    if n > len(backbone.vit.blocks):
+        raise UsageError(f"n_last_blocks={n} exceeds the backbone's {len(backbone.vit.blocks)} blocks")
+    return select_features(backbone(images, n_last_blocks=n), spec).float()
+
+
+def progress_bar(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=True, disable=not enabled)
+
+
+def _local_features(backbone: Backbone, loader, spec: FeatureSpec, device: torch.device, *,
+                    show_progress: bool, description: str) -> tuple[Tensor, Tensor, list[str]]:
+    feats: list[Tensor] = []
+    labels: list[Tensor] = []
+    keys: list[str] = []
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task(description, total=total)
+        for images, y, k in loader:
+            feats.append(backbone_features(backbone, images.to(device, non_blocking=True), spec).cpu())
+            labels.append(y.long().cpu())
+            keys.extend(str(x) for x in k)
+            bar.advance(task)
+    dim = spec.dim(backbone.embed_dim)
+    f = torch.cat(feats) if feats else torch.empty(0, dim)
+    y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+    return f, y, keys
+
+
+def _all_gather_rows(x: Tensor, counts: list[int], device: torch.device) -> list[Tensor]:
+    """Every rank's rows of ``x`` (counts[r] rows on rank r) → list per rank, exchanged in rounds of
+    at most GATHER_ROWS rows so the extra memory stays bounded."""
+    import torch.distributed as dist
+
+    world = len(counts)
+    out: list[list[Tensor]] = [[] for _ in range(world)]
+    tail = tuple(x.shape[1:])
+    for start in range(0, max(counts), GATHER_ROWS):
+        piece = x.new_zeros((GATHER_ROWS, *tail))
+        mine = x[start:start + GATHER_ROWS]
+        piece[: len(mine)] = mine
+        piece = piece.to(device)
+        bufs = [torch.empty_like(piece) for _ in range(world)]
+        dist.all_gather(bufs, piece)
+        for r in range(world):
+            valid = max(0, min(GATHER_ROWS, counts[r] - start))
+            if valid:
+                out[r].append(bufs[r][:valid].cpu())
+    return [torch.cat(parts) if parts else x.new_zeros((0, *tail)) for parts in out]
+
+
+def _gather_all(feats: Tensor, labels: Tensor, keys: list[str], dist_info: Dist) -> tuple[Tensor, Tensor, list[str]]:
+    import torch.distributed as dist
+
+    counts_t = torch.tensor([len(keys)], device=dist_info.device)
+    all_counts = [torch.zeros_like(counts_t) for _ in range(dist_info.world_size)]
+    dist.all_gather(all_counts, counts_t)
+    counts = [int(c) for c in all_counts]
+    key_lists: list[list[str] | None] = [None] * dist_info.world_size
+    dist.all_gather_object(key_lists, keys)
+    f = torch.cat(_all_gather_rows(feats, counts, dist_info.device))
+    y = torch.cat(_all_gather_rows(labels, counts, dist_info.device))
+    return f, y, [k for part in key_lists for k in part]
+
+
+def extract_features(backbone: Backbone, loader, *, n_last_blocks: int = 1, avgpool: bool = False,
+                     device: torch.device | None = None, dist_info: Dist | None = None,
+                     show_progress: bool = True, description: str = "features",
+                     return_keys: bool = False):
+    """Features of every sample of ``loader`` (each rank's part, gathered) ordered by sample key.
+
+    loader yields (images (B,3,S,S), labels (B,), keys list[str]) → (feats (N, F) float32 CPU,
+    labels (N,) long) [+ keys]. F = D × (n_last_blocks + avgpool).
+    """
+    spec = FeatureSpec(n_last_blocks, avgpool)
+    dist_info = dist_info or Dist()
+    device = device or next(backbone.parameters()).device
+    f, y, keys = _local_features(backbone, loader, spec, device, show_progress=show_progress and dist_info.is_main,
+                                 description=description)
+    if dist_info.active:
+        f, y, keys = _gather_all(f, y, keys, dist_info)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    idx = torch.tensor(order, dtype=torch.long)
+    f, y = f[idx], y[idx]
+    keys = [keys[i] for i in order]
+    return (f, y, keys) if return_keys else (f, y)
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared command context
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class LabelledFeatures:
+    feats: Tensor  # (N, F) float32
+    labels: Tensor  # (N,) long
+    num_classes: int
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def default_out_dir(ckpt: str | None, preset: str) -> Path:
+    """RUN/eval for a checkpoint of a run; next to a .safetensors export; runs/eval/random_<preset>."""
+    if is_random(ckpt):
+        return Path("runs") / "eval" / f"random_{Path(preset).stem}"
+    path = Path(ckpt)
+    run_dir = find_run_dir(path)
+    if run_dir is not None:
+        return run_dir / "eval"
+    if path.is_file():
+        return path.parent / f"eval_{path.stem}"
+    return path / "eval"
+
+
+class EvalContext:
+    """Config, ranks, output directory and feature cache of one ``mst-ds knn|linear`` invocation."""
+
+    def __init__(self, cfg: MSTConfig, *, ckpt: str | None, which: str, out_dir: Path, dist_info: Dist,
+                 batch_size: int, num_workers: int, cache: bool, preset: str) -> None:
+        self.cfg, self.ckpt, self.which = cfg, ckpt, which
+        self.out_dir, self.dist = out_dir, dist_info
+        self.batch_size, self.num_workers, self.cache = batch_size, num_workers, cache
+        self.preset = preset
+
+    @classmethod
+    def from_args(cls, args) -> EvalContext:
+        ckpt = None if is_random(args.ckpt) else args.ckpt
+        cfg = resolve_config(ckpt, args.preset, args.sets)
+        for name in ("train", "val"):
+            check_labelled(getattr(args, name))
+        dist_info = init_dist()
+        out = Path(args.out) if args.out else default_out_dir(ckpt, args.preset)
+        if dist_info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        return cls(cfg, ckpt=ckpt, which=args.which, out_dir=out, dist_info=dist_info,
+                   batch_size=args.batch_size or 128,
+                   num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
+                   cache=not getattr(args, "no_cache", False), preset=args.preset)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def model_label(self) -> str:
+        return f"random init ({Path(self.preset).stem})" if self.ckpt is None else f"{self.ckpt} ({self.which})"
+
+    def backbone(self) -> Backbone:
+        return load_backbone(self.ckpt, self.cfg, self.which).to(self.dist.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {"ckpt": self.ckpt or RANDOM, "which": self.which, "preset": self.preset,
+                "model": model_identity(self.ckpt, self.cfg, self.which), "seed": self.cfg.run.seed,
+                "image_size": self.cfg.eval.image_size, "world_size": self.dist.world_size}
+
+    def cache_path(self, source: str, spec: FeatureSpec, transform_name: str) -> Path:
+        key = {"model": model_identity(self.ckpt, self.cfg, self.which), "data": data_identity(source),
+               "spec": [spec.n_last_blocks, spec.avgpool], "transform": transform_name,
+               "image_size": self.cfg.eval.image_size, "mean": self.cfg.augment.mean, "std": self.cfg.augment.std}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return self.out_dir / "features" / f"{digest}.pt"
+
+    def features(self, backbone: Backbone, source: str, spec: FeatureSpec, *, split: str) -> LabelledFeatures:
+        """Eval-transform features of ``source`` on every rank, from the cache when present."""
+        from mst_ds.data.augment import eval_transform
+
+        path = self.cache_path(source, spec, "eval")
+        if self.cache and path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            return LabelledFeatures(saved["feats"], saved["labels"], int(saved["num_classes"]))
+        transform = eval_transform(self.cfg.eval.image_size, mean=self.cfg.augment.mean, std=self.cfg.augment.std)
+        loader, num_classes = open_eval_data(source, transform=transform, batch_size=self.batch_size,
+                                             num_workers=self.num_workers, rank=self.dist.rank,
+                                             world_size=self.dist.world_size)
+        feats, labels = extract_features(backbone, loader, n_last_blocks=spec.n_last_blocks, avgpool=spec.avgpool,
+                                         device=self.dist.device, dist_info=self.dist,
+                                         description=f"{split} features")
+        if labels.numel() == 0:
+            raise UsageError(f"{source}: no readable images")
+        if bool((labels < 0).any()):
+            raise UsageError(f"{source}: data without labels ({int((labels < 0).sum())} samples have no class)")
+        if self.cache and self.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            torch.save({"feats": feats, "labels": labels, "num_classes": num_classes, "source": source}, tmp)
+            os.replace(tmp, path)
+        return LabelledFeatures(feats, labels, num_classes)
+
+    def barrier(self) -> None:
+        if self.dist.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def finish(self) -> None:
+        if self.dist.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+            if self.dist.started_here:
+                dist.destroy_process_group()

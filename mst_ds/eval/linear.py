@@ -1,0 +1,360 @@
+"""Linear probe on a frozen backbone [S §5] (DINO's ``eval_linear.py`` protocol).
+
+* Input: ``--probe cls`` the last layer's class token; ``--probe dino`` the final-norm class tokens of
+  the last ``eval.n_last_blocks`` (4) blocks concatenated; ``--avgpool`` appends the average-pooled
+  patch tokens.
+* A linear layer (DINO's ``LinearClassifier``: weights N(0, 0.01), bias 0), SGD momentum 0.9, weight
+  decay 0, lr = ``eval.linear_lr`` × global batch / 1024 [S §5: 0.00024 at batch 1024], cosine over the
+  epochs stepped once per epoch (``CosineAnnealingLR(T_max=epochs, eta_min=0)``, as DINO), 100 epochs,
+  RandomResizedCrop + flip on train, single center crop on val (top-1 of the final epoch).
+* **lr sweep in one pass**: ``--lr-sweep`` adds heads with other lrs on the same features. Every head
+  has its own optimizer, starts from the same initial weights, and its loss, gradient and step involve
+  only its own parameters (gradients are all-reduced element-wise), so a head that diverges (a
+  non-finite loss marks it and it stops) cannot change any other head: each head's trajectory is
+  bit-identical to training it alone. The best head on val is reported.
+* Multi-process through the same launcher as training (``deepspeed``/``torchrun``): each rank reads its
+  part of the data, head gradients are averaged with one all-reduce per step (DDP's rule).
+* **Resumable**: heads, optimizers and the epoch are saved to ``OUT/linear_<probe>_state.pt`` after every
+  epoch; a new run with the same settings continues from there (the data order and augmentations of
+  an epoch are seeded by (seed, epoch, rank), so a resumed run equals an uninterrupted one).
+* ``--no-augment`` (not the paper's protocol): the center-crop train features are extracted once
+  (cached on disk) and the heads train on them for all epochs — on a CPU, minutes instead of hours.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mst_ds.cli import UsageError
+from mst_ds.schedules import cosine_schedule
+
+REFERENCE_BATCH = 1024  # [S §5] the lr 0.00024 is given at batch 1024
+
+
+class LinearHead(nn.Module):
+    """DINO's ``LinearClassifier``: (B, F) → (B, C) logits."""
+
+    def __init__(self, dim: int, num_classes: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, num_classes)
+        with torch.no_grad():
+            self.linear.weight.normal_(0.0, 0.01, generator=generator)
+            self.linear.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.flatten(1))
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    return base_lr * global_batch / REFERENCE_BATCH
+
+
+class HeadBank:
+    """Several linear heads on the same features, each with its own SGD optimizer and lr."""
+
+    def __init__(self, dim: int, num_classes: int, lrs: list[float], *, momentum: float = 0.9,
+                 seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.lrs = list(lrs)  # peak lr of each head (already batch-scaled)
+        for lr in self.lrs:
+            if not 0 < lr < torch.finfo(torch.float32).max:
+                raise UsageError(f"linear-probe lr {lr:g} is outside (0, float32 max)")
+        self.heads: list[LinearHead] = []
+        for _ in self.lrs:
+            # The same generator seed for every head: identical start, whatever the sweep holds.
+            self.heads.append(LinearHead(dim, num_classes, torch.Generator().manual_seed(seed)).to(device))
+        self.optimizers = [torch.optim.SGD(h.parameters(), lr=lr, momentum=momentum, weight_decay=0.0)
+                           for h, lr in zip(self.heads, self.lrs)]
+        self.diverged = [False] * len(self.lrs)
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """DINO's CosineAnnealingLR(T_max=epochs, eta_min=0) value for ``epoch``."""
+        for opt, lr in zip(self.optimizers, self.lrs):
+            for g in opt.param_groups:
+                g["lr"] = cosine_schedule(epoch, epochs + 1, lr, 0.0)
+
+    def train_step(self, x: Tensor, y: Tensor, dist_active: bool = False) -> list[float]:
+        """One SGD step of every live head on features x (B, F), labels y (B,) → losses (nan if dead)."""
+        live = [i for i, d in enumerate(self.diverged) if not d]
+        losses = torch.full((len(self.heads),), float("nan"), dtype=torch.float64)
+        for i in live:
+            self.optimizers[i].zero_grad(set_to_none=False)
+            loss = F.cross_entropy(self.heads[i](x), y)
+            loss.backward()
+            losses[i] = float(loss.detach())
+        if dist_active:
+            import torch.distributed as dist
+
+            world = dist.get_world_size()
+            grads = [p.grad for i in live for p in self.heads[i].parameters()]
+            if grads:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat)  # element-wise: a NaN stays inside its own head
+                flat /= world
+                off = 0
+                for g in grads:
+                    g.copy_(flat[off:off + g.numel()].view_as(g))
+                    off += g.numel()
+            dev_losses = losses.to(self.heads[0].linear.weight.device)
+            dist.all_reduce(dev_losses)  # every rank marks the same heads as diverged
+            losses = dev_losses.cpu() / world
+        for i in live:
+            if not math.isfinite(float(losses[i])):
+                self.diverged[i] = True
+                continue
+            self.optimizers[i].step()
+        return losses.tolist()
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor, *, batch: int = 4096) -> list[dict[str, float | bool | None]]:
+        """Top-1 / top-5 % of every head on val features x (N, F), labels y (N,)."""
+        out = []
+        for head, dead, lr in zip(self.heads, self.diverged, self.lrs):
+            if dead:
+                out.append({"lr": lr, "top1": None, "top5": None, "diverged": True})
+                continue
+            dev = head.linear.weight.device
+            c1 = c5 = 0
+            for s in range(0, x.shape[0], batch):
+                logits = head(x[s:s + batch].to(dev))
+                t = y[s:s + batch].to(dev)
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                c1 += int((top[:, 0] == t).sum())
+                c5 += int((top == t[:, None]).any(1).sum())
+            n = max(1, x.shape[0])
+            out.append({"lr": lr, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "diverged": False})
+        return out
+
+    def state_dict(self) -> dict:
+        return {"lrs": self.lrs, "heads": [h.state_dict() for h in self.heads],
+                "optimizers": [o.state_dict() for o in self.optimizers], "diverged": self.diverged}
+
+    def load_state_dict(self, state: dict) -> None:
+        for h, s in zip(self.heads, state["heads"]):
+            h.load_state_dict(s)
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+        self.diverged = list(state["diverged"])
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
+
+
+def feature_batches(feats: Tensor, labels: Tensor, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
+                    world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+    """Shuffled per-rank batches of cached features: one seeded permutation per epoch (same on every
+    rank), rank r takes every world_size-th sample, all ranks the same number of batches."""
+    n = feats.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch, 0)))
+    per_rank = n // world_size
+    mine = perm[rank::world_size][:per_rank]
+    for s in range(0, per_rank, batch_size):
+        idx = mine[s:s + batch_size]
+        yield feats[idx], labels[idx]
+
+
+def train_on_features(bank: HeadBank, feats: Tensor, labels: Tensor, *, epochs: int, batch_size: int, seed: int,
+                      start_epoch: int = 0, rank: int = 0, world_size: int = 1, on_epoch_end=None) -> HeadBank:
+    """The ``--no-augment`` loop (and the unit-test loop): ``epochs`` epochs on cached features."""
+    dev = bank.heads[0].linear.weight.device
+    for epoch in range(start_epoch, epochs):
+        bank.set_epoch(epoch, epochs)
+        for x, y in feature_batches(feats, labels, batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size):
+            bank.train_step(x.to(dev), y.to(dev), world_size > 1)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    return bank
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmented training data (RandomResizedCrop + flip), read every epoch
+# --------------------------------------------------------------------------------------------------
+def augmented_loader(source: str, cfg, *, batch_size: int, num_workers: int, epoch: int, rank: int,
+                     world_size: int):
+    """Per-rank loader of (images, labels) with linear_train_transform for one epoch.
+
+    ImageFolder: shuffled with DistributedSampler (seed, epoch; padded so every rank has the same
+    number of batches). Shards: ``make_eval_loader`` (its fixed order; shards were shuffled when written).
+    Augmentation randomness is seeded from (seed, epoch, rank) — the main process RNG and the workers'
+    base seed — so an epoch is the same after a resume.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from mst_ds.data.augment import linear_train_transform
+    from mst_ds.data.reader import _is_imagefolder
+    from mst_ds.eval.features import open_eval_data
+
+    transform = linear_train_transform(cfg.eval.image_size, mean=cfg.augment.mean, std=cfg.augment.std)
+    seed = epoch_seed(cfg.run.seed, epoch, rank)
+    torch.manual_seed(seed)
+    if _is_imagefolder(source):
+        from torchvision.datasets import ImageFolder
+
+        ds = ImageFolder(source, transform=transform)
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.run.seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                          generator=torch.Generator().manual_seed(seed), drop_last=False)
+    loader, _ = open_eval_data(source, transform=transform, batch_size=batch_size, num_workers=num_workers,
+                               rank=rank, world_size=world_size)
+    return ((x, y) for x, y, _ in loader)
+
+
+def synced(loader, dist_active: bool, device: torch.device) -> Iterator:
+    """Stop every rank as soon as one rank runs out of batches (uneven shard splits never hang)."""
+    it = iter(loader)
+    while True:
+        item = next(it, None)
+        if dist_active:
+            import torch.distributed as dist
+
+            flag = torch.tensor([0 if item is None else 1], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if int(flag) == 0:
+                return
+        elif item is None:
+            return
+        yield item
+
+
+# --------------------------------------------------------------------------------------------------
+# Command
+# --------------------------------------------------------------------------------------------------
+def parse_lrs(text: str | None, default: list[float]) -> list[float]:
+    if text is None:
+        return list(default)
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--lr-sweep {text!r}: expected comma-separated numbers") from None
+    if any(not (lr > 0) for lr in lrs):
+        raise UsageError(f"--lr-sweep {text!r}: lrs must be positive")
+    return lrs
+
+
+def _settings(args, cfg, dim: int, num_classes: int, lrs: list[float], global_batch: int, epochs: int) -> dict:
+    return {"probe": args.probe, "dim": dim, "num_classes": num_classes, "lrs": lrs, "global_batch": global_batch,
+            "epochs": epochs, "augment": not args.no_augment, "seed": cfg.run.seed,
+            "train": str(args.train), "momentum": cfg.eval.linear_momentum}
+
+
+def run(args) -> int:
+    from mst_ds.eval import features as fx
+
+    ctx = fx.EvalContext.from_args(args)
+    cfg = ctx.cfg
+    avgpool = cfg.eval.avgpool_patch_tokens if args.avgpool is None else bool(args.avgpool)
+    spec = fx.FeatureSpec(n_last_blocks=cfg.eval.n_last_blocks if args.probe == "dino" else 1, avgpool=avgpool)
+    epochs = args.epochs or cfg.eval.linear_epochs
+    world = ctx.dist.world_size
+    global_batch = cfg.eval.linear_batch_size
+    if global_batch % world:
+        raise UsageError(f"eval.linear_batch_size={global_batch} is not divisible by the {world} ranks")
+    base_lrs = list(dict.fromkeys([cfg.eval.linear_lr] + parse_lrs(args.lr_sweep, cfg.eval.linear_lr_sweep)))
+    backbone = ctx.backbone()
+    val = ctx.features(backbone, args.val, spec, split="val")
+    train_cached = ctx.features(backbone, args.train, spec, split="train") if args.no_augment else None
+    num_classes = max(val.num_classes, train_cached.num_classes if train_cached else 0)
+    if not args.no_augment:
+        from mst_ds.data.reader import _is_imagefolder
+
+        if _is_imagefolder(args.train):
+            from torchvision.datasets import ImageFolder
+
+            num_classes = max(num_classes, len(ImageFolder(args.train).classes))
+    dim = spec.dim(backbone.embed_dim)
+    dev = ctx.dist.device
+    bank = HeadBank(dim, num_classes, [scaled_lr(lr, global_batch) for lr in base_lrs],
+                    momentum=cfg.eval.linear_momentum, seed=cfg.run.seed, device=dev)
+    settings = _settings(args, cfg, dim, num_classes, base_lrs, global_batch, epochs)
+    state_path = Path(ctx.out_dir) / f"linear_{args.probe}_state.pt"
+    start_epoch = 0
+    if state_path.exists():
+        saved = torch.load(state_path, map_location=dev, weights_only=False)
+        if saved["settings"] != settings:
+            raise UsageError(f"{state_path}: saved for other settings; delete it or use another --out")
+        bank.load_state_dict(saved["bank"])
+        start_epoch = saved["epoch"] + 1
+        if ctx.is_main:
+            print(f"resuming the linear probe after epoch {saved['epoch'] + 1}/{epochs} from {state_path}")
+
+    def save(epoch: int) -> None:
+        if ctx.is_main:
+            tmp = state_path.with_name(f".{state_path.name}.tmp{os.getpid()}")
+            torch.save({"settings": settings, "bank": bank.state_dict(), "epoch": epoch}, tmp)
+            os.replace(tmp, state_path)
+
+    per_rank = global_batch // world
+    if train_cached is not None:
+        train_on_features(bank, train_cached.feats, train_cached.labels, epochs=epochs, batch_size=per_rank,
+                          seed=cfg.run.seed, start_epoch=start_epoch, rank=ctx.dist.rank, world_size=world,
+                          on_epoch_end=save)
+    else:
+        with fx.progress_bar(ctx.is_main) as bar:
+            task = bar.add_task("linear probe epochs", total=epochs, completed=start_epoch)
+            for epoch in range(start_epoch, epochs):
+                bank.set_epoch(epoch, epochs)
+                loader = augmented_loader(args.train, cfg, batch_size=per_rank, num_workers=ctx.num_workers,
+                                          epoch=epoch, rank=ctx.dist.rank, world_size=world)
+                for images, labels in synced(loader, ctx.dist.active, dev):
+                    if bool((labels < 0).any()):
+                        raise UsageError(f"{args.train}: data without labels (samples with no class)")
+                    x = fx.backbone_features(backbone, images.to(dev, non_blocking=True), spec)
+                    bank.train_step(x, labels.to(dev), ctx.dist.active)
+                save(epoch)
+                bar.advance(task)
+    ctx.barrier()
+    if not ctx.is_main:
+        ctx.finish()
+        return 0
+    heads = bank.evaluate(val.feats, val.labels)
+    for h, base in zip(heads, base_lrs):
+        h["base_lr"] = base
+    live = [h for h in heads if not h["diverged"]]
+    best = max(live, key=lambda h: h["top1"]) if live else None
+    record = {
+        "command": "linear",
+        **ctx.describe(),
+        "probe": args.probe,
+        "n_last_blocks": spec.n_last_blocks,
+        "avgpool": spec.avgpool,
+        "feature_dim": dim,
+        "epochs": epochs,
+        "global_batch": global_batch,
+        "augment": not args.no_augment,
+        "n_val": int(val.feats.shape[0]),
+        "num_classes": num_classes,
+        "heads": heads,
+        "best": best,
+        "metrics": {} if best is None else {f"linear_{args.probe}_top1": best["top1"], f"linear_{args.probe}_top5": best["top5"]},
+    }
+    path = Path(ctx.out_dir) / f"linear_{args.probe}.json"
+    fx.write_json(path, record)
+    _print_table(heads, f"linear probe ({args.probe}, {epochs} epochs) — {ctx.model_label}")
+    print(f"results: {path}")
+    ctx.finish()
+    return 0
+
+
+def _print_table(heads: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=120)
+    console.print(title)
+    table = Table()
+    for col in ("lr @1024", "lr used", "top-1 %", "top-5 %"):
+        table.add_column(col, justify="right")
+    for h in heads:
+        if h["diverged"]:
+            table.add_row(f"{h['base_lr']:g}", f"{h['lr']:g}", "diverged", "diverged")
+        else:
+            table.add_row(f"{h['base_lr']:g}", f"{h['lr']:g}", f"{h['top1']:.2f}", f"{h['top5']:.2f}")
+    console.print(table)

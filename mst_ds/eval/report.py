@@ -1,0 +1,166 @@
+"""``mst-ds report RUN_DIR...``: mean ± standard error over seeds [S §1], and training curves.
+
+Per run directory it reads the evaluators' results (``RUN/eval/knn.json``, ``RUN/eval/linear_*.json`` —
+or those files directly in the directory given) and ``RUN/metrics.jsonl`` (one JSON object per logged
+step: step, loss, dino, restore, lr, mask_ratio, …). Every metric found in at least one run is
+aggregated as mean ± standard error, SE = sample standard deviation (ddof = 1) / √n, written as
+``report.md`` and ``report.json``; with one run the SE is undefined (null, shown as "n/a"). Curves go to
+``loss.png`` (total, DINO and restoration loss), ``lr.png`` and ``mask_ratio.png``, one line per run.
+Runs whose configs differ in more than the ``run`` section (seed, name) are flagged in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from mst_ds.cli import UsageError
+
+CURVES = {"loss": ("loss", "dino", "restore"), "lr": ("lr",), "mask_ratio": ("mask_ratio",)}
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float | None]:
+    """(mean, standard error with the sample std, ddof=1); SE is None for fewer than two values."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var) / math.sqrt(n)
+
+
+def result_files(run_dir: Path) -> list[Path]:
+    found: list[Path] = []
+    for folder in (run_dir / "eval", run_dir):
+        if folder.is_dir():
+            found += sorted(folder.glob("knn.json")) + sorted(folder.glob("linear_*.json"))
+    return [f for f in found if not f.name.endswith("_state.json")]
+
+
+def run_metrics(run_dir: Path) -> dict[str, float]:
+    """metric name → value from every result file of the run (later files win on a name clash)."""
+    metrics: dict[str, float] = {}
+    for f in result_files(run_dir):
+        try:
+            record = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            raise UsageError(f"{f}: not valid JSON") from None
+        for k, v in record.get("metrics", {}).items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                metrics[k] = float(v)
+    return metrics
+
+
+def run_seed(run_dir: Path) -> int | None:
+    cfg = run_dir / "config.yaml"
+    if not cfg.is_file():
+        return None
+    from mst_ds.config import config_from_file
+
+    return config_from_file(cfg).run.seed
+
+
+def config_hashes(run_dirs: list[Path]) -> dict[str, str]:
+    from mst_ds.config import config_from_file
+
+    return {str(r): config_from_file(r / "config.yaml").hash() for r in run_dirs if (r / "config.yaml").is_file()}
+
+
+def aggregate(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """{run: {metric: value}} → {metric: {mean, se, n, values: {run: value}}} (sorted by metric)."""
+    names = sorted({m for metrics in per_run.values() for m in metrics})
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        values = {run: metrics[name] for run, metrics in per_run.items() if name in metrics}
+        mean, se = mean_and_se(list(values.values()))
+        out[name] = {"mean": mean, "se": se, "n": len(values), "values": values}
+    return out
+
+
+def markdown(agg: dict[str, dict[str, Any]], runs: list[str], notes: list[str]) -> str:
+    lines = ["# mst-ds report", "", f"{len(runs)} run(s): " + ", ".join(f"`{r}`" for r in runs), ""]
+    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
+    lines += ["| metric | mean ± s.e. | n |", "|---|---|---|"]
+    for name, a in agg.items():
+        se = "n/a" if a["se"] is None else f"{a['se']:.2f}"
+        lines.append(f"| {name} | {a['mean']:.2f} ± {se} | {a['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a metrics JSONL; a line cut by a kill (the last one) is ignored."""
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_curves(series: dict[str, list[dict[str, Any]]], out_dir: Path) -> list[Path]:
+    """{run label: metrics records} → loss.png, lr.png, mask_ratio.png (those with any data)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for figure, keys in CURVES.items():
+        present = [k for k in keys if any(k in r for recs in series.values() for r in recs)]
+        if not present:
+            continue
+        fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.6), squeeze=False)
+        for ax, key in zip(axes[0], present):
+            for label, recs in series.items():
+                pts = [(r["step"], r[key]) for r in recs if "step" in r and isinstance(r.get(key), int | float)]
+                if pts:
+                    ax.plot(*zip(*pts), label=label, linewidth=1.2)
+            ax.set_xlabel("step")
+            ax.set_title(key)
+            ax.grid(alpha=0.3)
+            if key == "lr":
+                ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{figure}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def run(args) -> int:
+    run_dirs = [Path(r) for r in args.run_dirs]
+    for r in run_dirs:
+        if not r.is_dir():
+            raise UsageError(f"{r}: no such run directory")
+    labels = {}
+    for r in run_dirs:
+        seed = run_seed(r)
+        labels[str(r)] = r.name if seed is None else f"{r.name} (seed {seed})"
+    per_run = {str(r): run_metrics(r) for r in run_dirs}
+    series = {labels[str(r)]: read_jsonl(r / "metrics.jsonl") for r in run_dirs if (r / "metrics.jsonl").is_file()}
+    if not any(per_run.values()) and not series:
+        raise UsageError(f"no knn.json, linear_*.json or metrics.jsonl in {' '.join(map(str, run_dirs))}")
+    notes = []
+    hashes = config_hashes(run_dirs)
+    if len(set(hashes.values())) > 1:
+        notes.append("the runs' configs differ in more than the seed: the spread is not seed variance alone")
+    seeds = [run_seed(r) for r in run_dirs]
+    if len([s for s in seeds if s is not None]) != len({s for s in seeds if s is not None}):
+        notes.append("some runs share a seed")
+    out = Path(args.out) if args.out else run_dirs[0].resolve().parent / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(per_run)
+    (out / "report.md").write_text(markdown(agg, [labels[str(r)] for r in run_dirs], notes))
+    (out / "report.json").write_text(json.dumps({"runs": [str(r) for r in run_dirs], "notes": notes,
+                                                 "metrics": agg}, indent=2) + "\n")
+    figures = plot_curves(series, out) if series else []
+    print((out / "report.md").read_text(), end="")
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'}" + "".join(f", {f}" for f in figures))
+    return 0

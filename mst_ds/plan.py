@@ -1,0 +1,254 @@
+"""``mst-ds plan`` and ``mst-ds presets``: what a run will be, before it runs (prints only, writes nothing).
+
+plan: the resolved config with each value's source, parameter counts per module, per-rank and global
+batch, steps per epoch, schedule values at the milestones, and an *estimate* of per-device memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from mst_ds.config import (
+    PRESET_DIR,
+    Derived,
+    LoadedConfig,
+    MSTConfig,
+    _flatten,
+    _read_yaml,
+    derive,
+    list_presets,
+    load_config,
+)
+from mst_ds.schedules import Schedules
+
+BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "autocast_bf16": 2, "auto": 2}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "presets":
+        return presets()
+    return plan(args)
+
+
+# --------------------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------------------
+def _describe(path) -> str:
+    """The first comment line of a recipe file."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def presets() -> int:
+    table = Table(title="Presets (mst_ds/configs)")
+    for col in ("preset", "parent", "description"):
+        table.add_column(col, overflow="fold")
+    for name in list_presets():
+        path = PRESET_DIR / f"{name}.yaml"
+        table.add_row(name, str(_read_yaml(path).get("parent") or "—"), _describe(path))
+    Console().print(table)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def config_table(loaded: LoadedConfig) -> Table:
+    table = Table(title="Resolved config (source: default = pydantic default = the paper's recipe)")
+    table.add_column("key")
+    table.add_column("value", overflow="fold")
+    table.add_column("source")
+    for key, value in _flatten(loaded.config.to_dict()).items():
+        source = loaded.sources.get(key, "default")
+        style = None if source == "default" else "bold"
+        table.add_row(key, _fmt(value), source, style=style)
+    return table
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def parameter_counts(cfg: MSTConfig) -> dict[str, int]:
+    """Parameters per module of the student (and the teacher it implies), built on the CPU."""
+    from mst_ds.model import MSTModel  # imports torch/timm: only when counting
+
+    model = MSTModel.from_config(cfg)
+    mask_token = model.backbone.mask_token.numel()
+    backbone = _numel(model.backbone) - mask_token
+    head = _numel(model.head)
+    decoder = _numel(model.decoder)
+    return {"backbone (ViT)": backbone, "mask token": mask_token, "DINO head": head, "decoder": decoder,
+            "student total (trained)": backbone + mask_token + head + decoder,
+            "teacher (EMA of backbone + head + mask token)": backbone + head + mask_token}
+
+
+def parameter_table(counts: dict[str, int]) -> Table:
+    table = Table(title="Parameters")
+    table.add_column("module")
+    table.add_column("parameters", justify="right")
+    for name, n in counts.items():
+        table.add_row(name, f"{n:,} ({n / 1e6:.2f} M)")
+    return table
+
+
+def batch_table(d: Derived) -> Table:
+    table = Table(title="Batch and steps")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    rows = [
+        ("world size (ranks)", d.world_size),
+        ("global batch (images / optimizer step)", d.global_batch),
+        ("gradient accumulation", d.grad_accum_steps),
+        ("micro-batch per rank (images / forward)", d.micro_batch),
+        ("views per image (2 global + local)", d.n_views),
+        ("data set size", d.dataset_size),
+        ("steps per epoch", d.steps_per_epoch),
+        ("total steps", d.total_steps),
+        ("warm-up steps", d.warmup_steps),
+        ("teacher-temperature warm-up steps", d.teacher_temp_warmup_steps),
+        ("last layer frozen for steps", d.freeze_last_layer_steps),
+        ("peak lr (base_lr × batch / 256)", f"{d.peak_lr:.6g}"),
+    ]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    return table
+
+
+def schedule_table(s: Schedules) -> Table:
+    table = Table(title="Schedules (wd: weight decay; momentum: teacher EMA; t-temp: teacher temperature; frozen: head last layer)")
+    for col in ("milestone", "step", "lr", "wd", "momentum", "t-temp", "frozen"):
+        table.add_column(col, justify="right")
+    for label, step in s.milestones().items():
+        v = s.at(step)
+        table.add_row(label, str(step), f"{v.lr:.4g}", f"{v.weight_decay:.4g}", f"{v.momentum:.6g}",
+                      f"{v.teacher_temp:.4g}", str(v.last_layer_frozen))
+    return table
+
+
+@dataclass
+class MemoryEstimate:
+    rows: list[tuple[str, float]]  # (what, bytes)
+    bytes_per_element: int
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b in self.rows)
+
+
+def _vit_dims(cfg: MSTConfig) -> tuple[int, int, int, int]:
+    """(dim, depth, heads, patch) of the configured ViT, from timm's kwargs or the arch name."""
+    kw = cfg.model.timm_kwargs
+    known = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+    dim, depth, heads = next((v for k, v in known.items() if f"_{k}_" in cfg.model.arch), (384, 12, 6))
+    patch = next((int(p[5:]) for p in cfg.model.arch.split("_") if p.startswith("patch") and p[5:].isdigit()), 16)
+    return (int(kw.get("embed_dim", dim)), int(kw.get("depth", depth)), int(kw.get("num_heads", heads)),
+            int(kw.get("patch_size", patch)))
+
+
+def activation_estimate(cfg: MSTConfig, d: Derived, params: dict[str, int] | None) -> MemoryEstimate:
+    """A rough per-device memory estimate (bytes), not a measurement.
+
+    Activations saved for backward per transformer block and image, T tokens of width D, a heads
+    (Korthikanti et al. 2022, 16-bit): 34·T·D + 5·a·T² bytes; the T² term (attention matrix) is dropped
+    for fused attention, and everything scales with bytes/element ÷ 2. Student: B·(2 global + n local)
+    sequences through all blocks. Head: hidden + K-wide logits/softmax per view (float32 loss).
+    Decoder: ≈ 2·c_in values per input pixel + 3·c_out per output pixel per stage, 2 global views.
+    Model states: 16 bytes per trained parameter (weights, grads, AdamW moments, mixed-precision masters) ÷ ZeRO partitioning, plus
+    a float32 teacher. The teacher's activations are not kept (no grad).
+    """
+    e = BYTES_PER_ELEMENT[cfg.engine.precision]
+    dim, depth, heads, patch = _vit_dims(cfg)
+    B = d.micro_batch
+    seqs = [(cfg.augment.global_crop_size // patch) ** 2 + 1] * 2 + \
+        [(cfg.augment.local_crop_size // patch) ** 2 + 1] * cfg.augment.n_local_crops
+
+    def block(T: int) -> float:
+        attn = 0 if cfg.model.fused_attn else 5 * heads * T * T
+        return (34 * T * dim + attn) * e / 2
+
+    rows: list[tuple[str, float]] = [("student ViT activations", B * depth * sum(block(T) for T in seqs))]
+    h = cfg.model.head
+    rows.append(("student head activations + float32 logits",
+                 B * len(seqs) * (e * (3 * h.hidden_dim * max(1, h.nlayers - 1) + h.bottleneck_dim) + (e + 8) * h.out_dim)))
+    if cfg.decoder.enabled:
+        side = cfg.augment.global_crop_size // patch
+        widths = [dim, *cfg.decoder.channels]
+        dec = 0.0
+        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+            up = 2 if i < len(widths) - 2 else 1  # the last stage stays at half resolution (sub-pixel output)
+            dec += 2 * c_in * side * side + 3 * c_out * (up * side) ** 2
+            side *= up
+        dec += 2 * 12 * side * side  # 3·4-channel sub-pixel output and the full-resolution image
+        rows.append(("decoder activations (2 global views)", 2 * B * dec * e))
+    if params is not None:
+        trained = params["student total (trained)"]
+        stage = cfg.engine.zero_stage
+        w = d.world_size
+        per_param = (2 if stage < 3 else 2 / w) + (2 if stage < 2 else 2 / w) + (12 if stage < 1 else 12 / w)
+        rows.append((f"model states (ZeRO-{stage}, {w} ranks)", trained * per_param))
+        rows.append(("teacher weights (float32)", params["teacher (EMA of backbone + head + mask token)"] * 4))
+    return MemoryEstimate(rows, e)
+
+
+def memory_table(est: MemoryEstimate, cfg: MSTConfig) -> Table:
+    table = Table(title=f"Memory per device — ESTIMATE ({est.bytes_per_element} bytes/element, precision "
+                        f"{cfg.engine.precision}; formula in mst_ds.plan.activation_estimate)")
+    table.add_column("what")
+    table.add_column("GiB", justify="right")
+    for what, b in est.rows:
+        table.add_row(what, f"{b / 2**30:.3f}")
+    table.add_row("total (estimate; framework buffers and fragmentation come on top)", f"{est.total / 2**30:.3f}",
+                  style="bold")
+    return table
+
+
+def _dataset_size(args: argparse.Namespace, cfg: MSTConfig, console: Console) -> int | None:
+    if args.dataset_size is not None:
+        return args.dataset_size
+    if cfg.data.train:
+        try:
+            from mst_ds.data.manifest import Manifest
+
+            return Manifest.load(cfg.data.train).total
+        except Exception as err:  # noqa: BLE001 — plan still works from data.num_samples
+            console.print(f"[yellow]note:[/] no manifest read from data.train ({err}); using data.num_samples")
+    return None
+
+
+def plan(args: argparse.Namespace) -> int:
+    console = Console()
+    loaded = load_config(args.preset, args.sets)
+    cfg = loaded.config
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    derived = derive(cfg, world, _dataset_size(args, cfg, console))
+    schedules = Schedules.from_config(cfg, derived)
+    params = None if args.no_model else parameter_counts(cfg)
+
+    console.print(config_table(loaded))
+    if params is not None:
+        console.print(parameter_table(params))
+    console.print(batch_table(derived))
+    console.print(schedule_table(schedules))
+    console.print(memory_table(activation_estimate(cfg, derived, params), cfg))
+    if derived.total_steps < 2 or math.isclose(derived.peak_lr, 0.0):
+        console.print("[yellow]note:[/] fewer than 2 schedule steps")
+    return 0

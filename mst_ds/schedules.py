@@ -1,0 +1,97 @@
+"""Per-step schedules (pure functions of the global optimizer step; no state).
+
+lr: linear warm-up from 0 to the peak lr over ``warmup_steps``, then cosine to ``optim.min_lr`` [S §7, D];
+weight decay: cosine 0.04 → 0.4 [D]; teacher momentum: cosine 0.996 → 1 [D]; teacher temperature:
+linear 0.04 → 0.07 over ``teacher_temp_warmup_steps`` then constant [D]; the head's last layer is frozen
+for the first ``freeze_last_layer_steps`` [D]. Step counts come from :func:`mst_ds.config.derive`.
+
+Convention: steps run 0 … total_steps−1; the warm-up ends (value = base) at step ``warmup_steps`` and
+the cosine reaches ``final`` exactly at the last step, total_steps−1 (and stays there beyond).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from mst_ds.config import Derived, MSTConfig
+
+
+def cosine_schedule(step: int, total_steps: int, base: float, final: float, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> float:
+    """Linear warm-up ``warmup_start → base`` over steps [0, warmup_steps), then half a cosine from
+    ``base`` (at step warmup_steps) to ``final`` (at step total_steps−1)."""
+    if step < warmup_steps:
+        return warmup_start + (base - warmup_start) * step / warmup_steps
+    span = total_steps - 1 - warmup_steps
+    if span <= 0:
+        return final if step > warmup_steps else base
+    progress = min(1.0, (step - warmup_steps) / span)
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress))
+
+
+def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """``start → end`` linearly over [0, warmup_steps], then constant ``end``."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
+@dataclass(frozen=True)
+class ScheduleValues:
+    lr: float
+    weight_decay: float
+    momentum: float  # teacher EMA momentum
+    teacher_temp: float
+    last_layer_frozen: bool
+
+    def as_dict(self) -> dict[str, float | bool]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Schedules:
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    min_lr: float
+    weight_decay: float
+    weight_decay_end: float
+    momentum_teacher: float
+    momentum_teacher_end: float
+    warmup_teacher_temp: float
+    teacher_temp: float
+    teacher_temp_warmup_steps: int
+    freeze_last_layer_steps: int
+
+    @classmethod
+    def from_config(cls, cfg: MSTConfig, derived: Derived) -> Schedules:
+        return cls(
+            total_steps=derived.total_steps,
+            warmup_steps=derived.warmup_steps,
+            peak_lr=derived.peak_lr,
+            min_lr=cfg.optim.min_lr,
+            weight_decay=cfg.optim.weight_decay,
+            weight_decay_end=cfg.optim.weight_decay_end,
+            momentum_teacher=cfg.schedule.momentum_teacher,
+            momentum_teacher_end=cfg.schedule.momentum_teacher_end,
+            warmup_teacher_temp=cfg.loss.warmup_teacher_temp,
+            teacher_temp=cfg.loss.teacher_temp,
+            teacher_temp_warmup_steps=derived.teacher_temp_warmup_steps,
+            freeze_last_layer_steps=derived.freeze_last_layer_steps,
+        )
+
+    def at(self, step: int) -> ScheduleValues:
+        """All schedule values at global optimizer step ``step`` (0-based)."""
+        return ScheduleValues(
+            lr=cosine_schedule(step, self.total_steps, self.peak_lr, self.min_lr, self.warmup_steps),
+            weight_decay=cosine_schedule(step, self.total_steps, self.weight_decay, self.weight_decay_end),
+            momentum=cosine_schedule(step, self.total_steps, self.momentum_teacher, self.momentum_teacher_end),
+            teacher_temp=linear_warmup(step, self.teacher_temp_warmup_steps, self.warmup_teacher_temp, self.teacher_temp),
+            last_layer_frozen=step < self.freeze_last_layer_steps,
+        )
+
+    def milestones(self) -> dict[str, int]:
+        """The steps ``mst-ds plan`` shows: start, end of warm-up, middle, last."""
+        return {"step 0": 0, "end of warm-up": self.warmup_steps, "middle": (self.total_steps - 1) // 2,
+                "last step": self.total_steps - 1}

@@ -1,0 +1,374 @@
+"""``mst-ds train``: MST pre-training on the DeepSpeed engine (Algorithm 1), resumable bit-exactly.
+
+One process per rank (launched by ``deepspeed``/``torchrun``/``launch.sh``, or bare for one CPU process).
+The step (:func:`train_step`) is Algorithm 1: schedules → photometric views → engine forward (teacher
+once, attention-guided masks, student, decoder, losses) → backward → step → EMA teacher → metrics.
+
+Reproducibility: every random draw of a step comes from generators seeded by (seed, step, micro-batch,
+rank) or from the per-rank global RNG, which checkpoints save; the loader resumes by skipping the
+micro-batches already consumed in the epoch. A run killed at any moment and relaunched with the same
+command ends bit-identical to one that never stopped.
+
+Steps are counted from 1 in messages, metrics and checkpoint tags (step N = the N-th optimizer step;
+``t.step`` = steps done, which is also the 0-based index of the step being run for the schedules).
+Fault injection for the tests (environment ``MST_DS_FAULT``): ``nan@N`` makes rank 0's loss NaN in
+step N; ``kill_in_save@N`` SIGKILLs the process in the middle of saving the checkpoint of step N.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mst_ds import checkpoint as ckpt
+from mst_ds import engine as eng
+from mst_ds.config import ConfigError, Derived, MSTConfig, derive, load_config
+from mst_ds.ema import EMATeacher
+from mst_ds.metrics import MetricsLogger, peak_memory_mb
+
+# Scalars all-reduced (averaged over ranks) at every micro-batch; the last slot flags a non-finite loss.
+_STAT_KEYS = ("loss", "dino", "restore", "dino_weighted", "restore_weighted", "mask_ratio", "center_norm",
+              "attn_entropy", "teacher_entropy")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def seed_for(*parts: int) -> int:
+    """A stable 63-bit seed from integers (crc32 chain; never Python's hash())."""
+    h = 0
+    for p in parts:
+        h = zlib.crc32(int(p).to_bytes(8, "little", signed=False), h)
+    return (h << 31) ^ zlib.crc32(repr(parts).encode())
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, purpose: int) -> torch.Generator:
+    """CPU generator of one micro-batch's draws (purpose 0: photometric, 1: masks)."""
+    return torch.Generator().manual_seed(seed_for(seed, step, micro, rank, purpose))
+
+
+def _fault(kind: str, step: int) -> bool:
+    spec = os.environ.get("MST_DS_FAULT", "")
+    return spec == f"{kind}@{step}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The training state
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Training:
+    cfg: MSTConfig
+    derived: Derived
+    engine: Any
+    teacher: torch.nn.Module
+    ema: EMATeacher
+    schedules: Any
+    photometric: Any
+    gate: eng.GradientGate
+    device: torch.device
+    rank: int
+    world: int
+    precision: str
+    step: int = 0  # optimizer steps done
+    skipped: int = 0  # overflow-skipped steps (fp16 loss scale)
+    nonfinite: int = 0  # steps skipped by nan_policy=skip
+    corrupt: int = 0
+
+
+def _all_mean(values: torch.Tensor) -> torch.Tensor:
+    """(k,) float64 → mean over ranks (sum for the flag slot is recovered by × world)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def _stat_vector(loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(len(_STAT_KEYS) + 1,) float64 on the loss's device (NCCL reduces device tensors only):
+    the logged scalars, then 1.0 if this rank's loss is not finite."""
+    values = [loss.detach()] + [losses[k].detach() for k in _STAT_KEYS[1:]]
+    flag = (~torch.isfinite(loss.detach())).to(loss.device)
+    return torch.stack([v.to(loss.device, torch.float64).reshape(()) for v in values] + [flag.double()])
+
+
+def _grad_norm(engine) -> float:
+    g = engine.get_global_grad_norm()
+    return float(g) if g is not None else float("nan")
+
+
+def train_step(t: Training, batches: list[dict[str, Any]]) -> dict[str, float]:
+    """One optimizer step of Algorithm 1 over ``grad_accum_steps`` micro-batches → logged scalars.
+
+    batches: micro-batches of dict(global=[uint8 (B,3,G,G)]*2, local=[uint8 (B,3,L,L)]*n).
+    Raises NonFiniteLoss (all ranks together) when a loss is NaN/Inf and nan_policy is "stop".
+    """
+    cfg, step = t.cfg, t.step
+    s = t.schedules.at(step)
+    eng.set_group_values(t.engine.optimizer, s.lr, s.weight_decay, frozen=s.last_layer_frozen)
+    t.gate.closed = s.last_layer_frozen
+    sums = torch.zeros(len(_STAT_KEYS), dtype=torch.float64, device=t.device)
+    norm0 = None
+    for micro, batch in enumerate(batches):
+        u8 = [v.to(t.device, non_blocking=True) for v in batch["global"] + batch["local"]]
+        views = t.photometric(u8, step_generator(cfg.run.seed, step, micro, t.rank, 0))
+        losses = t.engine(views, t.teacher, s.teacher_temp, step_generator(cfg.run.seed, step, micro, t.rank, 1))
+        loss = losses["loss"] * float("nan") if (t.rank == 0 and _fault("nan", step + 1)) else losses["loss"]
+        local = _all_mean(_stat_vector(loss, losses))  # one small collective; also the non-finite vote
+        if local[-1] > 0:  # some rank saw a non-finite loss: every rank decides the same
+            if cfg.engine.nan_policy == "stop":
+                raise NonFiniteLoss(f"non-finite loss at step {step + 1} (micro-batch {micro}) on "
+                                    f"{round(float(local[-1]) * t.world)} rank(s)")
+            t.nonfinite += 1  # skip: no backward, no step, no EMA (grad_accum_steps is 1, checked)
+            t.step += 1
+            return {"nonfinite_steps": t.nonfinite}
+        t.engine.backward(loss)
+        if micro == len(batches) - 1:
+            norm0 = eng.grad_norm_stage0(t.engine)
+        t.engine.step()
+        sums += local[:-1]
+    if not t.engine.was_step_applied():
+        t.skipped += 1  # fp16 overflow: DeepSpeed skipped the update and lowered the loss scale
+    t.ema.update(s.momentum)  # f_t = m·f_t + (1 − m)·f_s, momentum of this step
+    t.step += 1
+    stats = dict(zip(_STAT_KEYS, (sums / len(batches)).cpu().tolist()))
+    stats.update(lr=s.lr, weight_decay=s.weight_decay, momentum=s.momentum, teacher_temp=s.teacher_temp,
+                 grad_norm=norm0 if norm0 is not None else _grad_norm(t.engine), loss_scale=eng.loss_scale(t.engine),
+                 skipped_steps=t.skipped, nonfinite_steps=t.nonfinite)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------------
+def dataset_size(cfg: MSTConfig) -> int:
+    from mst_ds.data.manifest import Manifest
+
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training shards given (write them with `mst-shards write`, then --set data.train=DIR)")
+    return Manifest.load(cfg.data.train).total
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_run_files(run_dir: Path, cfg: MSTConfig, derived: Derived, ds_config: dict, precision: str) -> None:
+    """Resolved config, final DeepSpeed JSON and provenance, written by rank 0 at start."""
+    import deepspeed
+
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
+    info = {"git_sha": git_sha(), "config_hash": cfg.hash(), "precision": precision, "derived": derived.as_dict(),
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "argv": sys.argv, "time": time.time()}
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    (run_dir / "git_sha.txt").write_text(info["git_sha"] + "\n")
+
+
+def _broadcast(obj: Any) -> Any:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def find_resume(cfg: MSTConfig, ckpt_dir: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """(tag, meta) of the checkpoint to resume from, or (None, None). Refuses a different config."""
+    tag = ckpt.newest_complete(ckpt_dir)
+    if tag is None:
+        return None, None
+    if not cfg.checkpoint.resume:
+        raise ConfigError(f"checkpoint.resume: {ckpt_dir} holds checkpoints and resume is off; use a new --run-dir")
+    meta = ckpt.read_meta(ckpt_dir / tag)
+    if meta["config_hash"] != cfg.hash() and not cfg.checkpoint.allow_config_change:
+        raise ConfigError(
+            f"checkpoint: {ckpt_dir / tag} was written with config {meta['config_hash']}, this run is "
+            f"{cfg.hash()}; use a new --run-dir or --set checkpoint.allow_config_change=true"
+        )
+    return tag, meta
+
+
+def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = False) -> tuple[Training, dict]:
+    """Model, teacher (copied before ``deepspeed.initialize``), engine, EMA → (Training, ds_config).
+
+    torch.distributed must be started (:func:`mst_ds.engine.init_distributed`).
+    """
+    from mst_ds.data.augment import Photometric
+    from mst_ds.model.mst import MSTModel
+    from mst_ds.schedules import Schedules
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.engine.nan_policy == "skip" and cfg.engine.grad_accum_steps != 1:
+        raise ConfigError("engine.nan_policy: skip needs engine.grad_accum_steps=1 (a partly accumulated step cannot be undone)")
+    precision = eng.resolve_precision(cfg.engine.precision, eng.DeviceInfo.current())
+    dev = eng.device()
+    ckpt.seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    model = MSTModel.from_config(cfg)
+    model, _ = eng.convert_sync_bn(model, world, cfg.engine.sync_bn, dev)
+    teacher = model.make_teacher().to(dev)  # before deepspeed.initialize (SPEC §7)
+    engine, ds_config = eng.build_engine(model.to(dev), cfg, derived, precision, load_universal=load_universal)
+    low = precision in ("bf16", "fp16")
+    t = Training(cfg=cfg, derived=derived, engine=engine, teacher=teacher,
+                 ema=EMATeacher(teacher, engine.module, zero_stage=cfg.engine.zero_stage, low_precision=low),
+                 schedules=Schedules.from_config(cfg, derived), photometric=Photometric.from_config(cfg.augment),
+                 gate=eng.GradientGate(eng.frozen_params(engine.module)), device=dev, rank=rank, world=world,
+                 precision=precision)
+    return t, ds_config
+
+
+def setup(cfg: MSTConfig, run_dir: Path) -> tuple[Training, str | None, dict[str, Any] | None]:
+    """Distributed start, the training state, run files; the resume point (tag, meta) if any."""
+    rank, world = eng.init_distributed()
+    derived = derive(cfg, world, dataset_size(cfg))
+    ckpt_dir = run_dir / ckpt.CKPT_SUBDIR
+    found: tuple[Any, Any] | str = (None, None)
+    if rank == 0:
+        try:
+            found = find_resume(cfg, ckpt_dir)
+        except ConfigError as err:
+            found = str(err)
+    found = _broadcast(found)  # every rank stops on a refused resume, not only rank 0
+    if isinstance(found, str):
+        raise ConfigError(found)
+    tag, meta = found
+    universal = meta is not None and ckpt.needs_universal(meta, world, cfg.engine.zero_stage)
+    t, ds_config = build_training(cfg, derived, load_universal=universal)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_files(run_dir, cfg, derived, ds_config, t.precision)
+    return t, tag, meta
+
+
+def resume(t: Training, ckpt_dir: Path, tag: str, meta: dict[str, Any]) -> None:
+    """Load engine + teacher + counters (+ this rank's RNG when the world size is unchanged)."""
+    same_world = meta["world_size"] == t.world
+    if ckpt.needs_universal(meta, t.world, t.cfg.engine.zero_stage):
+        tag = ckpt.convert_to_universal(ckpt_dir, tag, t.rank)
+    state = ckpt.load(t.engine, ckpt_dir, tag, rank=t.rank, same_world=same_world)
+    t.teacher.load_state_dict(state["teacher"])
+    t.step, t.skipped, t.nonfinite = state["step"], state["skipped"], state["nonfinite"]
+    if not same_world:
+        # Per-rank RNG streams cannot be carried over to other ranks: restart them from the position.
+        ckpt.seed_everything(seed_for(t.cfg.run.seed, t.step, t.rank, 2))
+
+
+def save(t: Training, ckpt_dir: Path, spe: int) -> str:
+    """A complete checkpoint of step t.step (all ranks); spe = optimizer steps per loader epoch."""
+    accum = t.derived.grad_accum_steps
+    epoch = t.step // spe
+    client = {"teacher": t.teacher.state_dict(), "step": t.step, "epoch": epoch, "skipped": t.skipped,
+              "nonfinite": t.nonfinite, "samples": t.step * t.derived.global_batch, "config_hash": t.cfg.hash()}
+    meta = {"world_size": t.world, "zero_stage": t.cfg.engine.zero_stage, "precision": t.precision,
+            "config_hash": t.cfg.hash(), "epoch": epoch, "samples": t.step * t.derived.global_batch}
+    if _fault("kill_in_save", t.step):
+        t.engine.save_checkpoint(str(ckpt_dir), tag=ckpt.tag_for(t.step), client_state=client, save_latest=False)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return ckpt.save(t.engine, ckpt_dir, step=t.step, client_state=client, meta=meta,
+                     loader_position={"epoch": t.step // spe, "skip_batches": (t.step % spe) * accum},
+                     keep_last=t.cfg.checkpoint.keep_last, rank=t.rank)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+def _micro_batches(loader, accum: int):
+    """Group the loader's micro-batches into optimizer steps of ``accum``."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
+
+
+def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
+    """Train (or resume) to the end of the schedule / max_steps → exit code (0 ok, 1 non-finite loss)."""
+    from mst_ds.data.reader import make_train_loader
+
+    run_dir = Path(run_dir)
+    t, tag, meta = setup(cfg, run_dir)
+    ckpt_dir = run_dir / ckpt.CKPT_SUBDIR
+    if tag is not None:
+        resume(t, ckpt_dir, tag, meta)
+    d = t.derived
+    end = min(d.total_steps, cfg.run.max_steps or d.total_steps)
+
+    def loader_at(step: int):
+        epoch, pos = divmod(step, spe)
+        return epoch, make_train_loader(cfg.data.train, cfg, rank=t.rank, world_size=t.world, micro_batch=d.micro_batch,
+                                        epoch=epoch, skip_batches=pos * d.grad_accum_steps)
+
+    # The loader's equal-per-rank plan may hold a few batches fewer than derive()'s count (it drops
+    # < world × workers × micro-batch samples per epoch); an epoch is what the loader yields.
+    spe = d.steps_per_epoch
+    spe = min(spe, loader_at(0)[1].batches_per_epoch // d.grad_accum_steps)
+    log = MetricsLogger(run_dir, enabled=t.rank == 0, start_step=t.step, total_steps=end,
+                        steps_per_epoch=spe, progress=progress)
+    started = time.monotonic()
+    deadline = started + cfg.run.time_limit_min * 60 if cfg.run.time_limit_min else None
+    last_saved = t.step
+    try:
+        while t.step < end:
+            epoch, loader = loader_at(t.step)
+            tick, tick_step = time.monotonic(), t.step
+            for batches in _micro_batches(loader, d.grad_accum_steps):
+                try:
+                    stats = train_step(t, batches)
+                except NonFiniteLoss as err:
+                    if t.rank == 0:
+                        print(f"mst-ds: error: {err}; stopping without saving (last good checkpoint: "
+                              f"{ckpt.newest_complete(ckpt_dir) or 'none'})", file=sys.stderr)
+                    return 1
+                t.corrupt = int(getattr(loader, "corrupt_count", 0))
+                time_up = deadline is not None and time.monotonic() > deadline
+                time_up = bool(_broadcast(time_up))
+                epoch_end = t.step % spe == 0
+                if t.step % cfg.run.log_every == 0 or t.step == end:
+                    now = time.monotonic()
+                    stats.update(corrupt_samples=t.corrupt, peak_mem_mb=peak_memory_mb(t.device),
+                                 img_per_s=(t.step - tick_step) * d.global_batch / max(now - tick, 1e-9))
+                    tick, tick_step = now, t.step
+                    log.log(t.step, epoch, stats)
+                log.progress(t.step, epoch, stats)
+                every = cfg.checkpoint.every_steps and t.step % cfg.checkpoint.every_steps == 0
+                at_epoch = epoch_end and cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0
+                if every or at_epoch or t.step == end or time_up:
+                    save(t, ckpt_dir, spe)
+                    last_saved = t.step
+                if time_up:
+                    return 0
+                if t.step >= end or epoch_end:
+                    break
+    finally:
+        log.close()
+    if last_saved != t.step:
+        save(t, ckpt_dir, spe)
+    return 0
+
+
+def run(args) -> int:
+    """``mst-ds train --preset NAME [--set k=v ...] [--run-dir DIR]``."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cfg = load_config(args.preset, args.sets).config
+    run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.output_dir) / cfg.run.name
+    return train(cfg, run_dir)

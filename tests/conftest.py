@@ -1,0 +1,60 @@
+"""Shared fixtures: real tiny shards built with data_tools, and DeepSpeed's CPU comm op built once.
+
+The first DeepSpeed engine start on CPU JIT-compiles a small C++ comm op (~30–70 s, SPEC §7) into
+``~/.cache/torch_extensions``. ``deepspeed_cpu`` builds it once per test session (before any engine or
+launcher starts), so every later engine — in this process or in launched subprocesses — loads it in
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Before anything imports DeepSpeed: this machine has no GPU, tests run the real engine on CPU (gloo).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def deepspeed_cpu() -> None:
+    """Build (or load from the cache) DeepSpeed's shared-memory comm op once for the session."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load(verbose=False)
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """Real scikit-learn digits (train split, 1,438 images) as verified WebDataset shards of ≤ 240."""
+    from data_tools import sample_data
+    from data_tools.writer import write_shards
+
+    root = tmp_path_factory.mktemp("digits_shards")
+    folders = sample_data.write_digits_imagefolder(root / "folder")
+    write_shards(folders.train, root / "shards", split="train", max_count=240, progress=False)
+    return root / "shards"
+
+
+TRAIN_SETS = ["optim.batch_size=8", "data.num_workers=0", "run.log_every=1", "checkpoint.every_steps=2",
+              "checkpoint.keep_last=2", "run.schedule_steps=40"]
+
+
+def train_in_process(run_dir: Path, shards: Path, *sets: str) -> int:
+    """`mst-ds train --preset tiny` in this process (world of one) on the digits shards."""
+    from mst_ds.config import load_config
+    from mst_ds.train import train
+
+    cfg = load_config("tiny", [*TRAIN_SETS, f"data.train={shards}", *sets]).config
+    return train(cfg, run_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, digits_shards, deepspeed_cpu) -> Path:
+    """A 4-step tiny run (ZeRO-2 fp32, checkpoints at steps 2 and 4) in this process → run directory."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    assert train_in_process(run_dir, digits_shards, "run.max_steps=4") == 0
+    return run_dir

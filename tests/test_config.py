@@ -1,0 +1,87 @@
+"""Presets load; bad input to `mst-ds plan` is one line naming the field, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from mst_ds import cli
+from mst_ds.config import ConfigError, config_from_file, derive, list_presets, load_config
+
+
+def test_every_preset_loads_and_derives():
+    names = list_presets()
+    assert {"mst_deit_s_100ep", "mst_deit_s_300ep", "dino_deit_s_100ep", "tiny"} <= set(names)
+    assert len(names) >= 15
+    for name in names:
+        cfg = load_config(name).config
+        d = derive(cfg, world_size=1)
+        assert d.total_steps > 0 and d.peak_lr > 0
+
+
+def test_paper_numbers_in_presets():
+    cfg = load_config("mst_deit_s_100ep").config
+    assert derive(cfg, world_size=16).peak_lr == pytest.approx(2e-3)
+    assert (cfg.loss.dino_weight, cfg.loss.restore_weight) == (1.0, 0.6)
+    assert cfg.mask.enabled and cfg.decoder.enabled and cfg.model.head.out_dim == 65536
+    dino = load_config("dino_deit_s_100ep").config
+    assert not dino.mask.enabled and not dino.decoder.enabled and dino.loss.restore_weight == 0
+    row1 = load_config("ablation_t4_random_bert_masked_nodino").config
+    assert (row1.mask.strategy, row1.mask.replacement, row1.loss.restore_target, row1.loss.dino_weight) == (
+        "random", "bert", "masked_patches", 0.0)
+    assert load_config("mst_deit_s_300ep").config.schedule.epochs == 300
+
+
+def test_sources_and_yaml_round_trip(tmp_path):
+    loaded = load_config("tiny", ["mask.ratio=0.4"])
+    assert loaded.sources["mask.ratio"] == "--set"
+    assert loaded.sources["augment.global_crop_size"] == "preset:tiny"
+    assert loaded.sources["loss.student_temp"] == "default"
+    path = tmp_path / "config.yaml"
+    path.write_text(loaded.config.to_yaml())
+    assert config_from_file(path) == loaded.config
+
+
+def test_plan_prints_tables(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["plan", "--preset", "tiny", "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("Resolved config", "preset:tiny", "Parameters", "mask token", "decoder", "steps per epoch",
+                   "end of warm-up", "last step", "ESTIMATE"):
+        assert needle in out, needle
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main(["presets"]) == 0
+    assert "dino_deit_s_100ep" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--set", "mask.bogus=1"], "mask.bogus"),
+    (["--set", "mask.prob=1.5"], "mask.prob"),
+    (["--world-size", "3"], "optim.batch_size"),
+    (["--set", "decoder.channels=[32, 16]"], "decoder.channels"),
+    (["--preset", "no_such_preset"], "no_such_preset"),
+])
+def test_plan_bad_input_is_one_line_exit_2_nothing_written(argv, field, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["plan", "--preset", "tiny", *argv] if "--preset" not in argv else ["plan", *argv]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], captured.err
+    assert captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_exit_code_through_the_console_script(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mst_ds.cli", "plan", "--preset", "tiny", "--set", "mask.prob=2"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "mask.prob" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_error_is_a_value_error_with_one_line():
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["optim.batch_size=-1"])
+    assert "\n" not in str(err.value) and "optim.batch_size" in str(err.value)

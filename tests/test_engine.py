@@ -1,0 +1,192 @@
+"""The DeepSpeed engine of mst_ds on CPU: config building, precision choice, named groups, and the real
+engine at ZeRO 0/1/2/3 fp32 + ZeRO-2 bf16 in this one process (one JIT build, one process group)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mst_ds import engine as eng
+from mst_ds.config import ConfigError, derive, load_config
+
+
+def _cfg(*sets: str):
+    return load_config("tiny", ["optim.batch_size=8", "data.num_workers=0", *sets]).config
+
+
+def _batch(cfg, batch: int, seed: int) -> list[dict]:
+    """One micro-batch of uint8 multi-crop views (what the loader yields)."""
+    g = torch.Generator().manual_seed(seed)
+    G, L = cfg.augment.global_crop_size, cfg.augment.local_crop_size
+    u8 = lambda s: torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=g)  # noqa: E731
+    return [{"global": [u8(G), u8(G)], "local": [u8(L) for _ in range(cfg.augment.n_local_crops)]}]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure: precision, JSON, groups
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("requested,dev,expected", [
+    ("auto", eng.DeviceInfo("cpu"), "bf16"),
+    ("auto", eng.DeviceInfo("cuda", (7, 0)), "fp16"),  # V100
+    ("auto", eng.DeviceInfo("cuda", (8, 0)), "bf16"),  # A100
+    ("auto", eng.DeviceInfo("cuda", (9, 0), rocm=True), "bf16"),  # DCU / MI
+    ("auto", eng.DeviceInfo("cuda", (7, 0), rocm=True), "bf16"),  # ROCm reports gfx as low capabilities
+    ("fp32", eng.DeviceInfo("cpu"), "fp32"),
+    ("autocast_bf16", eng.DeviceInfo("cpu"), "autocast_bf16"),
+    ("fp16", eng.DeviceInfo("cuda", (7, 0)), "fp16"),
+])
+def test_precision_resolution(requested, dev, expected):
+    assert eng.resolve_precision(requested, dev) == expected
+
+
+@pytest.mark.parametrize("requested,dev,words", [
+    ("fp16", eng.DeviceInfo("cpu"), "not supported on CPU"),
+    ("bf16", eng.DeviceInfo("cuda", (7, 0)), "compute capability"),
+    ("autocast_bf16", eng.DeviceInfo("cuda", (7, 5)), "compute capability"),
+])
+def test_impossible_precision_is_one_line_error(requested, dev, words):
+    with pytest.raises(ConfigError) as err:
+        eng.resolve_precision(requested, dev)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("precision,key", [("bf16", "bf16"), ("fp16", "fp16"), ("autocast_bf16", "torch_autocast")])
+def test_ds_config_is_template_plus_owned_keys(precision, key):
+    cfg = _cfg("optim.batch_size=32", "engine.grad_accum_steps=2", "engine.zero_stage=1", "optim.clip_grad=0")
+    ds = eng.build_ds_config(cfg, derive(cfg, 4, 1000), precision)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 2)
+    assert ds["gradient_clipping"] == 0.0  # explicit even when off: absent means 1.0 in DeepSpeed ≥ 0.19.3
+    assert ds["zero_optimization"]["stage"] == 1
+    assert ds[key]["enabled"] is True
+    if precision == "fp16":
+        assert ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    assert ds["steps_per_print"] == eng.load_template("base.json")["steps_per_print"]
+    assert not ({"bf16", "fp16", "torch_autocast"} - {key}) & ds.keys()
+
+
+def test_templates_that_set_owned_keys_are_refused(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 8}))
+    with pytest.raises(ConfigError, match="engine settings only"):
+        eng.load_template(str(bad))
+    with pytest.raises(ConfigError, match="no DeepSpeed template"):
+        eng.load_template("nope.json")
+    for p in eng.DS_CONFIG_DIR.glob("*.json"):  # every shipped template is valid
+        eng.load_template(p.name)
+
+
+def test_param_groups_follow_timm_rules_and_isolate_the_last_layer():
+    from mst_ds.model.mst import MSTModel
+
+    model = MSTModel.from_config(_cfg())
+    groups = {g["name"]: g["params"] for g in eng.param_groups(model)}
+    ids = {k: {id(p) for p in v} for k, v in groups.items()}
+    named = dict(model.named_parameters())
+    assert id(named["backbone.vit.blocks.0.attn.qkv.weight"]) in ids[eng.REGULARIZED]
+    for name in ("backbone.vit.blocks.0.attn.qkv.bias", "backbone.vit.blocks.0.norm1.weight",
+                 "backbone.vit.cls_token", "backbone.vit.pos_embed", "backbone.mask_token"):
+        assert id(named[name]) in ids[eng.NOT_REGULARIZED], name
+    last = {id(p) for n, p in named.items() if n.startswith("head.last_layer.")}
+    assert last and last == ids[eng.LAST_LAYER] | ids.get(eng.LAST_LAYER_NOT_REGULARIZED, set())
+    assert sum(len(v) for v in groups.values()) == sum(p.requires_grad for p in model.parameters())
+
+    opt = torch.optim.AdamW(eng.param_groups(model))
+    eng.set_group_values(opt, 0.5, 0.04, frozen=True)
+    got = {g["name"]: (g["lr"], g["weight_decay"]) for g in opt.param_groups}
+    assert got[eng.REGULARIZED] == (0.5, 0.04) and got[eng.NOT_REGULARIZED] == (0.5, 0.0)
+    assert got[eng.LAST_LAYER] == (0.0, 0.04)
+    eng.set_group_values(opt, 0.5, 0.04, frozen=False)
+    assert {g["name"]: g["lr"] for g in opt.param_groups}[eng.LAST_LAYER] == 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# The real engine, in this process
+# --------------------------------------------------------------------------------------------------
+ENGINE_RUNS = [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")]
+
+
+@pytest.fixture(scope="module")
+def engine_runs(deepspeed_cpu):
+    """3 steps of the tiny model at every (stage, precision) of ENGINE_RUNS, same data → results."""
+    from mst_ds.train import build_training, train_step
+
+    eng.init_distributed()
+    out = {}
+    for stage, precision in ENGINE_RUNS:
+        cfg = _cfg(f"engine.zero_stage={stage}", f"engine.precision={precision}", "run.schedule_steps=40")
+        t, ds = build_training(cfg, derive(cfg, 1, 64))
+        t0 = {k: v.clone() for k, v in t.teacher.state_dict().items()}
+        steps = [train_step(t, _batch(cfg, 8, i)) for i in range(3)]
+        out[(stage, precision)] = dict(t=t, ds=ds, steps=steps, teacher0=t0)
+    return out
+
+
+@pytest.mark.parametrize("stage,precision", ENGINE_RUNS)
+def test_engine_trains_with_finite_losses(engine_runs, stage, precision):
+    r = engine_runs[(stage, precision)]
+    assert r["ds"]["zero_optimization"]["stage"] == stage
+    for s in r["steps"]:
+        assert all(torch.isfinite(torch.tensor(s[k])) for k in ("loss", "dino", "restore", "grad_norm"))
+    assert r["t"].step == 3 and r["t"].skipped == 0
+    # the teacher moved (EMA) but stayed close to its start (momentum ≈ 0.996)
+    moved = [not torch.equal(v, r["teacher0"][k]) for k, v in r["t"].teacher.state_dict().items() if v.is_floating_point()]
+    assert any(moved)
+
+
+def test_zero_stages_agree_in_fp32(engine_runs):
+    ref = [s["loss"] for s in engine_runs[(0, "fp32")]["steps"]]
+    for stage in (1, 2, 3):
+        got = [s["loss"] for s in engine_runs[(stage, "fp32")]["steps"]]
+        assert got == pytest.approx(ref, rel=1e-5, abs=1e-6), stage
+    bf16 = [s["loss"] for s in engine_runs[(2, "bf16")]["steps"]]
+    assert bf16 == pytest.approx(ref, rel=2e-2)  # same trajectory, bf16 rounding
+
+
+def test_last_layer_frozen_and_groups_follow_schedules_under_zero2(engine_runs):
+    """schedule_steps=40 over 20 epochs → the last layer is frozen for steps 0–1, free from step 2."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from mst_ds.train import build_training, train_step
+
+    t = engine_runs[(2, "fp32")]["t"]
+    cfg = t.cfg
+    assert t.schedules.freeze_last_layer_steps == 2
+    t2, _ = build_training(cfg, t.derived)  # a fresh engine
+    module = t2.engine.module
+    last = {n: p for n, p in module.named_parameters() if n.startswith("head.last_layer.") and p.requires_grad}
+    start = {n: safe_get_full_fp32_param(p).clone() for n, p in last.items()}
+    other = dict(module.named_parameters())["head.mlp.0.weight"]
+    other0 = safe_get_full_fp32_param(other).clone()
+    for step in range(4):
+        train_step(t2, _batch(cfg, 8, step))
+        s = t2.schedules.at(step)
+        for g in t2.engine.optimizer.param_groups:
+            frozen_group = g["name"] in eng.FROZEN_GROUPS and s.last_layer_frozen
+            assert g["lr"] == (0.0 if frozen_group else s.lr)
+            assert g["weight_decay"] == (s.weight_decay if g["name"] in eng.DECAYED_GROUPS else 0.0)
+        now = {n: safe_get_full_fp32_param(p) for n, p in last.items()}
+        if step < 2:
+            assert all(torch.equal(now[n], start[n]) for n in last), f"last layer moved at step {step}"
+    assert not all(torch.equal(now[n], start[n]) for n in last), "last layer never unfroze"
+    assert not torch.equal(safe_get_full_fp32_param(other), other0)
+
+
+def test_ema_teacher_is_the_momentum_average_of_fp32_masters(engine_runs):
+    """bf16 engine: teacher = m·t + (1 − m)·(fp32 master), exactly, for one more step."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from mst_ds.train import train_step
+
+    t = engine_runs[(2, "bf16")]["t"]
+    before = {n: p.detach().clone() for n, p in t.teacher.named_parameters()}
+    m = t.schedules.at(t.step).momentum
+    train_step(t, _batch(t.cfg, 8, 99))
+    student = dict(t.engine.module.named_parameters())
+    for n, p in t.teacher.named_parameters():
+        s = student[n]
+        master = safe_get_full_fp32_param(s) if s.requires_grad else s.detach().float()
+        expected = before[n] * m + master * (1 - m)
+        torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)
+        assert p.dtype == torch.float32
