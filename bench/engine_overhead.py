@@ -59,55 +59,79 @@ def _config(name: str, stage: int):
     return load_config(preset, [*sets, *COMMON, f"engine.zero_stage={stage}"]).config
 
 
-def _time_steps(step_fn, warmup: int, steps: int) -> float:
-    for i in range(warmup):
-        step_fn(i)
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        step_fn(warmup + i)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def plain_step_time(name: str, warmup: int, steps: int) -> float:
+class PlainTrainer:
     """Plain PyTorch: forward (teacher inside), backward, global-norm clip, AdamW step."""
-    from mst_ds.model.mst import MSTModel
 
-    cfg = _config(name, 0)
-    torch.manual_seed(0)
-    model = MSTModel.from_config(cfg)
-    teacher = model.make_teacher()
-    opt = torch.optim.AdamW(eng.param_groups(model), lr=1e-4)
-    batch = derive(cfg, 1, 10**6).micro_batch
+    label = "plain"
 
-    def step(i: int) -> None:
-        loss = model(_views(cfg, batch, i), teacher, 0.04)["loss"]
+    def __init__(self, name: str) -> None:
+        from mst_ds.model.mst import MSTModel
+
+        self.cfg = _config(name, 0)
+        torch.manual_seed(0)
+        self.model = MSTModel.from_config(self.cfg)
+        self.teacher = self.model.make_teacher()
+        self.opt = torch.optim.AdamW(eng.param_groups(self.model), lr=1e-4)
+        self.batch = derive(self.cfg, 1, 10**6).micro_batch
+
+    def forward(self, i: int) -> torch.Tensor:
+        return self.model(_views(self.cfg, self.batch, i), self.teacher, 0.04)["loss"]
+
+    def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    return _time_steps(step, warmup, steps)
+    def step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
-def engine_step_time(name: str, stage: int, warmup: int, steps: int) -> float:
-    """The DeepSpeed engine at ZeRO ``stage``: engine(...), engine.backward, engine.step."""
-    from mst_ds.model.mst import MSTModel
+class EngineTrainer(PlainTrainer):
+    """The DeepSpeed engine at a ZeRO stage: engine(...), engine.backward, engine.step (same groups)."""
 
-    cfg = _config(name, stage)
-    derived = derive(cfg, 1, 10**6)
-    torch.manual_seed(0)
-    model = MSTModel.from_config(cfg)
-    teacher = model.make_teacher()
-    engine, _ = eng.build_engine(model, cfg, derived, "fp32")
+    def __init__(self, name: str, stage: int) -> None:
+        from mst_ds.model.mst import MSTModel
 
-    def step(i: int) -> None:
-        loss = engine(_views(cfg, derived.micro_batch, i), teacher, 0.04)["loss"]
-        engine.backward(loss)
-        engine.step()
+        self.label = f"ZeRO-{stage}"
+        self.cfg = _config(name, stage)
+        derived = derive(self.cfg, 1, 10**6)
+        torch.manual_seed(0)
+        model = MSTModel.from_config(self.cfg)
+        self.teacher = model.make_teacher()
+        self.engine, _ = eng.build_engine(model, self.cfg, derived, "fp32")
+        self.batch = derived.micro_batch
 
-    return _time_steps(step, warmup, steps)
+    def forward(self, i: int) -> torch.Tensor:
+        return self.engine(_views(self.cfg, self.batch, i), self.teacher, 0.04)["loss"]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+
+def time_interleaved(trainers: list, warmup: int, steps: int) -> dict[str, dict[str, float]]:
+    """Median seconds of forward / backward / step per trainer; the trainers take turns step by step
+    so that load from other processes on the machine hits all of them alike."""
+    times = {t.label: {"forward": [], "backward": [], "step": []} for t in trainers}
+    for i in range(warmup + steps):
+        for t in trainers:
+            t0 = time.perf_counter()
+            loss = t.forward(i)
+            t1 = time.perf_counter()
+            t.backward(loss)
+            t2 = time.perf_counter()
+            t.step()
+            t3 = time.perf_counter()
+            if i >= warmup:
+                for k, v in zip(("forward", "backward", "step"), (t1 - t0, t2 - t1, t3 - t2)):
+                    times[t.label][k].append(v)
+    out = {}
+    for label, phases in times.items():
+        out[label] = {k: statistics.median(v) for k, v in phases.items()}
+        out[label]["total"] = statistics.median([sum(x) for x in zip(*phases.values())])
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,6 +194,8 @@ def memory_table(procs: int = 2) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: OpenMP spin-waits make multi-thread timings erratic on a shared machine)")
     ap.add_argument("--memory-worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -177,15 +203,18 @@ def main() -> None:
     if args.memory_worker is not None:
         memory_worker(args.memory_worker, args.out)
         return
-    warmup, steps = (1, 3) if args.quick else (2, 8)
+    warmup, steps = (1, 4) if args.quick else (2, 10)
+    torch.set_num_threads(args.threads)
     eng.init_distributed()
-    print(f"torch threads {torch.get_num_threads()}, {warmup} warm-up + {steps} timed steps (median)\n")
-    print(f"{'model':8} {'plain s/step':>13} {'ZeRO-1':>9} {'ratio':>6} {'ZeRO-2':>9} {'ratio':>6}")
+    print(f"torch threads {torch.get_num_threads()}, {warmup} warm-up + {steps} timed steps, interleaved; "
+          "median s/step (forward / backward / step)\n")
+    print(f"{'model':7} {'plain':>22} {'ZeRO-1':>22} {'÷ plain':>7} {'ZeRO-2':>22} {'÷ plain':>7}")
     for name in MODELS:
-        plain = plain_step_time(name, warmup, steps)
-        z1 = engine_step_time(name, 1, warmup, steps)
-        z2 = engine_step_time(name, 2, warmup, steps)
-        print(f"{name:8} {plain:13.3f} {z1:9.3f} {z1 / plain:6.2f} {z2:9.3f} {z2 / plain:6.2f}", flush=True)
+        r = time_interleaved([PlainTrainer(name), EngineTrainer(name, 1), EngineTrainer(name, 2)], warmup, steps)
+        cell = {k: f"{v['total']:.3f} ({v['forward']:.2f}/{v['backward']:.2f}/{v['step']:.2f})" for k, v in r.items()}
+        plain = r["plain"]["total"]
+        print(f"{name:7} {cell['plain']:>22} {cell['ZeRO-1']:>22} {r['ZeRO-1']['total'] / plain:7.2f} "
+              f"{cell['ZeRO-2']:>22} {r['ZeRO-2']['total'] / plain:7.2f}", flush=True)
 
     print("\nDeiT-S-shaped MST, 2 processes (torchrun, gloo), per rank after 2 steps:")
     rows = memory_table()

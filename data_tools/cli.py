@@ -55,7 +55,7 @@ def _write(args) -> int:
     m = res.manifest
     mb = m.total_bytes / 1e6
     Console(stderr=True).print(
-        f"wrote {res.written} shards, kept {res.kept} from an earlier run: {m.total:,} images in {len(m.shards)} shards, "
+        f"wrote {res.written} shard(s), kept {res.kept} from an earlier run: {m.total:,} images in {len(m.shards)} shard(s), "
         f"{len(m.classes)} classes, {mb:,.1f} MB, {m.total / max(res.seconds, 1e-9):,.0f} images/s, "
         f"{mb / max(res.seconds, 1e-9):,.1f} MB/s; {len(m.unreadable)} unreadable inputs → {Path(args.out) / 'index.json'}")
     for u in m.unreadable[:20]:
@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     except (WriteError, ManifestError, ConfigError) as err:
         print(f"mst-shards: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # unwritable output, disk full, ...: one line, finished shards are kept
+        print(f"mst-shards: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("mst-shards: error: interrupted (rerun to finish; finished shards are kept)", file=sys.stderr)
         return 130

@@ -5,9 +5,10 @@ Design (SPEC §5):
   ``.JPEG`` becomes ``KEY.png`` and a CMYK JPEG is recorded as such in ``KEY.json``;
 * the sample list is sorted, then shuffled with the seed, then cut into shards of ``max_count``;
 * every tar member has mtime 0, uid/gid 0 and no user names, so two runs give identical bytes;
-* each shard is built in memory, written to a temp name and renamed; a small record (plan hash, count,
-  size, sha256) is written next to it, so a rerun after an interruption keeps every shard whose record
-  and bytes still match and writes only the rest;
+* each shard is streamed to a temp name (a second thread writes and hashes while the first reads and
+  sniffs the next inputs) and renamed; a small record (plan hash, count, size, sha256) is then written
+  to ``.mst-shards/``, so a rerun after an interruption keeps every shard whose record and bytes still
+  match and writes only the rest;
 * ``workers`` processes write disjoint contiguous shard ranges;
 * ``index.json`` is written last.
 """
@@ -606,8 +607,15 @@ def write_shards(src: str | Path, out: str | Path, *, split: str = "train", layo
     _cleanup(out, split, {p.name for p in plans})
     records: dict[str, dict] = {}
     todo: list[ShardPlan] = []
+    # Checking a finished shard means hashing it: spread that over the workers too.
+    candidates = [p for p in plans if (out / p.name).exists()]
+    if workers > 1 and len(candidates) > 1:
+        with mp.get_context("fork").Pool(min(workers, len(candidates))) as pool:
+            found = dict(zip([p.name for p in candidates], pool.starmap(finished_record, [(out, p) for p in candidates])))
+    else:
+        found = {p.name: finished_record(out, p) for p in candidates}
     for p in plans:
-        rec = finished_record(out, p)
+        rec = found.get(p.name)
         if rec is None:
             todo.append(p)
         else:

@@ -206,8 +206,14 @@ class MSTConfig(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def hash(self, *, ignore: Iterable[str] = ("run", "checkpoint", "data.num_workers")) -> str:
-        """Hash of what defines the training trajectory (resume refuses a different one)."""
+    def hash(self, *, ignore: Iterable[str] = (
+        "run.name", "run.output_dir", "run.log_every", "run.max_steps", "run.time_limit_min",
+        "checkpoint", "eval", "data.train", "data.val",
+    )) -> str:
+        """Hash of what defines the training trajectory (resume refuses a different one).
+
+        ``data.num_workers`` counts: each worker reads its own slice of the epoch, so the batches of a
+        mid-epoch resume depend on it."""
         d = self.to_dict()
         for key in ignore:
             parts = key.split(".")

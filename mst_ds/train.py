@@ -325,10 +325,11 @@ def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
                         steps_per_epoch=spe, progress=progress)
     started = time.monotonic()
     deadline = started + cfg.run.time_limit_min * 60 if cfg.run.time_limit_min else None
-    last_saved = t.step
     try:
         while t.step < end:
             epoch, loader = loader_at(t.step)
+            if len(loader) < d.grad_accum_steps:
+                raise RuntimeError(f"the loader of epoch {epoch} has no batch left at step {t.step} (plan mismatch)")
             tick, tick_step = time.monotonic(), t.step
             for batches in _micro_batches(loader, d.grad_accum_steps):
                 try:
@@ -353,15 +354,12 @@ def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
                 at_epoch = epoch_end and cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0
                 if every or at_epoch or t.step == end or time_up:
                     save(t, ckpt_dir, spe)
-                    last_saved = t.step
                 if time_up:
                     return 0
                 if t.step >= end or epoch_end:
                     break
     finally:
         log.close()
-    if last_saved != t.step:
-        save(t, ckpt_dir, spe)
     return 0
 
 

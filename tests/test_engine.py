@@ -190,3 +190,21 @@ def test_ema_teacher_is_the_momentum_average_of_fp32_masters(engine_runs):
         expected = before[n] * m + master * (1 - m)
         torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)
         assert p.dtype == torch.float32
+
+
+def test_ema_teacher_under_zero3_reads_the_gathered_student(engine_runs):
+    """ZeRO-3 fp32: student parameters are partitioned (size 0 on the module); the EMA gathers them."""
+    import deepspeed
+
+    from mst_ds.train import train_step
+
+    t = engine_runs[(3, "fp32")]["t"]
+    student = dict(t.engine.module.named_parameters())
+    assert student["backbone.vit.blocks.0.attn.qkv.weight"].numel() == 0  # really partitioned
+    before = {n: p.detach().clone() for n, p in t.teacher.named_parameters()}
+    m = t.schedules.at(t.step).momentum
+    train_step(t, _batch(t.cfg, 8, 98))
+    names = [n for n, _ in t.teacher.named_parameters()]
+    with deepspeed.zero.GatheredParameters([student[n] for n in names], modifier_rank=None):
+        for n, p in t.teacher.named_parameters():
+            torch.testing.assert_close(p, before[n] * m + student[n].detach() * (1 - m), rtol=0, atol=1e-6)

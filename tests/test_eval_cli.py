@@ -175,10 +175,11 @@ def test_a_trained_run_through_every_command(trained_run, digits_shards, tmp_pat
     assert main(["knn", "--ckpt", str(tmp_path / "teacher.safetensors"), "--preset", "tiny",
                  "--out", str(tmp_path / "exp"), *data]) == 0
     assert json.loads((tmp_path / "exp" / "knn.json").read_text())["metrics"] == teacher["metrics"]
-    img = sorted(digits_shards.parent.glob("folder/val/*/*.png"))[:2]
-    assert main(["attn", "--preset", "tiny", *map(str, img), "--ckpt", "random", "--ckpt", str(run),
-                 "--out", str(tmp_path / "attn")]) == 0
-    assert json.loads((tmp_path / "attn" / "attention.json").read_text())["models"] == ["random init", "run"]
+    img = sorted(digits_shards.parent.glob("folder/val/*/*.png"))[:1]
+    assert main(["attn", "--preset", "tiny", str(img[0]), str(digits_shards), "--max-images", "3",
+                 "--ckpt", "random", "--ckpt", str(run), "--out", str(tmp_path / "attn")]) == 0
+    index = json.loads((tmp_path / "attn" / "attention.json").read_text())
+    assert index["models"] == ["random init", "run"] and len(index["heads"]) == 2 * 3  # 1 file + 2 from shards
     assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["metrics"]["knn_k20_top1"]["mean"] == teacher["metrics"]["knn_k20_top1"]

@@ -69,9 +69,9 @@ def test_matches_bruteforce_on_random_features():
     assert 20 < res.top1[20] < 100  # neither chance (12.5) nor trivial: the vote matters
 
 
-# (similarity budget, val rows per block): 1×1 blocks, 8 rows × 13 columns, 37 rows × all columns,
-# everything at once.
-BLOCKS = ((1, 1), (8 * 13, 8), (37 * 300, 1), (10**9, 1024))
+# (similarity budget, val rows per block) → blocks of 5 rows × 1 column (a merge per train sample),
+# 8 rows × 13 columns, 37 rows × all columns, everything at once.
+BLOCKS = ((5, 5), (8 * 13, 8), (37 * 300, 1), (10**9, 1024))
 
 
 def test_ties_and_k_larger_than_a_class():

@@ -56,6 +56,19 @@ def test_resume_mid_epoch_is_bit_identical(trained_run, digits_shards, tmp_path)
     assert all(torch.equal(s_a[k], s_b[k]) for k in s_a)
 
 
+def test_resume_is_bit_identical_under_zero3_bf16(digits_shards, tmp_path, deepspeed_cpu):
+    """Same check with partitioned parameters and bf16 weights (fp32 masters, teacher from masters)."""
+    sets = ("engine.zero_stage=3", "engine.precision=bf16")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert train_in_process(whole, digits_shards, "run.max_steps=4", *sets) == 0
+    assert train_in_process(split, digits_shards, "run.max_steps=2", *sets) == 0
+    assert train_in_process(split, digits_shards, "run.max_steps=4", *sets) == 0
+    assert [r["loss"] for r in _records(split)] == [r["loss"] for r in _records(whole)]
+    t_a, s_a = ckpt.load_teacher_student(whole)
+    t_b, s_b = ckpt.load_teacher_student(split)
+    assert all(torch.equal(t_a[k], t_b[k]) for k in t_a) and all(torch.equal(s_a[k], s_b[k]) for k in s_a)
+
+
 def test_keep_last_prunes_old_checkpoints(digits_shards, tmp_path, deepspeed_cpu):
     run_dir = tmp_path / "keep"
     assert train_in_process(run_dir, digits_shards, "run.max_steps=3", "checkpoint.every_steps=1",

@@ -25,6 +25,7 @@ import math
 import re
 import shutil
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,15 +240,21 @@ def read_frames(source: str, max_frames: int = 0) -> tuple[list[Image.Image], fl
         return [Image.open(f).convert("RGB") for f in files], None
     if not p.is_file():
         raise UsageError(f"{source}: no such video file or frame folder")
-    import imageio.v3 as iio
+    try:
+        import imageio.v3 as iio
+    except ImportError:
+        raise UsageError(f"{source}: reading a video file needs imageio (pip install imageio); "
+                         "or pass a folder of frames") from None
 
     frames: list[Image.Image] = []
     try:
-        for arr in iio.imiter(str(p)):
-            frames.append(Image.fromarray(np.asarray(arr)).convert("RGB"))
-            if max_frames and len(frames) >= max_frames:
-                break
-        meta = iio.immeta(str(p))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # imageio's plugin probing (legacy DICOM)
+            for arr in iio.imiter(str(p)):
+                frames.append(Image.fromarray(np.asarray(arr)).convert("RGB"))
+                if max_frames and len(frames) >= max_frames:
+                    break
+            meta = iio.immeta(str(p))
     except Exception as err:  # imageio raises plugin-specific errors
         raise UsageError(f"{source}: imageio cannot read this video ({type(err).__name__}); install imageio-ffmpeg "
                          "or pass a folder of frames") from None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -445,6 +446,9 @@ class EvalContext:
         feats, labels = extract_features(backbone, loader, n_last_blocks=spec.n_last_blocks, avgpool=spec.avgpool,
                                          device=self.dist.device, dist_info=self.dist,
                                          description=f"{split} features")
+        skipped = getattr(loader, "corrupt_count", 0)
+        if skipped:
+            print(f"warning: {source}: {skipped} unreadable images skipped on rank {self.dist.rank}", file=sys.stderr)
         if labels.numel() == 0:
             raise UsageError(f"{source}: no readable images")
         if bool((labels < 0).any()):

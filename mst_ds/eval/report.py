@@ -62,10 +62,16 @@ def run_seed(run_dir: Path) -> int | None:
     return config_from_file(cfg).run.seed
 
 
+# What may differ between the runs of one seed study: the run section (seed, name, budget), where the
+# data and checkpoints live, loader workers, and the evaluation settings.
+SEED_STUDY_IGNORE = ("run", "checkpoint", "eval", "data.train", "data.val", "data.num_workers")
+
+
 def config_hashes(run_dirs: list[Path]) -> dict[str, str]:
     from mst_ds.config import config_from_file
 
-    return {str(r): config_from_file(r / "config.yaml").hash() for r in run_dirs if (r / "config.yaml").is_file()}
+    return {str(r): config_from_file(r / "config.yaml").hash(ignore=SEED_STUDY_IGNORE)
+            for r in run_dirs if (r / "config.yaml").is_file()}
 
 
 def aggregate(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
