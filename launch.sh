@@ -16,7 +16,7 @@ set -euo pipefail
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "launch.sh: error: $*" >&2; exit 2; }
 
-preset="" hostfile="" nodes="" gpus="" cpu="" run_dir="" master_port="${MASTER_PORT:-29500}"
+preset="" hostfile="" nodes="" gpus="" cpu="" run_dir="" master_port="${MASTER_PORT:-}"
 sets=() launcher=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -66,6 +66,24 @@ else
   export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 fi
 
+# The launcher forwards only NCCL/PYTHON/UCX/... variables to other nodes (pdsh); the rest of the
+# environment set here travels in a DeepSpeed env file (the user's ~/.deepspeed_env is kept).
+envfile="$(mktemp "${TMPDIR:-/tmp}/mst_ds_env.XXXXXX")"
+[[ -f "$HOME/.deepspeed_env" ]] && cat "$HOME/.deepspeed_env" >> "$envfile"
+for v in DS_ACCELERATOR OMP_NUM_THREADS HSA_FORCE_FINE_GRAIN_PCIE MIOPEN_USER_DB_PATH MIOPEN_CUSTOM_CACHE_DIR \
+         TORCH_NCCL_ASYNC_ERROR_HANDLING; do
+  if [[ -n "${!v:-}" ]]; then echo "$v=${!v}" >> "$envfile"; fi
+done
+export DS_ENV_FILE="$envfile"
+
+if [[ -z "$master_port" ]]; then
+  # Local CPU runs take a free port (several may share a machine); clusters use DeepSpeed's 29500.
+  if [[ -n "$cpu" ]]; then
+    master_port="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  else
+    master_port=29500
+  fi
+fi
 cmd=(deepspeed --master_port "$master_port")
 [[ -n "$hostfile" ]] && cmd+=(--hostfile "$hostfile")
 [[ -n "$nodes" ]] && cmd+=(--num_nodes "$nodes")
@@ -73,4 +91,8 @@ cmd=(deepspeed --master_port "$master_port")
 cmd+=("${launcher[@]}" --module mst_ds.cli train --preset "$preset" "${sets[@]}")
 [[ -n "$run_dir" ]] && cmd+=(--run-dir "$run_dir")
 echo "launch.sh: DS_ACCELERATOR=$DS_ACCELERATOR ${cmd[*]}" >&2
-exec "${cmd[@]}"
+set +e
+"${cmd[@]}"
+rc=$?
+rm -f "$envfile"
+exit "$rc"

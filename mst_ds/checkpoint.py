@@ -208,7 +208,9 @@ def load(engine, ckpt_dir: Path, tag: str, *, rank: int, same_world: bool) -> di
 # Reading state dicts without an engine (eval, export)
 # --------------------------------------------------------------------------------------------------
 def _model_states_file(tag_dir: Path) -> Path:
-    files = sorted(tag_dir.glob("mp_rank_00_model_states.pt"))
+    # ZeRO-3 names rank 0's module file zero_pp_rank_0_mp_rank_00_model_states.pt; client_state is in it.
+    files = [f for f in (tag_dir / "mp_rank_00_model_states.pt", tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+             if f.exists()]
     if not files:
         raise UsageError(f"{tag_dir}: no mp_rank_00_model_states.pt (not a DeepSpeed checkpoint)")
     return files[0]

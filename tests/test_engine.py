@@ -173,6 +173,24 @@ def test_last_layer_frozen_and_groups_follow_schedules_under_zero2(engine_runs):
     assert not torch.equal(safe_get_full_fp32_param(other), other0)
 
 
+def test_gradient_gate_zeroes_the_frozen_gradients_that_zero2_reduces(engine_runs):
+    """While closed, the last layer's gradients reach ZeRO as zeros (no Adam moments, no share of the
+    clipping norm, as DINO's p.grad = None); the other gradients are untouched."""
+    from deepspeed.utils import safe_get_full_grad
+
+    t = engine_runs[(2, "fp32")]["t"]
+    named = dict(t.engine.module.named_parameters())
+    last = [p for n, p in named.items() if n.startswith("head.last_layer.") and p.requires_grad]
+    for closed in (True, False):
+        t.gate.closed = closed
+        views = t.photometric([v for v in sum(_batch(t.cfg, 8, 7)[0].values(), [])])
+        t.engine.backward(t.engine(views, t.teacher, 0.04)["loss"])
+        grads = [safe_get_full_grad(p) for p in last]
+        assert all((g.abs().sum() == 0) == closed for g in grads), closed
+        assert safe_get_full_grad(named["head.mlp.0.weight"]).abs().sum() > 0
+        t.engine.optimizer.zero_grad()
+
+
 def test_ema_teacher_is_the_momentum_average_of_fp32_masters(engine_runs):
     """bf16 engine: teacher = m·t + (1 − m)·(fp32 master), exactly, for one more step."""
     from deepspeed.utils import safe_get_full_fp32_param
