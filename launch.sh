@@ -40,8 +40,9 @@ done
 [[ -z "$hostfile" || -f "$hostfile" ]] || die "--hostfile $hostfile: no such file"
 [[ -z "$cpu" || "$cpu" =~ ^[1-9][0-9]*$ ]] || die "--cpu $cpu: expected a positive process count"
 
-cd "$(dirname "$0")"
-[[ -f .venv/bin/activate && -z "${VIRTUAL_ENV:-}" ]] && . .venv/bin/activate
+# Stay in the caller's directory: relative --hostfile, --run-dir and --set paths mean what they say.
+here="$(cd "$(dirname "$0")" && pwd)"
+[[ -f "$here/.venv/bin/activate" && -z "${VIRTUAL_ENV:-}" ]] && . "$here/.venv/bin/activate"
 
 # Accelerator and collective-library environment.
 if [[ -n "$cpu" ]]; then

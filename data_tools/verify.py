@@ -6,12 +6,11 @@ with the manifest notices it.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mst_ds.data.augment import decode_rgb
-from mst_ds.data.manifest import Manifest
+from mst_ds.data.manifest import Manifest, file_sha256
 from mst_ds.data.reader import IMAGE_EXTS, iter_tar_samples
 
 
@@ -26,14 +25,6 @@ class VerifyReport:
         return not self.problems
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_shard(path: Path, expected_count: int, expected_bytes: int, expected_sha: str, *, decode: bool,
                  seen_keys: set[str]) -> tuple[int, list[str]]:
     """→ (samples read, problems) for one local shard."""
@@ -43,7 +34,7 @@ def verify_shard(path: Path, expected_count: int, expected_bytes: int, expected_
     size = path.stat().st_size
     if size != expected_bytes:
         problems.append(f"{path}: {size} bytes, manifest says {expected_bytes}")
-    elif _sha256(path) != expected_sha:
+    elif file_sha256(path) != expected_sha:
         problems.append(f"{path}: sha256 differs from the manifest")
     count = 0
     try:

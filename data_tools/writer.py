@@ -35,7 +35,8 @@ from pathlib import Path
 
 from data_tools import TOOL_VERSION
 from data_tools.sniff import ImageInfo, Unreadable, convert_to_png, sniff
-from mst_ds.data.manifest import Manifest, ShardInfo
+from mst_ds import atomic
+from mst_ds.data.manifest import Manifest, ShardInfo, file_sha256
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 PROGRESS_DIR = ".mst-shards"  # per-shard records of finished shards (resume after interruption)
@@ -448,24 +449,13 @@ def write_one_shard(out: Path, plan: ShardPlan, progress, strict: bool) -> dict:
     """Write to a temp name, rename, then write the shard's record. → the record.
 
     No fsync: a shard damaged by a crash fails the checksum check of the next run and is rewritten."""
-    tmp = out / f".{plan.name}.tmp-{os.getpid()}"
-    count, nbytes, sha, unreadable = write_shard_file(tmp, plan, progress, strict)
-    os.replace(tmp, out / plan.name)
+    with atomic.atomic_path(out / plan.name) as tmp:
+        count, nbytes, sha, unreadable = write_shard_file(tmp, plan, progress, strict)
     record = {"name": plan.name, "plan": plan.fingerprint(), "count": count, "bytes": nbytes, "sha256": sha,
               "unreadable": unreadable}
     rec = _record_path(out, plan.name)
-    rtmp = rec.with_name(f".{rec.name}.tmp-{os.getpid()}")
-    rtmp.write_text(json.dumps(record))
-    os.replace(rtmp, rec)
+    atomic.write_json(rec, record, indent=None)
     return record
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def finished_record(out: Path, plan: ShardPlan) -> dict | None:

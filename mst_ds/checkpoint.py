@@ -18,7 +18,6 @@ saves no RNG state, hence the per-rank RNG files.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -30,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mst_ds.cli import UsageError
+from mst_ds import atomic
+from mst_ds.config import UsageError
 
 CKPT_SUBDIR = "checkpoints"
 COMPLETE = "complete.json"
@@ -49,10 +49,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_atomic_write = atomic.write_text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,11 +236,23 @@ def load_teacher_student(path: str | Path, cfg=None) -> tuple[dict[str, torch.Te
 # --------------------------------------------------------------------------------------------------
 # mst-ds export
 # --------------------------------------------------------------------------------------------------
-def run_config(ckpt_dir: Path):
-    """The resolved config of the run a checkpoints directory belongs to."""
-    from mst_ds.config import config_from_file
+def run_dir_of(path: str | Path) -> Path | None:
+    """RUN for RUN, RUN/checkpoints or RUN/checkpoints/TAG (the directory holding config.yaml)."""
+    p = Path(path)
+    for cand in (p, p.parent, p.parent.parent):
+        if cand.is_dir() and (cand / "config.yaml").is_file():
+            return cand
+    return None
 
-    return config_from_file(ckpt_dir.parent / "config.yaml")
+
+def run_config(path: str | Path, sets: list[str] | tuple[str, ...] = ()):
+    """The resolved config written next to the run ``path`` belongs to (``--set`` items still apply)."""
+    from mst_ds.config import load_config
+
+    run_dir = run_dir_of(path)
+    if run_dir is None:
+        raise UsageError(f"{path}: no config.yaml in its run directory (not a run of mst-ds train)")
+    return load_config(str(run_dir / "config.yaml"), sets).config
 
 
 def export_backbone(path: str | Path, out: str | Path, which: str = "teacher") -> dict[str, Any]:

@@ -14,13 +14,32 @@ import os
 import sys
 from collections.abc import Callable
 
-from mst_ds.config import ConfigError
+from mst_ds.config import ConfigError, RunFailure, UsageError
 
 EXIT_USAGE = 2
+__all__ = ["ConfigError", "RunFailure", "UsageError", "main"]
 
 
-class UsageError(ConfigError):
-    """Bad input found after parsing (missing path, wrong checkpoint): one line, exit 2."""
+def parse_positive_list(text: str | None, default: list, kind: type, flag: str) -> list:
+    """``--flag 1,2,3`` → [kind(x) ...], all positive; None → ``default``. Bad text: one line, exit 2."""
+    if text is None:
+        return list(default)
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
+    if not values or any(not (v > 0) for v in values):
+        raise UsageError(f"{flag} {text!r}: expected positive values")
+    return values
+
+
+def _add_which(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher", help="which network of a checkpoint")
+
+
+def _add_local_rank(p: argparse.ArgumentParser) -> None:
+    # The deepspeed launcher appends --local_rank=N to the command line (after the sub-command).
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
 
 
 def _add_config_flags(p: argparse.ArgumentParser, *, default_preset: str | None = "mst_deit_s_100ep") -> None:
@@ -31,7 +50,7 @@ def _add_config_flags(p: argparse.ArgumentParser, *, default_preset: str | None 
 
 def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", default=None, help="checkpoint directory/tag, run directory, or timm .safetensors export; omitted = random init of --preset")
-    p.add_argument("--which", choices=["teacher", "student"], default="teacher", help="which network of a checkpoint")
+    _add_which(p)
     p.add_argument("--train", required=True, help="labelled training data: shards (manifest/dir) or an ImageFolder")
     p.add_argument("--val", required=True, help="labelled validation data: shards (manifest/dir) or an ImageFolder")
     p.add_argument("--out", default=None, help="output directory (default: next to the checkpoint, or runs/eval)")
@@ -69,14 +88,14 @@ def _plan(p):
 def _train(p):
     _add_config_flags(p)
     p.add_argument("--run-dir", default=None, help="run directory (default: run.output_dir/run.name)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+    _add_local_rank(p)
 
 
 @command("export", "mst_ds.checkpoint", "export a checkpoint's backbone as timm safetensors")
 def _export(p):
     p.add_argument("ckpt", help="checkpoint tag directory or run directory (newest complete checkpoint)")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--which", choices=["teacher", "student"], default="teacher")
+    _add_which(p)
 
 
 @command("knn", "mst_ds.eval.knn", "weighted k-NN evaluation (Wu et al., as DINO runs it)")
@@ -96,7 +115,7 @@ def _linear(p):
     p.add_argument("--lr-sweep", default=None, help="comma-separated extra lrs (at batch 1024) trained in the same pass, one head each (default: eval.linear_lr_sweep)")
     p.add_argument("--avgpool", action="store_true", default=None, help="append average-pooled patch tokens (default: eval.avgpool_patch_tokens)")
     p.add_argument("--no-augment", action="store_true", help="train on cached center-crop features instead of random-resized-crop + flip (fast on CPU; not the paper's protocol)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+    _add_local_rank(p)
 
 
 @command("attn", "mst_ds.eval.attention", "last-layer CLS attention maps, side-by-side figures, video")
@@ -104,7 +123,7 @@ def _attn(p):
     _add_config_flags(p)
     p.add_argument("inputs", nargs="+", help="image files, folders, shard manifests, or (with --video) a video file / frame folder")
     p.add_argument("--ckpt", action="append", default=[], help="model to show (repeat for model A, model B); 'random' = random init of --preset")
-    p.add_argument("--which", choices=["teacher", "student"], default="teacher")
+    _add_which(p)
     p.add_argument("--out", default="runs/attn", help="output directory")
     p.add_argument("--keep", type=float, default=0.6, help="thresholded map keeps this fraction of the attention mass")
     p.add_argument("--max-images", type=int, default=8)
@@ -151,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except ConfigError as err:
         return error_exit(str(err))
+    except RunFailure as err:
+        return error_exit(str(err), 1)
     except KeyboardInterrupt:
         return error_exit("interrupted", 130)
 

@@ -30,6 +30,15 @@ class ConfigError(ValueError):
     """A config that cannot be used; ``str(err)`` is one line naming the field."""
 
 
+class UsageError(ConfigError):
+    """Bad input found after parsing (missing path, wrong checkpoint): one line, exit 2."""
+
+
+class RunFailure(RuntimeError):
+    """A failure found while running (corrupt data under policy 'error', a failed demo step): one
+    line, exit 1."""
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -370,8 +379,13 @@ class Derived:
         return asdict(self)
 
 
-def derive(cfg: MSTConfig, world_size: int = 1, dataset_size: int | None = None) -> Derived:
-    """Everything computed from the config, the world size and the data set size."""
+def derive(cfg: MSTConfig, world_size: int = 1, dataset_size: int | None = None,
+           steps_per_epoch: int | None = None) -> Derived:
+    """Everything computed from the config, the world size and the data set size.
+
+    ``steps_per_epoch``: the optimizer steps the training loader really yields per epoch (its
+    equal-per-rank plan drops a few samples); default ``dataset_size // batch``. Use
+    :func:`mst_ds.data.reader.derive_for_training`, which passes the loader's number."""
     if world_size < 1:
         raise ConfigError(f"world size must be ≥ 1 (got {world_size})")
     accum = cfg.engine.grad_accum_steps
@@ -382,7 +396,8 @@ def derive(cfg: MSTConfig, world_size: int = 1, dataset_size: int | None = None)
             f"grad_accum_steps {accum}"
         )
     n = dataset_size if dataset_size is not None else cfg.data.num_samples
-    steps_per_epoch = n // cfg.optim.batch_size
+    if steps_per_epoch is None:
+        steps_per_epoch = n // cfg.optim.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(f"optim.batch_size: global batch {cfg.optim.batch_size} is larger than the data set ({n} samples)")
     total = cfg.run.schedule_steps or cfg.schedule.epochs * steps_per_epoch

@@ -14,12 +14,15 @@ from typing import Any
 
 import torch
 
+from mst_ds import atomic
+
+# The scalars MSTModel.forward returns (averaged over ranks every step); the last two are diagnostics
+# beyond the issue's list: teacher attention and output entropies (collapse watch).
+MODEL_SCALARS = ("loss", "dino", "restore", "dino_weighted", "restore_weighted", "mask_ratio", "center_norm",
+                 "attn_entropy", "teacher_entropy")
 # Every scalar logged every run.log_every steps (issue 4, Build 5).
-SCALARS = ("loss", "dino", "restore", "dino_weighted", "restore_weighted", "lr", "weight_decay", "momentum",
-           "teacher_temp", "mask_ratio", "center_norm", "grad_norm", "loss_scale", "skipped_steps",
-           "nonfinite_steps", "corrupt_samples", "img_per_s", "peak_mem_mb",
-           # diagnostics beyond the issue's list: teacher attention and output entropies (collapse watch)
-           "attn_entropy", "teacher_entropy")
+SCALARS = MODEL_SCALARS + ("lr", "weight_decay", "momentum", "teacher_temp", "grad_norm", "loss_scale",
+                           "skipped_steps", "nonfinite_steps", "corrupt_samples", "img_per_s", "peak_mem_mb")
 
 
 def peak_memory_mb(dev: torch.device) -> float:
@@ -42,9 +45,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError):
             break  # a line cut by the kill: everything after it is gone too
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    atomic.write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLogger:

@@ -221,17 +221,14 @@ def memory_table(est: MemoryEstimate, cfg: MSTConfig) -> Table:
     return table
 
 
-def _dataset_size(args: argparse.Namespace, cfg: MSTConfig, console: Console) -> int | None:
+def _derive(args: argparse.Namespace, cfg: MSTConfig, world: int) -> Derived:
+    """The numbers a training run would use: from the manifest and loader plan when data.train is set
+    (an unreadable manifest is an error, as for `mst-ds train`), else data.num_samples or --dataset-size."""
     if args.dataset_size is not None:
-        return args.dataset_size
-    if cfg.data.train:
-        try:
-            from mst_ds.data.manifest import Manifest
+        return derive(cfg, world, args.dataset_size)
+    from mst_ds.data.reader import derive_for_training
 
-            return Manifest.load(cfg.data.train).total
-        except Exception as err:  # noqa: BLE001 — plan still works from data.num_samples
-            console.print(f"[yellow]note:[/] no manifest read from data.train ({err}); using data.num_samples")
-    return None
+    return derive_for_training(cfg, world)
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -239,7 +236,7 @@ def plan(args: argparse.Namespace) -> int:
     loaded = load_config(args.preset, args.sets)
     cfg = loaded.config
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    derived = derive(cfg, world, _dataset_size(args, cfg, console))
+    derived = _derive(args, cfg, world)
     schedules = Schedules.from_config(cfg, derived)
     params = None if args.no_model else parameter_counts(cfg)
 

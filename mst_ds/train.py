@@ -33,13 +33,13 @@ import torch.distributed as dist
 
 from mst_ds import checkpoint as ckpt
 from mst_ds import engine as eng
-from mst_ds.config import ConfigError, Derived, MSTConfig, derive, load_config
+from mst_ds.config import ConfigError, Derived, MSTConfig, load_config
+from mst_ds.data.reader import derive_for_training
 from mst_ds.ema import EMATeacher
-from mst_ds.metrics import MetricsLogger, peak_memory_mb
+from mst_ds.metrics import MODEL_SCALARS, MetricsLogger, peak_memory_mb
 
 # Scalars all-reduced (averaged over ranks) at every micro-batch; the last slot flags a non-finite loss.
-_STAT_KEYS = ("loss", "dino", "restore", "dino_weighted", "restore_weighted", "mask_ratio", "center_norm",
-              "attn_entropy", "teacher_entropy")
+_STAT_KEYS = MODEL_SCALARS
 
 
 class NonFiniteLoss(RuntimeError):
@@ -152,12 +152,13 @@ def train_step(t: Training, batches: list[dict[str, Any]]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 # Setup
 # --------------------------------------------------------------------------------------------------
-def dataset_size(cfg: MSTConfig) -> int:
+def check_training_data(cfg: MSTConfig) -> None:
+    """Fail on a missing or unreadable manifest before paying for DeepSpeed's start (one line, exit 2)."""
     from mst_ds.data.manifest import Manifest
 
     if not cfg.data.train:
         raise ConfigError("data.train: no training shards given (write them with `mst-shards write`, then --set data.train=DIR)")
-    return Manifest.load(cfg.data.train).total
+    Manifest.load(cfg.data.train)
 
 
 def git_sha() -> str:
@@ -238,7 +239,7 @@ def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = F
 def setup(cfg: MSTConfig, run_dir: Path) -> tuple[Training, str | None, dict[str, Any] | None]:
     """Distributed start, the training state, run files; the resume point (tag, meta) if any."""
     rank, world = eng.init_distributed()
-    derived = derive(cfg, world, dataset_size(cfg))
+    derived = derive_for_training(cfg, world)
     ckpt_dir = run_dir / ckpt.CKPT_SUBDIR
     found: tuple[Any, Any] | str = (None, None)
     if rank == 0:
@@ -265,7 +266,10 @@ def resume(t: Training, ckpt_dir: Path, tag: str, meta: dict[str, Any]) -> None:
         tag = ckpt.convert_to_universal(ckpt_dir, tag, t.rank)
     state = ckpt.load(t.engine, ckpt_dir, tag, rank=t.rank, same_world=same_world)
     t.teacher.load_state_dict(state["teacher"])
-    t.step, t.skipped, t.nonfinite = state["step"], state["skipped"], state["nonfinite"]
+    # The position is the samples seen: with an allowed change of the global batch the schedules
+    # continue from the same point of the data, not from the same step number.
+    t.step = state["samples"] // t.derived.global_batch
+    t.skipped, t.nonfinite = state["skipped"], state["nonfinite"]
     if not same_world:
         # Per-rank RNG streams cannot be carried over to other ranks: restart them from the position.
         ckpt.seed_everything(seed_for(t.cfg.run.seed, t.step, t.rank, 2))
@@ -317,10 +321,7 @@ def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
         return epoch, make_train_loader(cfg.data.train, cfg, rank=t.rank, world_size=t.world, micro_batch=d.micro_batch,
                                         epoch=epoch, skip_batches=pos * d.grad_accum_steps)
 
-    # The loader's equal-per-rank plan may hold a few batches fewer than derive()'s count (it drops
-    # < world × workers × micro-batch samples per epoch); an epoch is what the loader yields.
-    spe = d.steps_per_epoch
-    spe = min(spe, loader_at(0)[1].batches_per_epoch // d.grad_accum_steps)
+    spe = d.steps_per_epoch  # the loader's plan (derive_for_training): schedules and epochs agree
     log = MetricsLogger(run_dir, enabled=t.rank == 0, start_step=t.step, total_steps=end,
                         steps_per_epoch=spe, progress=progress)
     started = time.monotonic()
@@ -368,5 +369,6 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cfg = load_config(args.preset, args.sets).config
+    check_training_data(cfg)
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.output_dir) / cfg.run.name
     return train(cfg, run_dir)

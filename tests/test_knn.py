@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mst_ds.cli import UsageError
+from mst_ds.config import UsageError
 from mst_ds.eval.knn import nearest_neighbours, topk_ordered, weighted_knn
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import math
 import random
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -200,14 +199,6 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         idx = torch.nonzero(radius == r).flatten()
         out[idx] = _blur_fixed_radius(x[idx], sigma[idx], int(r))
     return out
-
-
-def batch_generator(seed: int, epoch: int, batch_index: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """The photometric randomness of one batch, from (seed, epoch, batch index) only: a run resumed
-    mid-epoch redraws exactly the jitter/blur/solarize of the batches it has not seen yet."""
-    g = torch.Generator(device=device)
-    g.manual_seed(zlib.crc32(f"photometric:{seed}:{epoch}:{batch_index}".encode()))
-    return g
 
 
 class Photometric:

@@ -7,8 +7,8 @@ equalises batches per rank from these counts without opening a single tar.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shlex
 import subprocess
 import urllib.request
@@ -18,11 +18,23 @@ from typing import Any
 
 from braceexpand import braceexpand
 
+from mst_ds import atomic
+from mst_ds.config import ConfigError
+
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
 
 
-class ManifestError(ValueError):
+def file_sha256(path: Path) -> str:
+    """The checksum the manifest records per shard (hex sha256 of the file's bytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ManifestError(ConfigError):
     """A manifest or shard source that cannot be used; ``str(err)`` is one line."""
 
 
@@ -88,9 +100,7 @@ class Manifest:
         """Write ``DIR/index.json`` atomically (temp name + rename)."""
         directory = Path(directory)
         path = directory / INDEX_NAME
-        tmp = directory / f".{INDEX_NAME}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic.write_json(path, self.to_dict(), indent=1)
         return path
 
     @classmethod

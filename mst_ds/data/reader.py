@@ -37,14 +37,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mst_ds.config import MSTConfig
+from mst_ds.config import Derived, MSTConfig, RunFailure, derive
 from mst_ds.data.augment import MultiCropCPU, decode_rgb
-from mst_ds.data.manifest import INDEX_NAME, Manifest, ManifestError
+from mst_ds.data.manifest import INDEX_NAME, Manifest
 
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
 
 
-class CorruptDataError(RuntimeError):
+class CorruptDataError(RunFailure):
     """A corrupt sample with ``data.corrupt_policy = error``, or a stream with no readable sample."""
 
 
@@ -386,12 +386,7 @@ class TrainLoader:
 
 
 def _resolve_manifest(source: str) -> Manifest:
-    try:
-        return Manifest.load(source)
-    except ManifestError as err:
-        from mst_ds.config import ConfigError
-
-        raise ConfigError(str(err)) from None
+    return Manifest.load(source)  # ManifestError is a ConfigError: one line, exit 2
 
 
 def make_train_loader(source: str, cfg: MSTConfig, *, rank: int, world_size: int, micro_batch: int, epoch: int,
@@ -417,6 +412,18 @@ def make_train_loader(source: str, cfg: MSTConfig, *, rank: int, world_size: int
     return TrainLoader(manifest, plan, rank=rank, seed=cfg.run.seed, skip_batches=skip_batches,
                        augment=MultiCropCPU.from_config(cfg.augment), num_workers=0 if workers == 0 else streams,
                        shuffle_buffer=cfg.data.shuffle_buffer, corrupt_policy=cfg.data.corrupt_policy)
+
+
+def derive_for_training(cfg: MSTConfig, world_size: int) -> Derived:
+    """``derive()`` for a run on ``cfg.data.train``: the manifest's size, and the steps per epoch the
+    loader's equal-per-rank plan really yields, so schedules, epochs and checkpoints share one count.
+    Without shards (``mst-ds plan`` before they exist): ``data.num_samples``."""
+    if not cfg.data.train:
+        return derive(cfg, world_size)
+    manifest = _resolve_manifest(cfg.data.train)
+    micro = derive(cfg, world_size, manifest.total).micro_batch
+    batches = batches_per_epoch(cfg.data.train, cfg, world_size=world_size, micro_batch=micro)
+    return derive(cfg, world_size, manifest.total, steps_per_epoch=batches // cfg.engine.grad_accum_steps)
 
 
 def batches_per_epoch(source: str, cfg: MSTConfig, *, world_size: int, micro_batch: int, epoch: int = 0) -> int:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from mst_ds.cli import UsageError
+from mst_ds.config import UsageError
 from mst_ds.eval.features import IMAGE_SUFFIXES, is_random, load_backbone, resolve_config
 from mst_ds.model.backbone import Backbone
 
@@ -308,9 +308,9 @@ def model_label(ckpt: str) -> str:
     if is_random(ckpt):
         return "random init"
     p = Path(ckpt)
-    from mst_ds.eval.features import find_run_dir
+    from mst_ds.checkpoint import run_dir_of
 
-    run_dir = find_run_dir(p)
+    run_dir = run_dir_of(p)
     return run_dir.name if run_dir is not None else p.stem
 
 

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mst_ds.cli import UsageError
-from mst_ds.config import MSTConfig, load_config
+from mst_ds import atomic
+from mst_ds import checkpoint as ckpt_mod
+from mst_ds.config import MSTConfig, UsageError, load_config
 from mst_ds.model.backbone import Backbone, BackboneOutput
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -41,15 +42,6 @@ GATHER_ROWS = 65536  # rows per all_gather round: bounds the extra memory of the
 # --------------------------------------------------------------------------------------------------
 def is_random(ckpt: str | None) -> bool:
     return ckpt is None or str(ckpt) == RANDOM
-
-
-def find_run_dir(ckpt: str | Path) -> Path | None:
-    """RUN for RUN, RUN/checkpoints or RUN/checkpoints/TAG (the directory holding config.yaml)."""
-    p = Path(ckpt)
-    for cand in (p, p.parent, p.parent.parent):
-        if cand.is_dir() and (cand / "config.yaml").is_file():
-            return cand
-    return None
 
 
 def safetensors_model_meta(path: Path) -> dict[str, Any] | None:
@@ -80,9 +72,8 @@ def resolve_config(ckpt: str | None, preset: str, sets: list[str] | tuple[str, .
             cfg.model.arch = meta["architecture"]
             cfg.model.timm_kwargs = model_args
         return cfg
-    run_dir = find_run_dir(path)
-    if run_dir is not None:
-        return load_config(str(run_dir / "config.yaml"), sets).config
+    if ckpt_mod.run_dir_of(path) is not None:
+        return ckpt_mod.run_config(path, sets)
     return load_config(preset, sets).config
 
 
@@ -365,9 +356,7 @@ class LabelledFeatures:
 
 def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, obj)
 
 
 def default_out_dir(ckpt: str | None, preset: str) -> Path:
@@ -375,7 +364,7 @@ def default_out_dir(ckpt: str | None, preset: str) -> Path:
     if is_random(ckpt):
         return Path("runs") / "eval" / f"random_{Path(preset).stem}"
     path = Path(ckpt)
-    run_dir = find_run_dir(path)
+    run_dir = ckpt_mod.run_dir_of(path)
     if run_dir is not None:
         return run_dir / "eval"
     if path.is_file():
@@ -455,9 +444,8 @@ class EvalContext:
             raise UsageError(f"{source}: data without labels ({int((labels < 0).sum())} samples have no class)")
         if self.cache and self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            torch.save({"feats": feats, "labels": labels, "num_classes": num_classes, "source": source}, tmp)
-            os.replace(tmp, path)
+            with atomic.atomic_path(path) as tmp:
+                torch.save({"feats": feats, "labels": labels, "num_classes": num_classes, "source": source}, tmp)
         return LabelledFeatures(feats, labels, num_classes)
 
     def barrier(self) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mst_ds.cli import UsageError
+from mst_ds.config import UsageError
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # similarity-block budget: 4 M elements (16 MB in float32)
 QUERY_ROWS = 256  # val rows per block when the budget allows: one pass over the train tiles serves them all
@@ -228,15 +228,9 @@ def weighted_knn(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
 # Command
 # --------------------------------------------------------------------------------------------------
 def parse_ks(text: str | None, default: list[int]) -> list[int]:
-    if text is None:
-        return list(default)
-    try:
-        ks = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--k {text!r}: expected comma-separated integers such as 10,20,100,200") from None
-    if not ks or min(ks) < 1:
-        raise UsageError(f"--k {text!r}: expected positive integers")
-    return ks
+    from mst_ds.cli import parse_positive_list
+
+    return parse_positive_list(text, default, int, "--k")
 
 
 def print_table(result: KNNResult, title: str) -> None:

@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mst_ds.cli import UsageError
+from mst_ds import atomic
+from mst_ds.config import UsageError
 from mst_ds.schedules import cosine_schedule
 
 REFERENCE_BATCH = 1024  # [S §5] the lr 0.00024 is given at batch 1024
@@ -228,15 +228,9 @@ def synced(loader, dist_active: bool, device: torch.device) -> Iterator:
 # Command
 # --------------------------------------------------------------------------------------------------
 def parse_lrs(text: str | None, default: list[float]) -> list[float]:
-    if text is None:
-        return list(default)
-    try:
-        lrs = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--lr-sweep {text!r}: expected comma-separated numbers") from None
-    if any(not (lr > 0) for lr in lrs):
-        raise UsageError(f"--lr-sweep {text!r}: lrs must be positive")
-    return lrs
+    from mst_ds.cli import parse_positive_list
+
+    return parse_positive_list(text, default, float, "--lr-sweep")
 
 
 def _settings(args, cfg, dim: int, num_classes: int, lrs: list[float], global_batch: int, epochs: int) -> dict:
@@ -287,9 +281,8 @@ def run(args) -> int:
 
     def save(epoch: int) -> None:
         if ctx.is_main:
-            tmp = state_path.with_name(f".{state_path.name}.tmp{os.getpid()}")
-            torch.save({"settings": settings, "bank": bank.state_dict(), "epoch": epoch}, tmp)
-            os.replace(tmp, state_path)
+            with atomic.atomic_path(state_path) as tmp:
+                torch.save({"settings": settings, "bank": bank.state_dict(), "epoch": epoch}, tmp)
 
     per_rank = global_batch // world
     if train_cached is not None:

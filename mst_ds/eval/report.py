@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mst_ds.cli import UsageError
+from mst_ds.config import UsageError
 
 CURVES = {"loss": ("loss", "dino", "restore"), "lr": ("lr",), "mask_ratio": ("mask_ratio",)}
 
