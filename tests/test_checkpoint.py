@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mst_ds import checkpoint as ckpt
-from mst_ds.config import UsageError, main
+from mst_ds.cli import UsageError, main
 
 
 def test_latest_never_points_to_an_incomplete_checkpoint(tmp_path):
