@@ -266,6 +266,9 @@ def resume(t: Training, ckpt_dir: Path, tag: str, meta: dict[str, Any]) -> None:
         tag = ckpt.convert_to_universal(ckpt_dir, tag, t.rank)
     state = ckpt.load(t.engine, ckpt_dir, tag, rank=t.rank, same_world=same_world)
     t.teacher.load_state_dict(state["teacher"])
+    with torch.no_grad():
+        for name, buf in t.engine.module.named_buffers():
+            buf.copy_(state["student_buffers"][name])
     # The position is the samples seen: with an allowed change of the global batch the schedules
     # continue from the same point of the data, not from the same step number.
     t.step = state["samples"] // t.derived.global_batch
@@ -279,7 +282,11 @@ def save(t: Training, ckpt_dir: Path, spe: int) -> str:
     """A complete checkpoint of step t.step (all ranks); spe = optimizer steps per loader epoch."""
     accum = t.derived.grad_accum_steps
     epoch = t.step // spe
-    client = {"teacher": t.teacher.state_dict(), "step": t.step, "epoch": epoch, "skipped": t.skipped,
+    # Student buffers (the DINO center, BN running statistics) travel in client_state too: the universal
+    # checkpoint (resume on another world size) restores parameters and optimizer state only.
+    buffers = {n: b.detach().cpu().clone() for n, b in t.engine.module.named_buffers()}
+    client = {"teacher": t.teacher.state_dict(), "student_buffers": buffers, "step": t.step, "epoch": epoch,
+              "skipped": t.skipped,
               "nonfinite": t.nonfinite, "samples": t.step * t.derived.global_batch, "config_hash": t.cfg.hash()}
     meta = {"world_size": t.world, "zero_stage": t.cfg.engine.zero_stage, "precision": t.precision,
             "config_hash": t.cfg.hash(), "epoch": epoch, "samples": t.step * t.derived.global_batch}

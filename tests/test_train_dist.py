@@ -176,7 +176,9 @@ def test_two_rank_checkpoint_resumes_on_one_rank_through_universal(two_rank_run,
     sched = Schedules.from_config(cfg, derive(cfg, 1, Manifest.load(str(digits_shards)).total))
     for r in recs[STEPS:]:  # the schedules continue from the step count
         assert r["lr"] == pytest.approx(sched.at(r["step"] - 1).lr)
-        assert r["loss"] == pytest.approx(recs[STEPS - 1]["loss"], rel=0.1)
+    # The student's buffers came along (the universal format holds parameters and optimizer state only):
+    # the DINO center keeps growing from where it was instead of restarting from zero.
+    assert recs[STEPS]["center_norm"] > recs[STEPS - 1]["center_norm"] > 2 * recs[0]["center_norm"]
 
 
 def test_injected_nan_stops_cleanly_and_keeps_the_last_good_checkpoint(digits_shards, tmp_path):
