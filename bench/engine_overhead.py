@@ -34,6 +34,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _report import bench_line  # noqa: E402
+
 from mst_ds import engine as eng  # noqa: E402
 from mst_ds.config import derive, load_config  # noqa: E402
 
@@ -215,6 +217,8 @@ def main() -> None:
         plain = r["plain"]["total"]
         print(f"{name:7} {cell['plain']:>22} {cell['ZeRO-1']:>22} {r['ZeRO-1']['total'] / plain:7.2f} "
               f"{cell['ZeRO-2']:>22} {r['ZeRO-2']['total'] / plain:7.2f}", flush=True)
+        for stage in ("ZeRO-1", "ZeRO-2"):
+            bench_line(f"DeepSpeed {stage} / plain PyTorch step ({name})", r[stage]["total"] / plain, "<=", 1.10)
 
     print("\nDeiT-S-shaped MST, 2 processes (torchrun, gloo), per rank after 2 steps:")
     rows = memory_table()
@@ -223,6 +227,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['stage']:>4} {r['rank']:>4} {r['n_params'] / 1e6:9.2f} {r['optimizer_state_mb']:16.1f} "
               f"{r['optimizer_state_mb'] / ref:9.2f} {r['peak_rss_mb']:13.0f}")
+    z2 = statistics.mean(r["optimizer_state_mb"] for r in rows if r["stage"] == 2)
+    # ZeRO partitions for real: each of 2 ranks holds about half the optimizer state.
+    bench_line("optimizer state per rank, ZeRO-2 / ZeRO-0 (2 ranks; ≈ 0.5 expected)", z2 / ref, "<=", 0.55)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _report import bench_line
 
 KS = [10, 20, 100, 200]
 T = 0.07
@@ -161,12 +162,9 @@ def main() -> int:
     table.add_row("peak memory above features (MiB)", f"{dino['peak_mib']:.0f}", f"{ours['peak_mib']:.0f}", f"{m_ratio:.3f}")
     Console(width=140).print(table)
     same = all(dino["results"][str(k)] == ours["results"][str(k)] for k in KS)
-    print("BENCH " + json.dumps({"name": "k-NN accuracy ours vs DINO (1 = identical at every k)",
-                                 "ratio": 1.0 if same else 0.0, "target": "== 1", "met": same}))
-    print("BENCH " + json.dumps({"name": "k-NN time ours / DINO (CPU s, all k)", "ratio": round(t_ratio, 3),
-                                 "target": "<= 1.0", "met": t_ratio <= 1.0}))
-    print("BENCH " + json.dumps({"name": "k-NN peak memory ours / DINO", "ratio": round(m_ratio, 3),
-                                 "target": "< 1.0", "met": m_ratio < 1.0}))
+    bench_line("k-NN accuracy ours vs DINO (1 = identical at every k)", 1.0 if same else 0.0, "==", 1)
+    bench_line("k-NN time ours / DINO (CPU s, all k)", t_ratio, "<=", 1.0)
+    bench_line("k-NN peak memory ours / DINO", m_ratio, "<", 1.0)
     return 0
 
 

@@ -20,13 +20,13 @@ load of the shared machine does not skew it), best of several alternating repeti
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _report import bench_line
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -118,8 +118,7 @@ def main() -> None:
     for k, label in (("a", "end to end on CPU"), ("a_cpu", "loader cores, photometric on the accelerator")):
         ratio = rate[k] / rate["b"]
         print(f"target ≥ {TARGET}× per core, {label}: {ratio:.2f}× ({'met' if ratio >= TARGET else 'NOT met'})")
-        print("BENCH " + json.dumps({"name": f"loader images/s per core vs PIL multi-crop ({label})",
-                                     "ratio": round(ratio, 3), "target": f">= {TARGET}", "met": ratio >= TARGET}))
+        bench_line(f"loader images/s per core vs PIL multi-crop ({label})", ratio, ">=", TARGET)
 
 
 if __name__ == "__main__":

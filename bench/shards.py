@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import bench_line
 from rich.console import Console
 from rich.table import Table
 
@@ -104,8 +104,7 @@ def main() -> None:
     ratio = cp / min(t for k, t in best.items() if k.startswith("write"))
     print(f"target: mst-shards write ≥ {TARGET}× the images/s of cp -r → {ratio:.2f}× "
           f"({'met' if ratio >= TARGET else 'NOT met'})")
-    print("BENCH " + json.dumps({"name": "mst-shards write vs cp -r (images/s)", "ratio": round(ratio, 3),
-                                 "target": f">= {TARGET}", "met": ratio >= TARGET}))
+    bench_line("mst-shards write vs cp -r (images/s)", ratio, ">=", TARGET)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,15 @@ def trained_run(tmp_path_factory, digits_shards, deepspeed_cpu) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     assert train_in_process(run_dir, digits_shards, "run.max_steps=4") == 0
     return run_dir
+
+
+@pytest.fixture
+def one_thread():
+    """Batched ops on tiny tensors run fastest single-threaded: thread hand-offs cost more than the
+    work on a loaded 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

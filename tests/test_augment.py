@@ -23,14 +23,7 @@ from mst_ds.data.augment import (
     pil_reference_multicrop,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Batched ops on tiny images run fastest single-threaded (and the machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,7 @@ import torch
 
 from mst_ds.eval.linear import HeadBank, feature_batches, scaled_lr, train_on_features
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: thread hand-offs cost more than the work on a loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
