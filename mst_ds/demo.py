@@ -101,17 +101,18 @@ def run(args) -> int:
 
     # 3. k-NN on the held-out split: trained teacher vs the same network at random init
     common = ["--train", str(shards["train"]), "--val", str(shards["val"]), "--num-workers", "0"]
-    _mst_ds("knn", "--ckpt", str(run_dir), "--out", str(out / "eval" / "trained"), *common)
+    _mst_ds("knn", "--ckpt", str(run_dir), "--out", str(run_dir / "eval"), *common)  # where `report` looks
     _mst_ds("knn", "--preset", "tiny", "--out", str(out / "eval" / "random"), *common)
     t = mark("k-NN", t)
 
     # 4. attention maps (Fig. 1 style: input | random init | trained) and curves
-    _mst_ds("attn", "--preset", "tiny", "--ckpt", "random", "--ckpt", str(run_dir), str(folders.val),
+    one_per_class = [str(min(d.iterdir())) for d in sorted(folders.val.iterdir())][:8]
+    _mst_ds("attn", "--preset", "tiny", "--ckpt", "random", "--ckpt", str(run_dir), *one_per_class,
             "--out", str(out / "figures"), "--max-images", "8")
     _mst_ds("report", str(run_dir), "--out", str(out / "report"))
     mark("figures", t)
 
-    trained = json.loads((out / "eval" / "trained" / "knn.json").read_text())["results"]
+    trained = json.loads((run_dir / "eval" / "knn.json").read_text())["results"]
     random_init = json.loads((out / "eval" / "random" / "knn.json").read_text())["results"]
     console = Console()
     table = Table(title=f"MST tiny on {folders.train_count} real digits, {steps} steps × {args.procs} DeepSpeed CPU processes — "
@@ -125,7 +126,7 @@ def run(args) -> int:
     paths = Table(title="what the demo wrote", show_header=False)
     for label, p in (("images (ImageFolder)", out / "images"), ("shards + manifests", out / "shards"),
                      ("run directory (config, checkpoints, metrics)", run_dir),
-                     ("k-NN results", out / "eval"), ("attention figures", out / "figures"),
+                     ("k-NN results (trained, random init)", f"{run_dir / 'eval'}, {out / 'eval' / 'random'}"), ("attention figures", out / "figures"),
                      ("curves and report", out / "report"), ("log of every command", log)):
         paths.add_row(label, str(p))
     console.print(paths)

@@ -9,6 +9,6 @@ PY=${PYTHON:-python3}
 # torchvision needs exactly this torch (SPEC: the pair lies on this machine's disk; elsewhere pip fetches it).
 python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
 python -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-python -c "import torch, torchvision, deepspeed, timm, webdataset, mst_ds" 2>/dev/null \
+python -c "import torch, torchvision, deepspeed, timm, webdataset, mst_ds" >/dev/null 2>&1 \
   || { echo "setup: installation incomplete (import failed)" >&2; exit 1; }
-echo "setup: ok ($(python -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null))"
+echo "setup: ok ($(python -c 'from importlib.metadata import version as v; print("torch", v("torch"), "deepspeed", v("deepspeed"), "timm", v("timm"))'))"
