@@ -36,6 +36,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PARAM_FIELDS = ("top", "left", "height", "width", "flip")
 
 
+# What corrupt image bytes raise (PIL: OSError incl. UnidentifiedImageError, ValueError, SyntaxError for
+# broken PNG chunks, DecompressionBombError), plus KeyError for a sample without an image member. Anything
+# else is a bug and must not be counted as a corrupt sample.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, KeyError, Image.DecompressionBombError)
+
+
 def decode_rgb(data: bytes) -> Image.Image:
     """Image bytes (JPEG incl. CMYK, PNG, ...) → fully decoded RGB PIL image; raises on corrupt data."""
     img = Image.open(io.BytesIO(data))

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mst_ds.config import Derived, MSTConfig, RunFailure, derive
-from mst_ds.data.augment import MultiCropCPU, decode_rgb
+from mst_ds.data.augment import DECODE_ERRORS, MultiCropCPU, decode_rgb
 from mst_ds.data.manifest import INDEX_NAME, Manifest
 
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
@@ -231,13 +231,15 @@ class StreamBatches:
 
     def _decode(self, sample: dict, seed: int) -> dict | None:
         try:
-            out = self.augment(decode_rgb(image_bytes(sample)), seed)
-            out["label"] = int(sample["cls"]) if "cls" in sample else -1
-            return out
-        except Exception as err:
+            img = decode_rgb(image_bytes(sample))
+            label = int(sample["cls"]) if "cls" in sample else -1
+        except DECODE_ERRORS as err:
             if self.spec.corrupt_policy == "error":
                 raise CorruptDataError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {err}") from err
             return None
+        out = self.augment(img, seed)
+        out["label"] = label
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         spec = self.spec
@@ -450,11 +452,11 @@ class _EvalShards(IterableDataset):
             try:
                 for s in iter_tar_samples(url):
                     try:
-                        x = self.transform(decode_rgb(image_bytes(s)))
-                    except Exception:
+                        img = decode_rgb(image_bytes(s))
+                    except DECODE_ERRORS:
                         corrupt += 1
                         continue
-                    imgs.append(x)
+                    imgs.append(self.transform(img))
                     labels.append(int(s["cls"]) if "cls" in s else -1)
                     keys.append(str(s["__key__"]))
                     if len(imgs) == self.batch_size:
