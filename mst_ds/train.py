@@ -17,7 +17,6 @@ step N; ``kill_in_save@N`` SIGKILLs the process in the middle of saving the chec
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mst_ds import atomic
 from mst_ds import checkpoint as ckpt
 from mst_ds import engine as eng
 from mst_ds.config import ConfigError, Derived, MSTConfig, load_config
@@ -173,15 +173,25 @@ def git_sha() -> str:
 
 
 def write_run_files(run_dir: Path, cfg: MSTConfig, derived: Derived, ds_config: dict, precision: str) -> None:
-    """Resolved config, final DeepSpeed JSON and provenance, written by rank 0 at start."""
+    """Resolved config, final DeepSpeed JSON and provenance, written by rank 0 at every (re)start.
+
+    A relaunch with an allowed config change keeps the previous config as config.<its hash>.yaml, so the
+    checkpoints written under it can still be described."""
     import deepspeed
 
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
+    from mst_ds.config import config_from_file
+
+    config_path = run_dir / "config.yaml"
+    if config_path.exists():
+        previous = config_from_file(config_path)
+        if previous.hash() != cfg.hash():
+            atomic.write_text(run_dir / f"config.{previous.hash()}.yaml", previous.to_yaml())
+    atomic.write_text(config_path, cfg.to_yaml())
+    atomic.write_json(run_dir / "ds_config.json", ds_config, indent=1)
     info = {"git_sha": git_sha(), "config_hash": cfg.hash(), "precision": precision, "derived": derived.as_dict(),
             "torch": torch.__version__, "deepspeed": deepspeed.__version__, "argv": sys.argv, "time": time.time()}
-    (run_dir / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
-    (run_dir / "git_sha.txt").write_text(info["git_sha"] + "\n")
+    atomic.write_json(run_dir / "run_info.json", info, indent=1)
+    atomic.write_text(run_dir / "git_sha.txt", info["git_sha"] + "\n")
 
 
 def _broadcast(obj: Any) -> Any:

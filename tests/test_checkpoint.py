@@ -87,3 +87,17 @@ def test_a_killed_save_leaves_the_previous_checkpoint_resumable(trained_run, tmp
     shutil.copytree(run / "checkpoints" / "step00000004", half)
     (half / ckpt.COMPLETE).unlink()
     assert ckpt.resolve(run) == (run / "checkpoints", "step00000004")
+
+
+def test_run_files_keep_the_previous_config_on_an_allowed_change(tmp_path):
+    from mst_ds.config import config_from_file, derive, load_config
+    from mst_ds.train import write_run_files
+
+    first = load_config("tiny").config
+    second = load_config("tiny", ["optim.base_lr=0.001"]).config
+    write_run_files(tmp_path, first, derive(first), {"train_batch_size": 64}, "fp32")
+    write_run_files(tmp_path, first, derive(first), {"train_batch_size": 64}, "fp32")
+    assert not list(tmp_path.glob("config.*.yaml"))  # same config: nothing kept aside
+    write_run_files(tmp_path, second, derive(second), {"train_batch_size": 64}, "fp32")
+    assert config_from_file(tmp_path / "config.yaml").hash() == second.hash()
+    assert config_from_file(tmp_path / f"config.{first.hash()}.yaml").hash() == first.hash()
