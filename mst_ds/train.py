@@ -358,8 +358,9 @@ def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
                               f"{ckpt.newest_complete(ckpt_dir) or 'none'})", file=sys.stderr)
                     return 1
                 t.corrupt = int(getattr(loader, "corrupt_count", 0))
-                time_up = deadline is not None and time.monotonic() > deadline
-                time_up = bool(_broadcast(time_up))
+                # Rank 0's clock decides for all (ranks must stop at the same step); without a time
+                # limit there is no collective here, so a cluster run pays no extra sync per step.
+                time_up = deadline is not None and bool(_broadcast(time.monotonic() > deadline))
                 epoch_end = t.step % spe == 0
                 if t.step % cfg.run.log_every == 0 or t.step == end:
                     now = time.monotonic()
