@@ -1,7 +1,8 @@
 """``mst-shards write|verify|inspect``.
 
-Bad input (missing source, bad flag value, unreadable inputs under ``--strict``) → one line on stderr,
-exit 2. A verification failure → one line per problem naming the shard, exit 1.
+Bad input (missing source, bad flag value, unreadable inputs under ``--strict``, an ``--out`` folder that
+is not a shard folder) → one line on stderr, exit 2. A write that fails while running (disk full) → one
+line, exit 1, finished shards kept, no temp file left. A verification failure → one line per problem, exit 1.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from data_tools import TOOL_VERSION
+from data_tools.sniff import DEFAULT_MAX_PIXELS
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -20,9 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=TOOL_VERSION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    w = sub.add_parser("write", help="write shards + index.json (resumes an interrupted run)")
+    w = sub.add_parser("write", help="write shards + their manifest (resumes an interrupted run)")
     w.add_argument("--src", required=True, help="ImageFolder tree, or ILSVRC2012 train tar / val folder or tar")
-    w.add_argument("--out", required=True, help="output folder for the shards and index.json")
+    w.add_argument("--out", required=True, help="output folder for the shards and their manifest (new, empty, or written by mst-shards)")
     w.add_argument("--split", required=True, choices=["train", "val"])
     w.add_argument("--layout", choices=["imagefolder", "ilsvrc"], default="imagefolder")
     w.add_argument("--val-labels", default=None, help="ILSVRC val: the devkit (folder/.tar.gz), its ground-truth file, or one wnid per line")
@@ -30,14 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--workers", type=int, default=1, help="writer processes (each writes a disjoint range of shards)")
     w.add_argument("--seed", type=int, default=0, help="seed of the sample-list shuffle")
     w.add_argument("--strict", action="store_true", help="an unreadable input is an error (exit 2)")
+    w.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="images whose header claims more pixels are unreadable (decompression bombs)")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    v = sub.add_parser("verify", help="check every shard against index.json (exit 1 on any mismatch)")
-    v.add_argument("dir", help="shard folder (or its index.json)")
+    v = sub.add_parser("verify", help="check every shard against its manifest (exit 1 on any finding)")
+    v.add_argument("dir", help="shard folder (or its manifest file)")
+    v.add_argument("--split", default=None, help="which manifest of a folder holding several splits")
     v.add_argument("--decode", action="store_true", help="also decode every image")
 
     i = sub.add_parser("inspect", help="class histogram, size statistics, contact sheet")
-    i.add_argument("dir", help="shard folder (or its index.json)")
+    i.add_argument("dir", help="shard folder (or its manifest file)")
     i.add_argument("--out", default=None, help="contact-sheet PNG (default: DIR/contact_sheet.png)")
     i.add_argument("--max-shards", type=int, default=None, help="read only the first N shards")
     i.add_argument("--sheet-images", type=int, default=64)
@@ -51,29 +56,32 @@ def _write(args) -> int:
 
     res = write_shards(args.src, args.out, split=args.split, layout=args.layout, val_labels=args.val_labels,
                        max_count=args.max_count, workers=args.workers, seed=args.seed, strict=args.strict,
-                       progress=not args.quiet)
+                       progress=not args.quiet, max_pixels=args.max_pixels)
     m = res.manifest
     mb = m.total_bytes / 1e6
-    Console(stderr=True).print(
+    Console(stderr=True, soft_wrap=True).print(
         f"wrote {res.written} shard(s), kept {res.kept} from an earlier run: {m.total:,} images in {len(m.shards)} shard(s), "
         f"{len(m.classes)} classes, {mb:,.1f} MB, {m.total / max(res.seconds, 1e-9):,.0f} images/s, "
-        f"{mb / max(res.seconds, 1e-9):,.1f} MB/s; {len(m.unreadable)} unreadable inputs → {Path(args.out) / 'index.json'}")
+        f"{mb / max(res.seconds, 1e-9):,.1f} MB/s; {len(m.unreadable)} unreadable inputs → {res.path}", markup=False)
     for u in m.unreadable[:20]:
         print(f"  unreadable: {u}", file=sys.stderr)
     if len(m.unreadable) > 20:
-        print(f"  ... and {len(m.unreadable) - 20} more (index.json lists all)", file=sys.stderr)
+        print(f"  ... and {len(m.unreadable) - 20} more ({res.path.name} lists all)", file=sys.stderr)
+    for wnid in res.empty_classes:
+        index = next(c["index"] for c in m.classes if c["wnid"] == wnid)
+        print(f"mst-shards: warning: class {wnid} (label {index}) has no image; kept as a class so the labels "
+              f"after it keep their index (recorded as empty_classes in {res.path.name})", file=sys.stderr)
     return 0
 
 
 def _verify(args) -> int:
     from data_tools.verify import verify_dir
 
-    report = verify_dir(args.dir, decode=args.decode)
+    report = verify_dir(args.dir, decode=args.decode, split=args.split)
     for p in report.problems:
         print(f"mst-shards: verify: {p}", file=sys.stderr)
     if not report.ok:
-        bad = len({p.split(": ", 1)[0] for p in report.problems})
-        print(f"mst-shards: verify FAILED: {bad} of {report.shards} shards damaged", file=sys.stderr)
+        print(f"mst-shards: verify FAILED: {len(report.problems)} finding(s) over {report.shards} shards", file=sys.stderr)
         return EXIT_FAILED
     print(f"verify OK: {report.shards} shards, {report.samples:,} samples{' (all decoded)' if args.decode else ''}")
     return 0
@@ -116,7 +124,7 @@ def _inspect(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from data_tools.writer import WriteError
-    from mst_ds.config import ConfigError
+    from mst_ds.config import ConfigError, RunFailure
     from mst_ds.data.manifest import ManifestError
 
     args = build_parser().parse_args(argv)
@@ -125,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except (WriteError, ManifestError, ConfigError) as err:
         print(f"mst-shards: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except RunFailure as err:  # disk full while writing: finished shards are kept, temp files removed
+        print(f"mst-shards: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except OSError as err:  # unwritable output, disk full, ...: one line, finished shards are kept
         print(f"mst-shards: error: {err}", file=sys.stderr)
         return EXIT_FAILED

@@ -8,6 +8,8 @@ copying the bytes; a full decode (``verify --decode``) is the exhaustive check.
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from dataclasses import dataclass
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -18,8 +20,16 @@ _PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
+# PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS): it warns above it and refuses twice it.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
 class Unreadable(ValueError):
     """An input that cannot be stored as an image; ``str(err)`` says why in a few words."""
+
+
+class TooLarge(Unreadable):
+    """A header claiming more pixels than the limit: not worth a second opinion from PIL."""
 
 
 @dataclass(frozen=True)
@@ -73,27 +83,56 @@ def _png_info(data: bytes) -> ImageInfo:
     return ImageInfo("png", "png", _PNG_MODES.get(data[25], "?"), w, h)
 
 
-def sniff(data: bytes) -> ImageInfo:
-    """Format, mode and size from the bytes; raises :class:`Unreadable` for empty/unknown/cut files."""
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """A header claiming more pixels than ``max_pixels`` is a decompression bomb (or useless): unreadable."""
+    if width * height > max_pixels:
+        raise TooLarge(f"{width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} "
+                         "(decompression bomb? raise --max-pixels to keep it)")
+
+
+def sniff(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Format, mode and size from the bytes; raises :class:`Unreadable` for empty/unknown/cut files and
+    for headers claiming more than ``max_pixels``."""
     if not data:
         raise Unreadable("empty file")
     if data.startswith(JPEG_MAGIC):
-        return _jpeg_info(data)
-    if data.startswith(PNG_MAGIC):
-        return _png_info(data)
-    raise Unreadable(f"not a JPEG or PNG (starts with {data[:8].hex()})")
+        info = _jpeg_info(data)
+    elif data.startswith(PNG_MAGIC):
+        info = _png_info(data)
+    else:
+        raise Unreadable(f"not a JPEG or PNG (starts with {data[:8].hex()})")
+    check_pixels(info.width, info.height, max_pixels)
+    return info
 
 
-def convert_to_png(data: bytes) -> tuple[bytes, ImageInfo, str]:
-    """Another format PIL reads (BMP, GIF, WebP, TIFF, ...) → lossless PNG bytes, info, original format."""
+def error_text(err: BaseException) -> str:
+    """First line of an error without the repr of an in-memory file (``<_io.BytesIO object at 0x…>``):
+    the caller names the file."""
+    text = re.sub(r"\s*<_io\.\w+ object at 0x[0-9a-fA-F]+>", "", str(err).splitlines()[0] if str(err) else "")
+    return text[:80] or type(err).__name__
+
+
+def convert_to_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, ImageInfo, str]:
+    """Another format PIL reads (BMP, GIF, WebP, TIFF, ...) → lossless PNG bytes, info, original format.
+
+    PIL opens lazily: the size comes from the header and is checked before a single pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(io.BytesIO(data))
-        fmt = (img.format or "?").lower()
-        img.load()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise Unreadable(f"not a readable image ({str(err).splitlines()[0][:80]})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            img = Image.open(io.BytesIO(data))
+            check_pixels(img.width, img.height, max_pixels)
+            fmt = (img.format or "?").lower()
+            img.load()
+    except Image.DecompressionBombError as err:  # PIL refuses at twice its own limit before we see the size
+        raise Unreadable(f"decompression bomb ({error_text(err)})") from None
+    except UnidentifiedImageError:
+        raise Unreadable("not a readable image (unknown format)") from None
+    except Unreadable:
+        raise
+    except Exception as err:  # PIL on a hostile file raises many kinds; one bad input never stops a write
+        raise Unreadable(f"not a readable image ({error_text(err)})") from None
     if img.mode not in ("L", "RGB", "RGBA", "P", "LA"):
         img = img.convert("RGB")
     buf = io.BytesIO()

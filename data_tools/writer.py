@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import io
 import json
@@ -34,16 +35,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools import TOOL_VERSION
-from data_tools.sniff import ImageInfo, Unreadable, convert_to_png, sniff
+from data_tools.sniff import DEFAULT_MAX_PIXELS, ImageInfo, TooLarge, Unreadable, convert_to_png, sniff
 from mst_ds import atomic
-from mst_ds.data.manifest import Manifest, ShardInfo, file_sha256
+from mst_ds.config import RunFailure
+from mst_ds.data.manifest import INDEX_NAME, Manifest, ShardInfo, file_sha256, manifests_in, split_index_name
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 PROGRESS_DIR = ".mst-shards"  # per-shard records of finished shards (resume after interruption)
 
 
 class WriteError(ValueError):
-    """Bad input for the writer (missing source, unreadable inputs under --strict): one line, exit 2."""
+    """Bad input for the writer (missing source, unreadable inputs under --strict, an --out folder that
+    is not its own): one line, exit 2."""
+
+
+class WriteFailure(RunFailure):
+    """Writing failed (disk full, unwritable output): one line, exit 1; finished shards are kept."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,29 +90,56 @@ def _unique_keys(raw: list[tuple[str, ...]]) -> list[str]:
     return keys
 
 
+def _os_reason(err: OSError) -> str:
+    return f"unreadable ({err.strerror or err})"
+
+
 def list_imagefolder(src: Path) -> SourceListing:
-    """``src/<class>/**/<file>``; classes = sorted folder names (torchvision's ImageFolder order)."""
-    class_dirs = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    """``src/<class>/**/<file>``; classes = sorted folder names (torchvision's ImageFolder order).
+
+    An entry that cannot be followed or listed (a symlink loop, no permission) is unreadable, like a bad
+    image: listed, never an abort."""
+    class_dirs, unreadable = [], []
+    for d in sorted(src.iterdir()):
+        if d.name.startswith("."):
+            continue
+        try:
+            d.stat()  # follows symlinks: a loop or a dangling link raises here
+        except OSError as err:
+            unreadable.append(f"{d.name}: {_os_reason(err)}")
+            continue
+        if d.is_dir():
+            class_dirs.append(d)
     if not class_dirs:
         raise WriteError(f"{src}: no class folders (expected SRC/<class>/<image files>)")
-    classes, entries, unreadable = [], [], []
+    classes, entries = [], []
+
+    def walk_error(err: OSError) -> None:
+        where = Path(err.filename).relative_to(src) if err.filename else "?"
+        unreadable.append(f"{where}: {_os_reason(err)}")
+
     for idx, cdir in enumerate(class_dirs):
         classes.append({"index": idx, "wnid": cdir.name, "name": cdir.name})
-        for root, dirs, files in os.walk(cdir):
+        for root, dirs, files in os.walk(cdir, onerror=walk_error):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for f in sorted(files):
                 if f.startswith("."):
                     continue
                 path = Path(root) / f
                 rel = str(path.relative_to(src))
+                try:
+                    size = path.stat().st_size
+                except OSError as err:
+                    unreadable.append(f"{rel}: {_os_reason(err)}")
+                    continue
                 if not f.lower().endswith(IMG_EXTENSIONS):
                     unreadable.append(f"{rel}: not an image file name")
                     continue
-                entries.append((path.stem, idx, cdir.name, rel, path))
+                entries.append((path.stem, idx, cdir.name, rel, path, size))
     entries.sort(key=lambda e: e[3])
     keys = _unique_keys(entries)
-    samples = [Sample(k, idx, wnid, rel, ("file", str(path)), path.stat().st_size)
-               for k, (_, idx, wnid, rel, path) in zip(keys, entries)]
+    samples = [Sample(k, idx, wnid, rel, ("file", str(path)), size)
+               for k, (_, idx, wnid, rel, path, size) in zip(keys, entries)]
     return SourceListing(samples, classes, unreadable)
 
 
@@ -239,11 +273,19 @@ def list_ilsvrc_val(src: Path, labels: Path | None) -> SourceListing:
     unreadable: list[str] = []
     if src.is_dir():
         for p in sorted(src.iterdir()):
-            if p.is_file() and not p.name.startswith("."):
-                if p.name.lower().endswith(IMG_EXTENSIONS):
-                    refs[p.name] = (("file", str(p)), p.stat().st_size)
-                else:
-                    unreadable.append(f"{p.name}: not an image file name")
+            if p.name.startswith("."):
+                continue
+            try:
+                st = p.stat()
+            except OSError as err:
+                unreadable.append(f"{p.name}: {_os_reason(err)}")
+                continue
+            if not p.is_file():
+                continue
+            if p.name.lower().endswith(IMG_EXTENSIONS):
+                refs[p.name] = (("file", str(p)), st.st_size)
+            else:
+                unreadable.append(f"{p.name}: not an image file name")
     else:
         for m in _tar_members(src):
             if m.isreg():
@@ -280,18 +322,20 @@ def list_source(src: Path, layout: str, split: str, val_labels: Path | None) -> 
 class ShardPlan:
     name: str
     samples: tuple[Sample, ...]
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def fingerprint(self) -> str:
         """Hash of what goes into the shard: a changed input or setting invalidates a finished shard."""
         items = [(s.key, s.label, s.wnid, s.source, s.size) for s in self.samples]
-        return hashlib.sha256(json.dumps([TOOL_VERSION, self.name, items]).encode()).hexdigest()
+        return hashlib.sha256(json.dumps([TOOL_VERSION, self.name, self.max_pixels, items]).encode()).hexdigest()
 
 
-def plan_shards(samples: list[Sample], split: str, max_count: int, seed: int) -> list[ShardPlan]:
+def plan_shards(samples: list[Sample], split: str, max_count: int, seed: int,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ShardPlan]:
     """Seeded shuffle of the (sorted) sample list, cut into consecutive shards of ``max_count``."""
     order = list(samples)
     random.Random(seed).shuffle(order)
-    return [ShardPlan(f"{split}-{i // max_count:06d}.tar", tuple(order[i:i + max_count]))
+    return [ShardPlan(f"{split}-{i // max_count:06d}.tar", tuple(order[i:i + max_count]), max_pixels)
             for i in range(0, len(order), max_count)]
 
 
@@ -335,13 +379,15 @@ def tar_header(name: str, size: int) -> bytes:
     return bytes(h)
 
 
-def image_member(data: bytes) -> tuple[bytes, ImageInfo, str | None]:
+def image_member(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, ImageInfo, str | None]:
     """Input bytes → (bytes to store, info, original format if converted). Raises Unreadable."""
     try:
-        return data, sniff(data), None
+        return data, sniff(data, max_pixels), None
+    except TooLarge:
+        raise
     except Unreadable as err:
         if data and not str(err).startswith("truncated"):
-            return convert_to_png(data)  # BMP/GIF/WebP/TIFF: stored as lossless PNG
+            return convert_to_png(data, max_pixels)  # BMP/GIF/WebP/TIFF: stored as lossless PNG
         raise
 
 
@@ -352,8 +398,9 @@ class TarStream:
     (~0.5 GB/s, as costly as the copy itself) all release the GIL. The bytes equal ``tarfile``'s output.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fail_after: int | None = None):
         self.path, self.size = path, 0
+        self.fail_after = fail_after  # test fault: the disk is full after this many bytes
         self.digest = hashlib.sha256()
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._file = open(path, "wb")  # noqa: SIM115 — closed by the writer thread
@@ -363,8 +410,12 @@ class TarStream:
 
     def _drain(self) -> None:
         try:
+            written = 0
             with self._file as f:
                 while (part := self._q.get()) is not None:
+                    written += len(part)
+                    if self.fail_after is not None and written > self.fail_after:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
                     f.write(part)
                     self.digest.update(part)
         except BaseException as err:  # reported by close()
@@ -397,12 +448,27 @@ class TarStream:
         self.path.unlink(missing_ok=True)
 
 
-def write_shard_file(path: Path, plan: ShardPlan, progress=None, strict: bool = False) -> tuple[int, int, str, list[str]]:
-    """Read, sniff and write the samples of ``plan`` as a tar at ``path``.
+def _disk_full_fault(name: str) -> int | None:
+    """``MST_DS_FAULT=disk_full@N``: writing shard number N fails with ENOSPC after its first block."""
+    spec = os.environ.get("MST_DS_FAULT", "")
+    match = re.fullmatch(r".+-(\d{6})\.tar", name)
+    return _BLOCK if match and spec == f"disk_full@{int(match.group(1))}" else None
 
-    → (samples stored, bytes, sha256, unreadable "source: reason" entries)."""
-    tar = TarStream(path)
+
+@dataclass
+class ShardWritten:
+    count: int  # samples stored
+    nbytes: int
+    sha256: str  # of the bytes as they were written: the shard is never read back
+    unreadable: list[str]  # "source: reason"
+    class_counts: dict[int, int]  # label → samples stored
+
+
+def write_shard_file(path: Path, plan: ShardPlan, progress=None, strict: bool = False) -> ShardWritten:
+    """Read, sniff and write the samples of ``plan`` as a tar at ``path``."""
+    tar = TarStream(path, _disk_full_fault(plan.name))
     unreadable: list[str] = []
+    class_counts: dict[int, int] = {}
     count = 0
     pending = [0, 0]
     try:
@@ -415,7 +481,7 @@ def write_shard_file(path: Path, plan: ShardPlan, progress=None, strict: bool = 
             pending[0] += 1
             pending[1] += len(raw)
             try:
-                data, info, converted = image_member(raw)
+                data, info, converted = image_member(raw, plan.max_pixels)
             except Unreadable as err:
                 unreadable.append(f"{s.source}: {err}")
                 if strict:
@@ -429,6 +495,7 @@ def write_shard_file(path: Path, plan: ShardPlan, progress=None, strict: bool = 
             tar.add(f"{s.key}.cls", str(s.label).encode())
             tar.add(f"{s.key}.json", json.dumps(meta, sort_keys=True).encode())
             count += 1
+            class_counts[s.label] = class_counts.get(s.label, 0) + 1
             if progress is not None and pending[0] >= 16:
                 progress.put(("tick", pending[0], pending[1]))
                 pending = [0, 0]
@@ -438,7 +505,7 @@ def write_shard_file(path: Path, plan: ShardPlan, progress=None, strict: bool = 
     tar.close()
     if progress is not None and pending[0]:
         progress.put(("tick", pending[0], pending[1]))
-    return count, tar.size, tar.digest.hexdigest(), unreadable
+    return ShardWritten(count, tar.size, tar.digest.hexdigest(), unreadable, class_counts)
 
 
 def _record_path(out: Path, name: str) -> Path:
@@ -446,15 +513,22 @@ def _record_path(out: Path, name: str) -> Path:
 
 
 def write_one_shard(out: Path, plan: ShardPlan, progress, strict: bool) -> dict:
-    """Write to a temp name, rename, then write the shard's record. → the record.
+    """Write to a temp name, write the shard's record, then rename. → the record.
 
-    No fsync: a shard damaged by a crash fails the checksum check of the next run and is rewritten."""
-    with atomic.atomic_path(out / plan.name) as tmp:
-        count, nbytes, sha, unreadable = write_shard_file(tmp, plan, progress, strict)
-    record = {"name": plan.name, "plan": plan.fingerprint(), "count": count, "bytes": nbytes, "sha256": sha,
-              "unreadable": unreadable}
-    rec = _record_path(out, plan.name)
-    atomic.write_json(rec, record, indent=None)
+    The record comes first so that every file at a shard name was claimed by a record before it got
+    there: a rerun may replace it, nothing else is ever replaced. No fsync: a shard damaged by a crash
+    fails the checksum check of the next run and is rewritten."""
+    shard = out / plan.name
+    tmp = atomic.temp_path(shard)
+    try:
+        w = write_shard_file(tmp, plan, progress, strict)
+        record = {"name": plan.name, "plan": plan.fingerprint(), "count": w.count, "bytes": w.nbytes,
+                  "sha256": w.sha256, "unreadable": w.unreadable,
+                  "class_counts": {str(k): v for k, v in sorted(w.class_counts.items())}}
+        atomic.write_json(_record_path(out, plan.name), record, indent=None)
+        os.replace(tmp, shard)
+    finally:
+        tmp.unlink(missing_ok=True)
     return record
 
 
@@ -467,7 +541,8 @@ def finished_record(out: Path, plan: ShardPlan) -> dict | None:
         rec = json.loads(rec_path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if rec.get("plan") != plan.fingerprint() or shard.stat().st_size != rec.get("bytes"):
+    if (not isinstance(rec, dict) or rec.get("plan") != plan.fingerprint() or "class_counts" not in rec
+            or shard.stat().st_size != rec.get("bytes")):
         return None
     return rec if file_sha256(shard) == rec.get("sha256") else None
 
@@ -488,8 +563,14 @@ def _worker(out: Path, plans: list[ShardPlan], q: mp.Queue, strict: bool) -> Non
             q.put(("done", write_one_shard(out, plan, q, strict)))
     except WriteError as err:
         q.put(("error", str(err)))
+    except OSError as err:  # disk full, unwritable: the same exit as with one process
+        q.put(("failure", _os_failure(out, err)))
     except Exception as err:  # report, then let the main process stop the run
         q.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def _os_failure(out: Path, err: OSError) -> str:
+    return f"{out}: cannot write ({err.strerror or err}); finished shards are kept, rerun to finish"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -559,30 +640,122 @@ class WriteResult:
     written: int  # shards written by this run
     kept: int  # shards kept from an interrupted earlier run
     seconds: float
+    path: Path  # the manifest file written
+    empty_classes: list[str]  # class folders without a stored image (still classes: labels stay stable)
 
 
-def _cleanup(out: Path, split: str, keep: set[str]) -> None:
-    """Remove temp files of killed runs and shards/records of this split that the plan no longer has."""
-    pattern = re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
-    for p in out.iterdir():
-        if p.name.startswith(".") and ".tmp-" in p.name:
-            p.unlink(missing_ok=True)
-        elif pattern.fullmatch(p.name) and p.name not in keep:
-            p.unlink(missing_ok=True)
+# --------------------------------------------------------------------------------------------------
+# The output folder: what this tool may touch
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class OutFolder:
+    """``--out`` as far as the writer of ``split`` may touch it.
+
+    Owned = shard names of this split listed in its manifest or claimed by a record in ``.mst-shards/``
+    (a record is written before its shard is renamed into place). Only owned shards, their records,
+    this split's manifest and this split's own temp files are ever deleted or replaced.
+    """
+
+    path: Path
+    split: str
+    index_name: str  # this split's manifest file name
+    owned: set[str]
+    old_manifest: Path | None  # this split's manifest from an earlier run
+
+    @property
+    def shard_re(self) -> re.Pattern:
+        return re.compile(rf"{re.escape(self.split)}-\d{{6}}\.tar")
+
+    def remove_temps(self) -> None:
+        """Temp files of this split's shards, records and manifest (a killed run's leftovers)."""
+        shard = rf"{re.escape(self.split)}-\d{{6}}\.tar"
+        ours = re.compile(rf"\.(?:{shard}|{re.escape(self.index_name)})\.tmp-\d+")
+        rec = re.compile(rf"\.(?:{shard}|{re.escape(self.split)})\.json\.tmp-\d+")
+        for folder, pattern in ((self.path, ours), (self.path / PROGRESS_DIR, rec)):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if pattern.fullmatch(p.name):
+                        p.unlink(missing_ok=True)
+
+    def drop(self, name: str) -> None:
+        """Delete an owned shard the new plan no longer has, then its record (the claim goes last)."""
+        assert name in self.owned and self.shard_re.fullmatch(name)
+        (self.path / name).unlink(missing_ok=True)
+        _record_path(self.path, name).unlink(missing_ok=True)
+
+
+def _shard_names(manifest_file: Path) -> list[str]:
+    try:
+        return [str(s["name"]) for s in json.loads(manifest_file.read_text())["shards"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def claim_out(out: Path, split: str) -> OutFolder:
+    """Check that ``out`` is new, empty or a shard folder written by this tool; find what it owns.
+
+    A folder holding other files and no manifest, or a file at one of this split's shard names that no
+    manifest or record of this split claims, is refused (one line, exit 2) before anything is touched."""
+    if out.exists() and not out.is_dir():
+        raise WriteError(f"--out {out}: not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    found = manifests_in(out) if entries else {}
     rec_dir = out / PROGRESS_DIR
-    for p in rec_dir.iterdir():
-        if ".tmp-" in p.name or (pattern.fullmatch(p.name.removesuffix(".json")) and p.name.removesuffix(".json") not in keep):
-            p.unlink(missing_ok=True)
+    if entries and not found and not rec_dir.is_dir():
+        raise WriteError(f"--out {out}: not empty and not a shard folder of mst-shards (no manifest); "
+                         "give a new or empty folder")
+    shard_re = re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
+    owned = {n for n in _shard_names(found[split]) if shard_re.fullmatch(n)} if split in found else set()
+    if rec_dir.is_dir():
+        owned |= {p.name[:-5] for p in rec_dir.iterdir() if p.name.endswith(".json") and shard_re.fullmatch(p.name[:-5])}
+    foreign = [n for n in entries if shard_re.fullmatch(n) and n not in owned]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise WriteError(f"--out {out}: {foreign[0]}{more} was not written here by mst-shards for split {split!r} "
+                         "(no manifest or record lists it); move it away or give another folder")
+    index_name = _manifest_name(out, split, found)
+    out.mkdir(parents=True, exist_ok=True)
+    rec_dir.mkdir(exist_ok=True)
+    atomic.write_json(rec_dir / f"{split}.json", {"split": split, "manifest": index_name}, indent=None)
+    for name in owned:  # claims that only the manifest held: they must outlive its deletion
+        if not _record_path(out, name).exists():
+            atomic.write_json(_record_path(out, name), {"name": name, "plan": None}, indent=None)
+    return OutFolder(out, split, index_name, owned, found.get(split))
+
+
+def _manifest_name(out: Path, split: str, found: dict[str, Path]) -> str:
+    """``index.json`` unless another split's manifest (or a file that is not ours) has that name; a
+    rerun keeps the name its split had."""
+    if split in found:
+        return found[split].name
+    marker = out / PROGRESS_DIR / f"{split}.json"
+    names = [INDEX_NAME, split_index_name(split)]
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        names.insert(0, str(json.loads(marker.read_text()).get("manifest")))
+    for name in names:
+        if name in (INDEX_NAME, split_index_name(split)) and not (out / name).exists():
+            return name
+    raise WriteError(f"--out {out}: {INDEX_NAME} and {split_index_name(split)} both exist and neither is the "
+                     f"manifest of split {split!r}; give another folder")
+
+
+def _cleanup(folder: OutFolder, keep: set[str]) -> None:
+    """Remove this split's temp files and the owned shards (and records) the plan no longer has."""
+    folder.remove_temps()
+    for name in sorted(folder.owned - keep):
+        folder.drop(name)
 
 
 def write_shards(src: str | Path, out: str | Path, *, split: str = "train", layout: str = "imagefolder",
                  val_labels: str | Path | None = None, max_count: int = 256, workers: int = 1, seed: int = 0,
-                 strict: bool = False, progress: bool = True) -> WriteResult:
+                 strict: bool = False, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> WriteResult:
     """Write (or finish writing) the shards of ``src`` into ``out``; returns the manifest written last."""
     if max_count < 1:
         raise WriteError(f"--max-count must be ≥ 1 (got {max_count})")
     if workers < 1:
         raise WriteError(f"--workers must be ≥ 1 (got {workers})")
+    if max_pixels < 1:
+        raise WriteError(f"--max-pixels must be ≥ 1 (got {max_pixels})")
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     listing = list_source(src, layout, split, Path(val_labels) if val_labels else None)
@@ -590,15 +763,44 @@ def write_shards(src: str | Path, out: str | Path, *, split: str = "train", layo
         raise WriteError(f"unreadable input (--strict): {listing.unreadable[0]}")
     if not listing.samples:
         raise WriteError(f"--src {src}: no images found")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PROGRESS_DIR).mkdir(exist_ok=True)
-    (out / "index.json").unlink(missing_ok=True)  # the manifest is valid only once every shard is
-    plans = plan_shards(listing.samples, split, max_count, seed)
-    _cleanup(out, split, {p.name for p in plans})
+    folder = claim_out(out, split)
+    plans = plan_shards(listing.samples, split, max_count, seed, max_pixels)
+    try:
+        records, todo = _write_all(folder, plans, workers, strict, progress)
+    except OSError as err:
+        raise WriteFailure(_os_failure(out, err)) from None
+    finally:
+        folder.remove_temps()
+    shard_infos = [ShardInfo(p.name, records[p.name]["count"], records[p.name]["bytes"], records[p.name]["sha256"])
+                   for p in plans]
+    unreadable = sorted(listing.unreadable + [u for p in plans for u in records[p.name]["unreadable"]])
+    stored = {int(k) for p in plans for k, n in records[p.name]["class_counts"].items() if n}
+    empty = [c["wnid"] for c in listing.classes if c["index"] not in stored]
+    manifest = Manifest(
+        split=split, classes=listing.classes, shards=shard_infos, total=sum(s.count for s in shard_infos),
+        tool_version=TOOL_VERSION, unreadable=unreadable, root=out, empty_classes=empty,
+        index_name=folder.index_name,
+        extra={"layout": layout, "seed": seed, "max_count": max_count, "source": str(src)},
+    )
+    if max_pixels != DEFAULT_MAX_PIXELS:
+        manifest.extra["max_pixels"] = max_pixels
+    try:
+        path = manifest.save(out, folder.index_name)
+    except OSError as err:
+        raise WriteFailure(_os_failure(out, err)) from None
+    finally:
+        folder.remove_temps()
+    return WriteResult(manifest, len(todo), len(plans) - len(todo), time.perf_counter() - t0, path, empty)
+
+
+def _write_all(folder: OutFolder, plans: list[ShardPlan], workers: int, strict: bool,
+               progress: bool) -> tuple[dict[str, dict], list[ShardPlan]]:
+    """Keep the finished shards that still match, write the rest. → ({name: record}, shards written)."""
+    out = folder.path
     records: dict[str, dict] = {}
     todo: list[ShardPlan] = []
     # Checking a finished shard means hashing it: spread that over the workers too.
-    candidates = [p for p in plans if (out / p.name).exists()]
+    candidates = [p for p in plans if p.name in folder.owned and (out / p.name).exists()]
     if workers > 1 and len(candidates) > 1:
         with mp.get_context("fork").Pool(min(workers, len(candidates))) as pool:
             found = dict(zip([p.name for p in candidates], pool.starmap(finished_record, [(out, p) for p in candidates])))
@@ -610,7 +812,10 @@ def write_shards(src: str | Path, out: str | Path, *, split: str = "train", layo
             todo.append(p)
         else:
             records[p.name] = rec
-    kept = len(records)
+    stale = folder.owned - {p.name for p in plans}
+    if (todo or stale) and folder.old_manifest is not None:
+        folder.old_manifest.unlink(missing_ok=True)  # it is valid only while every shard it lists is
+    _cleanup(folder, {p.name for p in plans})
     bar = _Progress(sum(len(p.samples) for p in plans), progress)
     bar.advance(sum(len(p.samples) for p in plans if p.name in records), 0)
     try:
@@ -622,16 +827,7 @@ def write_shards(src: str | Path, out: str | Path, *, split: str = "train", layo
             _run_workers(out, todo, min(workers, len(todo)), strict, records, bar)
     finally:
         bar.close()
-    shard_infos = [ShardInfo(p.name, records[p.name]["count"], records[p.name]["bytes"], records[p.name]["sha256"])
-                   for p in plans]
-    unreadable = sorted(listing.unreadable + [u for p in plans for u in records[p.name]["unreadable"]])
-    manifest = Manifest(
-        split=split, classes=listing.classes, shards=shard_infos, total=sum(s.count for s in shard_infos),
-        tool_version=TOOL_VERSION, unreadable=unreadable, root=out,
-        extra={"layout": layout, "seed": seed, "max_count": max_count, "source": str(src)},
-    )
-    manifest.save(out)
-    return WriteResult(manifest, len(todo), kept, time.perf_counter() - t0)
+    return records, todo
 
 
 def _run_workers(out: Path, todo: list[ShardPlan], n: int, strict: bool, records: dict, bar: _Progress) -> None:
@@ -641,7 +837,7 @@ def _run_workers(out: Path, todo: list[ShardPlan], n: int, strict: bool, records
     for p in procs:
         p.start()
     remaining = len(todo)
-    error = None
+    error: tuple[str, str] | None = None
     try:
         while remaining and error is None:
             try:
@@ -649,7 +845,7 @@ def _run_workers(out: Path, todo: list[ShardPlan], n: int, strict: bool, records
             except queue.Empty:
                 if all(not p.is_alive() for p in procs) and q.empty():
                     dead = [p.exitcode for p in procs if p.exitcode]
-                    error = f"a writer process died (exit codes {dead})" if dead else "writer processes stopped early"
+                    error = ("failure", f"a writer process died (exit codes {dead})" if dead else "writer processes stopped early")
                 continue
             if msg[0] == "tick":
                 bar.advance(msg[1], msg[2])
@@ -657,9 +853,9 @@ def _run_workers(out: Path, todo: list[ShardPlan], n: int, strict: bool, records
                 records[msg[1]["name"]] = msg[1]
                 remaining -= 1
             else:
-                error = msg[1]
+                error = (msg[0], msg[1])
     except BaseException:  # Ctrl-C: stop the workers now (finished shards are kept for the rerun)
-        error = error or "interrupted"
+        error = error or ("failure", "interrupted")
         raise
     finally:
         for p in procs:
@@ -667,4 +863,4 @@ def _run_workers(out: Path, todo: list[ShardPlan], n: int, strict: bool, records
                 p.kill()
             p.join()
     if error is not None:
-        raise WriteError(error)
+        raise (WriteError if error[0] == "error" else WriteFailure)(error[1])

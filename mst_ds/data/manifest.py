@@ -1,5 +1,13 @@
 """The shard manifest ``index.json``: what ``mst-shards write`` produced, read by the loader and ``verify``.
 
+One folder may hold the shards of several splits (``train-*.tar`` and ``val-*.tar``), each with its own
+manifest: a split's manifest is ``index.json`` unless that name already holds another split's, then
+``index-<split>.json``. Given only such a folder, :meth:`Manifest.load` refuses to guess (one line naming
+both) unless ``split=`` says which.
+
+Shard names come from a file a user may have been handed: they are checked at load (no path separators,
+no ``..``, no shell metacharacters) and every name substituted into a ``pipe:`` command is quoted.
+
 A tar truncated exactly at a member boundary reads back short with no error (SPEC §5), so the per-shard
 sample count, size and sha256 recorded here are the only way to notice a damaged shard; the loader also
 equalises batches per rank from these counts without opening a single tar.
@@ -9,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 import subprocess
 import urllib.request
@@ -23,6 +32,24 @@ from mst_ds.config import ConfigError
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
+# Letters, digits and ``_ . + -``, not starting with a dot or dash: no separators, no shell syntax.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+_SPLIT_INDEX = re.compile(r"index-([A-Za-z0-9_][A-Za-z0-9_.+-]*)\.json")
+
+
+def split_index_name(split: str) -> str:
+    """The manifest name of ``split`` in a folder whose ``index.json`` belongs to another split."""
+    return f"index-{split}.json"
+
+
+def shard_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a shard name (None if it can): it must stay a plain file in the manifest's
+    folder and be inert in a shell command."""
+    if not _SAFE_NAME.fullmatch(name):
+        return f"shard name {name!r} has a path separator or a character outside [A-Za-z0-9_.+-]"
+    if ".." in name:
+        return f"shard name {name!r} contains '..'"
+    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -58,6 +85,9 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)  # writer settings (seed, max_count, layout, ...)
     # Explicit shard URLs (brace pattern / pipe: sources); None = root/name for every shard.
     shard_urls: list[str] | None = None
+    # Class folders that held no image: still classes, so every later label keeps its index.
+    empty_classes: list[str] = field(default_factory=list)
+    index_name: str = INDEX_NAME  # the manifest's file name in root (a pipe: root names it in its command)
 
     # -- derived ------------------------------------------------------------------------------------
     @property
@@ -74,7 +104,7 @@ class Manifest:
             return list(self.shard_urls)
         root = str(self.root)
         if root.startswith("pipe:"):  # a manifest read by a command: the same command reads each shard
-            return [root.replace(INDEX_NAME, s.name) for s in self.shards]
+            return [root.replace(self.index_name, shlex.quote(s.name)) for s in self.shards]
         if _is_remote(root):
             return [root.rstrip("/") + "/" + s.name for s in self.shards]
         return [str(Path(root) / s.name) for s in self.shards]
@@ -93,20 +123,29 @@ class Manifest:
             "shards": [asdict(s) for s in self.shards],
             "unreadable": self.unreadable,
             "num_unreadable": len(self.unreadable),
+            "empty_classes": self.empty_classes,
             "extra": self.extra,
         }
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``DIR/index.json`` atomically (temp name + rename)."""
-        directory = Path(directory)
-        path = directory / INDEX_NAME
+    def save(self, directory: str | Path, name: str = INDEX_NAME) -> Path:
+        """Write ``DIR/name`` atomically (temp name + rename)."""
+        path = Path(directory) / name
         atomic.write_json(path, self.to_dict(), indent=1)
         return path
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], root: Path | str) -> Manifest:
+    def from_dict(cls, d: dict[str, Any], root: Path | str, *, check_names: bool = True,
+                  index_name: str = INDEX_NAME) -> Manifest:
+        """``check_names=False`` is for ``verify``, which reports bad names as findings instead."""
         try:
             shards = [ShardInfo(str(s["name"]), int(s["count"]), int(s["bytes"]), str(s["sha256"])) for s in d["shards"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ManifestError(f"{root}: not a shard manifest (missing or bad field {err})") from None
+        if check_names:
+            for s in shards:
+                if (why := shard_name_problem(s.name)) is not None:
+                    raise ManifestError(f"{root}/{index_name}: {why} (refused; `mst-shards verify` lists every problem)")
+        try:
             return cls(
                 split=str(d["split"]),
                 classes=list(d["classes"]),
@@ -116,27 +155,35 @@ class Manifest:
                 unreadable=list(d.get("unreadable", [])),
                 root=root,
                 extra=dict(d.get("extra", {})),
+                empty_classes=[str(c) for c in d.get("empty_classes", [])],
+                index_name=index_name,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ManifestError(f"{root}: not a shard manifest (missing or bad field {err})") from None
 
     @classmethod
-    def load(cls, source: str | Path) -> Manifest:
-        """A manifest from ``index.json``, its directory, an http(s) URL of it, or a shard source.
+    def load(cls, source: str | Path, *, split: str | None = None, check_names: bool = True) -> Manifest:
+        """A manifest from its file, its directory, an http(s) URL of it, or a shard source.
 
         Shard sources (a brace pattern such as ``dir/train-{000000..000009}.tar``, a ``pipe:`` command or
-        http URLs, several separated by ``::``) select shards; their counts come from the ``index.json``
-        next to the first shard, restricted to the selected names.
+        http URLs, several separated by ``::``) select shards; their counts come from the manifest next
+        to the first shard that lists it, restricted to the selected names. ``split`` picks the manifest
+        of a folder that holds several splits (and must match the manifest's split when given).
         """
         source = str(source)
-        if source.endswith(".json") or (not _is_remote(source) and Path(source).is_dir()):
-            return _load_index(source)
+        local = not _is_remote(source)
+        if local and not Path(source).exists() and not any(c in source for c in "{}") and "::" not in source:
+            raise ManifestError(f"{source}: no such file or folder (expected shards written by `mst-shards write`)")
+        if source.endswith(".json") or (local and Path(source).is_dir()):
+            m = _load_index(source, split=split, check_names=check_names)
+            if split is not None and m.split != split:
+                raise ManifestError(f"{source}: a manifest of split {m.split!r}, not {split!r}")
+            return m
         urls = expand_urls(source)
         if not urls:
             raise ManifestError(f"{source}: no shards")
-        sibling = _sibling_index(urls[0])
         try:
-            full = _load_index(sibling)
+            full = _sibling_manifest(urls[0], check_names=check_names)
         except ManifestError as err:
             raise ManifestError(f"{source}: the shards need their manifest ({err})") from None
         by_name = {s.name: s for s in full.shards}
@@ -144,12 +191,59 @@ class Manifest:
         for url in urls:
             name = _shard_name(url)
             if name not in by_name:
-                raise ManifestError(f"{url}: shard {name} is not in the manifest {sibling}")
+                raise ManifestError(f"{url}: shard {name} is not in the manifest {full.root}/{full.index_name}")
             picked.append(by_name[name])
         full.shards = picked
         full.total = sum(s.count for s in picked)
         full.shard_urls = urls
         return full
+
+
+# ------------------------------------------------------------------------------------------------
+# Manifests in a folder
+# ------------------------------------------------------------------------------------------------
+def manifests_in(directory: str | Path) -> dict[str, Path]:
+    """{split: manifest path} of the shard manifests in ``directory`` (files that are not a manifest
+    are left out)."""
+    directory = Path(directory)
+    found: dict[str, Path] = {}
+    names = [INDEX_NAME] + sorted(p.name for p in directory.glob("index-*.json") if _SPLIT_INDEX.fullmatch(p.name))
+    for name in names:
+        path = directory / name
+        try:
+            data = json.loads(path.read_text())
+            split = data["split"] if isinstance(data, dict) and isinstance(data.get("shards"), list) else None
+        except (OSError, ValueError, KeyError):
+            continue
+        if isinstance(split, str) and split not in found:
+            found[split] = path
+    return found
+
+
+def is_shard_dir(path: str | Path) -> bool:
+    """True for a folder holding at least one shard manifest (the eval side's shards-or-ImageFolder test)."""
+    p = Path(path)
+    return p.is_dir() and bool(manifests_in(p))
+
+
+def manifest_path(directory: str | Path, split: str | None = None) -> Path:
+    """The manifest file of ``directory`` (of ``split`` when given); one-line errors otherwise."""
+    directory = Path(directory)
+    found = manifests_in(directory)
+    if split is not None:
+        if split in found:
+            return found[split]
+        have = ", ".join(f"{p.name} ({s})" for s, p in found.items()) or "none"
+        raise ManifestError(f"{directory}: no manifest of split {split!r} (manifests: {have})")
+    if len(found) == 1:
+        return next(iter(found.values()))
+    if not found:
+        if (directory / INDEX_NAME).exists():
+            return directory / INDEX_NAME  # not a manifest: _load_index says why
+        raise ManifestError(f"{directory}: no such manifest (no {INDEX_NAME} in this folder; "
+                            "write shards with `mst-shards write` first)")
+    both = " and ".join(f"{p.name} ({s})" for s, p in found.items())
+    raise ManifestError(f"{directory}: holds the manifests of several splits, {both}: give the manifest file")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,45 +276,75 @@ def _shard_name(url: str) -> str:
     return target.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _sibling_index(url: str) -> str:
-    """Where the manifest of a shard lives: ``index.json`` in the shard's directory (or URL prefix)."""
+def _sibling_manifest(url: str, *, check_names: bool) -> Manifest:
+    """The manifest that lists the shard ``url``, from the shard's folder (or URL prefix): ``index.json``
+    or the per-split ``index-<split>.json`` (split = the shard name's prefix, e.g. ``val-000003.tar``)."""
+    name = _shard_name(url)
+    if not _is_remote(url):
+        folder = Path(url).parent
+        found = manifests_in(folder) if folder.is_dir() else {}
+        for path in found.values():
+            m = _load_index(str(path), check_names=check_names)
+            if any(s.name == name for s in m.shards):
+                return m
+        if found:
+            raise ManifestError(f"no manifest in {folder} lists {name}")
+        raise ManifestError(f"{folder / INDEX_NAME}: no such manifest")
+    prefix = re.fullmatch(r"(.+)-\d+\.tar", name)
+    candidates = ([split_index_name(prefix.group(1))] if prefix else []) + [INDEX_NAME]
+    first_error: ManifestError | None = None
+    for index_name in candidates:
+        try:
+            m = _load_index(_sibling_url(url, index_name), check_names=check_names)
+        except ManifestError as err:
+            first_error = first_error or err
+            continue
+        if any(s.name == name for s in m.shards):
+            return m
+    raise first_error or ManifestError(f"no manifest next to {url} lists {name}")
+
+
+def _sibling_url(url: str, index_name: str) -> str:
+    """Where a manifest named ``index_name`` next to the shard ``url`` is read from."""
     if url.startswith("pipe:"):
         cmd = url[5:]
         target = _url_target(url)
         if "/" in target:
-            return "pipe:" + cmd.replace(target, target.rsplit("/", 1)[0] + "/" + INDEX_NAME)
-        return "pipe:" + cmd.replace(target, INDEX_NAME)
-    if _is_remote(url):
-        return url.split("?")[0].rsplit("/", 1)[0] + "/" + INDEX_NAME
-    return str(Path(url).parent / INDEX_NAME)
+            return "pipe:" + cmd.replace(target, target.rsplit("/", 1)[0] + "/" + index_name)
+        return "pipe:" + cmd.replace(target, index_name)
+    return url.split("?")[0].rsplit("/", 1)[0] + "/" + index_name
 
 
-def _load_index(source: str) -> Manifest:
+def _load_index(source: str, *, split: str | None = None, check_names: bool = True) -> Manifest:
     if source.startswith("pipe:"):
-        proc = subprocess.run(source[5:], shell=True, capture_output=True)
+        proc = subprocess.run(source[5:], shell=True, capture_output=True)  # the user's own command
         if proc.returncode != 0:
             raise ManifestError(f"{source}: command failed with exit code {proc.returncode}")
         text = proc.stdout.decode()
-        root: Path | str = source  # urls(): the same command with the shard name in place of index.json
+        root: Path | str = source  # urls(): the same command with the shard name in place of the manifest's
+        index_name = _url_target(source).rsplit("/", 1)[-1]
     elif source.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(source, timeout=60) as resp:
                 text = resp.read().decode()
         except OSError as err:
             raise ManifestError(f"{source}: cannot fetch ({err})") from None
-        root = source.rsplit("/", 1)[0]
+        root, index_name = source.rsplit("/", 1)
     else:
         path = Path(source)
         if path.is_dir():
-            path = path / INDEX_NAME
+            path = manifest_path(path, split)
         if not path.exists():
             raise ManifestError(f"{path}: no such manifest (write shards with `mst-shards write` first)")
-        text = path.read_text()
-        root = path.parent
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ManifestError(f"{path}: cannot read the manifest ({err})") from None
+        root, index_name = path.parent, path.name
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ManifestError(f"{source}: manifest is not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{source}: not a shard manifest")
-    return Manifest.from_dict(data, root)
+    return Manifest.from_dict(data, root, check_names=check_names, index_name=index_name)
