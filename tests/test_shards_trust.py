@@ -1,0 +1,319 @@
+"""``mst-shards`` off the happy path (issue 9): it touches only its own files, executes nothing from a
+manifest, skips hostile inputs, fails one line on a full disk, and ``verify`` finds edited manifests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from data_tools import sample_data
+from data_tools.cli import main as shards_main
+from data_tools.writer import write_shards
+from mst_ds.data.manifest import Manifest, ManifestError, is_shard_dir
+
+
+@pytest.fixture(scope="module")
+def small_src(tmp_path_factory) -> Path:
+    """4 classes × 3 small JPEGs."""
+    root = tmp_path_factory.mktemp("src")
+    sample_data.write_generated_imagefolder(root, classes=4, per_class=3, width=64, height=48)
+    return root
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mst-shards: error: "), err
+    return err[0]
+
+
+def _write(src: Path, out: Path, *extra: str) -> int:
+    return shards_main(["write", "--src", str(src), "--out", str(out), "--quiet", *extra])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- case 6: --out ---------------------------------------------------------------------------------
+def test_refuses_a_folder_that_is_not_a_shard_folder(small_src, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "index.json").write_text('{"my": "own index"}')
+    (out / "notes.txt").write_text("keep me")
+    (out / "train-000000.tar").write_bytes(b"not yours")
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert _write(small_src, out, "--split", "train") == 2
+    assert "not a shard folder" in _one_error_line(capsys)
+    assert _snapshot(out) == before
+
+
+def test_rerun_touches_only_its_own_files(small_src, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _write(small_src, out, "--split", "train", "--max-count", "2") == 0
+    assert len(list(out.glob("train-*.tar"))) == 6
+    foreign = {"unrelated.tar": b"u", ".backup.tmp-123": b"t", "val-000000.tar.orig": b"v", "README": b"r",
+               ".train-000000.tar.bak": b"b"}
+    for name, data in foreign.items():
+        (out / name).write_bytes(data)
+    # A new plan (fewer, larger shards): this split's surplus shards go, nothing else does.
+    assert _write(small_src, out, "--split", "train", "--max-count", "5") == 0
+    assert sorted(p.name for p in out.glob("train-*.tar")) == [f"train-{i:06d}.tar" for i in range(3)]
+    for name, data in foreign.items():
+        assert (out / name).read_bytes() == data, name
+    assert shards_main(["verify", str(out)]) == 0
+    # A shard-named file that no manifest or record of this split claims: refused, not replaced.
+    (out / "train-000007.tar").write_bytes(b"someone else's")
+    capsys.readouterr()
+    assert _write(small_src, out, "--split", "train", "--max-count", "5") == 2
+    assert "train-000007.tar" in _one_error_line(capsys)
+    assert (out / "train-000007.tar").read_bytes() == b"someone else's"
+
+
+def test_train_and_val_share_a_folder_with_distinct_manifests(small_src, tmp_path, capsys):
+    out = tmp_path / "both"
+    assert _write(small_src, out, "--split", "train", "--max-count", "4") == 0
+    train_files = {p.name: p.read_bytes() for p in out.glob("train-*.tar")}
+    train_index = (out / "index.json").read_bytes()
+    assert _write(small_src, out, "--split", "val", "--max-count", "5") == 0
+    assert (out / "index.json").read_bytes() == train_index  # the train manifest is not replaced
+    assert json.loads((out / "index-val.json").read_text())["split"] == "val"
+    assert {p.name: p.read_bytes() for p in out.glob("train-*.tar")} == train_files
+    # Only the folder: ambiguous, one line naming both manifests; with the split (or the file) it is clear.
+    with pytest.raises(ManifestError, match=r"index\.json \(train\).*index-val\.json \(val\)"):
+        Manifest.load(out)
+    assert Manifest.load(out, split="val").split == "val"
+    assert Manifest.load(out / "index-val.json").total == 12
+    assert Manifest.load(str(out / "val-{000000..000002}.tar")).split == "val"
+    assert Manifest.load(str(out / "train-{000000..000002}.tar")).split == "train"
+    assert is_shard_dir(out)
+    capsys.readouterr()
+    assert shards_main(["verify", str(out)]) == 2
+    assert "give the manifest file" in _one_error_line(capsys)
+    assert shards_main(["verify", str(out), "--split", "val"]) == 0
+    assert shards_main(["verify", str(out / "index.json")]) == 0  # val shards on disk are not train extras
+    # Rewriting train (a new seed) leaves val's shards and manifest alone, and keeps index.json.
+    val_before = {p.name: p.read_bytes() for p in out.glob("*val*")}
+    assert _write(small_src, out, "--split", "train", "--max-count", "4", "--seed", "1") == 0
+    assert {p.name: p.read_bytes() for p in out.glob("*val*")} == val_before
+    assert json.loads((out / "index.json").read_text())["extra"]["seed"] == 1
+
+
+def test_older_folder_without_records_is_still_ours(small_src, tmp_path):
+    """A folder with only index.json and shards (no records): read as before, and a rerun may replace
+    the shards its manifest lists."""
+    out = tmp_path / "old"
+    write_shards(small_src, out, split="train", max_count=4, progress=False)
+    shutil.rmtree(out / ".mst-shards")
+    assert Manifest.load(out).total == 12
+    res = write_shards(small_src, out, split="train", max_count=3, progress=False)
+    assert res.written == 4 and sorted(p.name for p in out.glob("*.tar")) == [f"train-{i:06d}.tar" for i in range(4)]
+
+
+# ---- case 11: names from a manifest ------------------------------------------------------------------
+def test_shard_names_are_never_run(small_src, tmp_path, capsys):
+    out = tmp_path / "out"
+    write_shards(small_src, out, split="train", max_count=12, progress=False)
+    marker = tmp_path / f"PWNED-{uuid.uuid4().hex}"
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][0]["name"] = f"x.tar; touch {marker}; true"
+    (out / "index.json").write_text(json.dumps(index))
+    for source in (out, out / "index.json", f"pipe:cat {out}/index.json"):
+        with pytest.raises(ManifestError, match="shard name"):
+            Manifest.load(source)
+    # Even without the check, the name reaches a shell only quoted.
+    m = Manifest.load(f"pipe:cat {out}/index.json", check_names=False)
+    url = m.urls()[0]
+    assert url.startswith("pipe:cat ") and "'" in url
+    subprocess.run(url[5:], shell=True, capture_output=True)
+    capsys.readouterr()
+    assert shards_main(["verify", str(out)]) == 1
+    assert "shard name" in capsys.readouterr().err
+    assert not marker.exists()
+    for bad in ("../train-000000.tar", "sub/train-000000.tar", "a`id`.tar", "$(id).tar", "-rf.tar", "x..tar"):
+        index["shards"][0]["name"] = bad
+        (out / "index.json").write_text(json.dumps(index))
+        with pytest.raises(ManifestError, match="shard name"):
+            Manifest.load(out)
+
+
+# ---- cases 12, 13, 16, 17: inputs -----------------------------------------------------------------------
+def _bomb_png(w: int, h: int) -> bytes:
+    data = bytearray(sample_data.png_bytes(sample_data.generated_image(1, 16, 16)))
+    data[16:24] = w.to_bytes(4, "big") + h.to_bytes(4, "big")  # IHDR claims w×h
+    return bytes(data)
+
+
+def _bomb_jpeg(w: int, h: int) -> bytes:
+    data = bytearray(sample_data.jpeg_bytes(sample_data.generated_image(2, 16, 16)))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = h.to_bytes(2, "big") + w.to_bytes(2, "big")
+    return bytes(data)
+
+
+def _bomb_bmp(w: int, h: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    sample_data.generated_image(3, 16, 16).save(buf, format="BMP")
+    data = bytearray(buf.getvalue())
+    data[18:26] = w.to_bytes(4, "little") + h.to_bytes(4, "little")
+    return bytes(data)
+
+
+def test_bad_inputs_are_listed_never_stored_never_abort(tmp_path, capsys):
+    src = tmp_path / "src"
+    sample_data.write_generated_imagefolder(src, classes=3, per_class=2, width=64, height=48)
+    c0 = src / "c00"
+    bombs = {"bomb.bmp": _bomb_bmp(30000, 30000), "bomb.png": _bomb_png(30000, 30000),
+             "bomb60k.png": _bomb_png(60000, 60000), "bomb.JPEG": _bomb_jpeg(30000, 30000),
+             "bomb60k.JPEG": _bomb_jpeg(60000, 60000), "mid.bmp": _bomb_bmp(10000, 10000)}
+    for name, data in bombs.items():
+        (c0 / name).write_bytes(data)
+    (c0 / "garbage.bmp").write_bytes(b"BM" + os.urandom(64))
+    (c0 / "loop.JPEG").symlink_to(c0 / "loop.JPEG")  # a symlink loop: stat raises ELOOP
+    (src / "c99").symlink_to(src / "c99")  # a class folder that loops
+    (src / "c03").mkdir()  # an empty class folder
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert _write(src, out, "--split", "train") == 0
+    err = capsys.readouterr().err
+    m = Manifest.load(out)
+    assert m.total == 6
+    bad = {u.split(":")[0]: u for u in m.unreadable}
+    assert set(bad) == {f"c00/{n}" for n in bombs} | {"c00/garbage.bmp", "c00/loop.JPEG", "c99"}
+    for name in bombs:
+        assert "pixels" in bad[f"c00/{name}"] or "decompression bomb" in bad[f"c00/{name}"], bad[f"c00/{name}"]
+    assert "symbolic links" in bad["c00/loop.JPEG"] and "symbolic links" in bad["c99"]
+    assert "BytesIO" not in err and "BytesIO" not in json.dumps(m.unreadable)
+    assert "c00/garbage.bmp: not a readable image" in err
+    # The empty class stays a class (labels after it keep their index) and is warned about and recorded.
+    assert [c["wnid"] for c in m.classes] == ["c00", "c01", "c02", "c03"]
+    assert m.empty_classes == ["c03"] and "warning: class c03 (label 3) has no image" in err
+    # The limit is a setting: with a low one even the ordinary 64×48 images are unreadable.
+    low = write_shards(src, tmp_path / "low", split="train", max_pixels=64 * 48 - 1, progress=False).manifest
+    assert low.total == 0
+    assert sum("above the limit of 3,071" in u for u in low.unreadable) == 6 + 5  # + all bombs but BMP 30000²
+
+
+def test_missing_paths_are_named_as_given(tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "shards"
+    with pytest.raises(ManifestError) as err:
+        Manifest.load(missing)
+    assert str(err.value).startswith(f"{missing}: no such file or folder")
+    assert "/index.json" not in str(err.value)
+    capsys.readouterr()
+    assert shards_main(["verify", str(missing)]) == 2
+    assert str(missing) in _one_error_line(capsys)
+
+
+# ---- case 14: disk full -------------------------------------------------------------------------------
+@pytest.mark.parametrize("workers", [1, 2])
+def test_disk_full_is_one_line_exit_1_and_leaves_no_temp(small_src, tmp_path, capsys, monkeypatch, workers):
+    out = tmp_path / "out"
+    argv = ["--split", "train", "--max-count", "2", "--workers", str(workers)]
+    monkeypatch.setenv("MST_DS_FAULT", "disk_full@3")
+    capsys.readouterr()
+    assert _write(small_src, out, *argv) == 1
+    assert "No space left on device" in _one_error_line(capsys)
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not (out / "index.json").exists()
+    monkeypatch.delenv("MST_DS_FAULT")
+    assert _write(small_src, out, *argv) == 0
+    assert shards_main(["verify", str(out)]) == 0
+    # A finished folder and a rerun with nothing to write: the full disk is never noticed, state intact.
+    before = _snapshot(out)
+    monkeypatch.setenv("MST_DS_FAULT", "disk_full@3")
+    assert _write(small_src, out, *argv) == 0
+    assert {k: v for k, v in _snapshot(out).items() if k != "index.json"} == \
+        {k: v for k, v in before.items() if k != "index.json"}
+
+
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str):
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_real_full_disk(tmp_path, capsys, workers):
+    src = tmp_path / "src"
+    sample_data.write_generated_imagefolder(src, classes=2, per_class=12, width=500, height=375)  # ~1.5 MB
+    with _small_tmpfs(tmp_path / "small", "640k") as out:
+        capsys.readouterr()
+        assert _write(src, out / "shards", "--split", "train", "--max-count", "2", "--workers", str(workers)) == 1
+        assert "No space left on device" in _one_error_line(capsys)
+        assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+# ---- case 15: verify finds edited manifests ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ten_classes(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("ten")
+    sample_data.write_generated_imagefolder(src / "src", classes=10, per_class=2, width=48, height=32)
+    write_shards(src / "src", src / "out", split="train", max_count=4, progress=False)
+    return src / "out"
+
+
+def _edited(ten_classes: Path, tmp_path: Path, edit) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(ten_classes, out)
+    index = json.loads((out / "index.json").read_text())
+    edit(index, out)
+    (out / "index.json").write_text(json.dumps(index))
+    return out
+
+
+def _drop_entry(index, out):
+    gone = index["shards"].pop(2)
+    index["total"] -= gone["count"]
+    index["total_bytes"] -= gone["bytes"]
+    index["num_shards"] -= 1
+
+
+def _drop_entry_and_file(index, out):
+    _drop_entry(index, out)
+    (out / "train-000002.tar").unlink()
+    (out / ".mst-shards" / "train-000002.tar.json").unlink()
+
+
+def _cut_classes(index, out):
+    index["classes"] = index["classes"][:5]
+    index["num_classes"] = 5
+
+
+def _escape_name(index, out):
+    index["shards"][1]["name"] = "../copy/train-000001.tar"
+
+
+def _extra_on_disk(index, out):
+    shutil.copy(out / "train-000000.tar", out / "train-000005.tar")
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (_drop_entry, "train-000002.tar"),
+    (_drop_entry_and_file, "train-000002.tar is not listed"),
+    (_cut_classes, "outside the manifest's 5 classes"),
+    (_escape_name, "shard name '../copy/train-000001.tar'"),
+    (_extra_on_disk, "train-000005.tar: a shard of split 'train' on disk"),
+])
+def test_verify_reports_edited_manifests(ten_classes, tmp_path, capsys, edit, expect):
+    assert shards_main(["verify", str(ten_classes)]) == 0
+    out = _edited(ten_classes, tmp_path, edit)
+    capsys.readouterr()
+    assert shards_main(["verify", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert expect in err and "verify FAILED" in err, err
