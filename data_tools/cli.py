@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="class histogram, size statistics, contact sheet")
     i.add_argument("dir", help="shard folder (or its manifest file)")
+    i.add_argument("--split", default=None, help="which manifest of a folder holding several splits")
     i.add_argument("--out", default=None, help="contact-sheet PNG (default: DIR/contact_sheet.png)")
     i.add_argument("--max-shards", type=int, default=None, help="read only the first N shards")
     i.add_argument("--sheet-images", type=int, default=64)
@@ -93,7 +94,7 @@ def _inspect(args) -> int:
 
     from data_tools.inspection import contact_sheet, inspect_dir, stats_row
 
-    res = inspect_dir(args.dir, max_shards=args.max_shards, sheet_images=args.sheet_images)
+    res = inspect_dir(args.dir, max_shards=args.max_shards, sheet_images=args.sheet_images, split=args.split)
     m = res.manifest
     con = Console()
     con.print(f"[bold]{m.split}[/bold]: {m.total:,} images in {len(m.shards)} shards, {len(m.classes)} classes, "

@@ -30,8 +30,8 @@ class Inspection:
 
 
 def inspect_dir(directory: str | Path, *, max_shards: int | None = None, sheet_images: int = 64,
-                thumb: int = 96) -> Inspection:
-    manifest = Manifest.load(str(directory))
+                thumb: int = 96, split: str | None = None) -> Inspection:
+    manifest = Manifest.load(str(directory), split=split)
     res = Inspection(manifest)
     for url in manifest.urls()[:max_shards]:
         for s in iter_tar_samples(url):

@@ -816,6 +816,8 @@ def write_shards(src: str | Path, out: str | Path, *, split: str = "train", layo
     )
     if max_pixels != DEFAULT_MAX_PIXELS:
         manifest.extra["max_pixels"] = max_pixels
+    # Chosen again now: a writer of another split into the same new folder may have taken index.json.
+    manifest.index_name = folder.index_name = _manifest_name(out, split, manifests_in(out))
     try:
         path = manifest.save(out, folder.index_name)
     except OSError as err:

@@ -317,3 +317,49 @@ def test_verify_reports_edited_manifests(ten_classes, tmp_path, capsys, edit, ex
     assert shards_main(["verify", str(out)]) == 1
     err = capsys.readouterr().err
     assert expect in err and "verify FAILED" in err, err
+
+
+def test_undecodable_message_names_the_sample_not_a_buffer(tmp_path, capsys):
+    import hashlib
+    import io
+    import tarfile
+
+    from mst_ds.data.manifest import ShardInfo
+
+    out = tmp_path / "out"
+    out.mkdir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("garbage.jpg", b"\xff\xd8\xff" + os.urandom(200)), ("garbage.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (out / "train-000000.tar").write_bytes(buf.getvalue())
+    Manifest(split="train", classes=[{"index": 0, "wnid": "c0", "name": "c0"}],
+             shards=[ShardInfo("train-000000.tar", 1, len(buf.getvalue()), hashlib.sha256(buf.getvalue()).hexdigest())],
+             total=1, tool_version="test").save(out)
+    capsys.readouterr()
+    assert shards_main(["verify", str(out), "--decode"]) == 1
+    err = capsys.readouterr().err
+    assert "sample garbage (jpg) does not decode" in err and "BytesIO" not in err and " at 0x" not in err, err
+
+
+# ---- issue 13: hashed while written, bytes as tarfile writes them ------------------------------------
+def test_shards_are_tarfile_bytes_and_hashed_as_written(small_src, tmp_path):
+    import hashlib
+    import io
+    import tarfile
+
+    from data_tools.writer import _tarinfo
+
+    m = write_shards(small_src, tmp_path / "out", split="train", max_count=5, workers=2, progress=False).manifest
+    for s in m.shards:
+        data = (tmp_path / "out" / s.name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s.sha256 and len(data) == s.bytes
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = [(mem.name, tar.extractfile(mem).read()) for mem in tar]
+        ref = io.BytesIO()
+        with tarfile.open(fileobj=ref, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for name, body in members:
+                tar.addfile(_tarinfo(name, len(body)), io.BytesIO(body))
+        assert ref.getvalue() == data, s.name
