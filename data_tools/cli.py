@@ -8,6 +8,7 @@ line, exit 1, finished shards kept, no temp file left. A verification failure â†
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--layout", choices=["imagefolder", "ilsvrc"], default="imagefolder")
     w.add_argument("--val-labels", default=None, help="ILSVRC val: the devkit (folder/.tar.gz), its ground-truth file, or one wnid per line")
     w.add_argument("--max-count", type=int, default=256, help="images per shard")
-    w.add_argument("--workers", type=int, default=1, help="writer processes (each writes a disjoint range of shards)")
+    w.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="writer processes, each writing a disjoint range of shards (same bytes for any number; "
+                        "default: the cores, at most 8)")
     w.add_argument("--seed", type=int, default=0, help="seed of the sample-list shuffle")
     w.add_argument("--strict", action="store_true", help="an unreadable input is an error (exit 2)")
     w.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,

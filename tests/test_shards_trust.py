@@ -93,6 +93,10 @@ def test_train_and_val_share_a_folder_with_distinct_manifests(small_src, tmp_pat
     assert Manifest.load(out / "index-val.json").total == 12
     assert Manifest.load(str(out / "val-{000000..000002}.tar")).split == "val"
     assert Manifest.load(str(out / "train-{000000..000002}.tar")).split == "train"
+    piped = Manifest.load(f"pipe:cat {out}/val-000001.tar")  # the manifest is read by the same command
+    assert piped.split == "val" and [s.name for s in piped.shards] == ["val-000001.tar"]
+    piped_all = Manifest.load(f"pipe:cat {out}/index-val.json")
+    assert piped_all.urls()[0] == f"pipe:cat {out}/val-000000.tar"
     assert is_shard_dir(out)
     capsys.readouterr()
     assert shards_main(["verify", str(out)]) == 2
