@@ -142,9 +142,10 @@ class Manifest:
         except (KeyError, TypeError, ValueError) as err:
             raise ManifestError(f"{root}: not a shard manifest (missing or bad field {err})") from None
         if check_names:
+            where = str(root) if str(root).startswith("pipe:") else f"{root}/{index_name}"
             for s in shards:
                 if (why := shard_name_problem(s.name)) is not None:
-                    raise ManifestError(f"{root}/{index_name}: {why} (refused; `mst-shards verify` lists every problem)")
+                    raise ManifestError(f"{where}: {why} (refused; `mst-shards verify` lists every problem)")
         try:
             return cls(
                 split=str(d["split"]),
