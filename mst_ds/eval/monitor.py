@@ -1,0 +1,110 @@
+"""Online k-NN monitor (issue 10): ``mst-ds knn`` of the teacher, run inside training at a cadence.
+
+The teacher's CLS features of a labelled held-out set (``eval.monitor``: a bank and a query split,
+or one split cut deterministically by the crc32 of each sample key) are extracted with the evaluators'
+own code (:func:`mst_ds.eval.features.extract_features`: each rank reads a disjoint part, the features
+are all-gathered once and ordered by key) and scored on rank 0 by the same weighted k-NN
+(:func:`mst_ds.eval.knn.weighted_knn`, temperature ``eval.knn_temperature``). With the same bank and
+query as ``mst-ds knn --train BANK --val QUERY`` and the same weights it gives the same number.
+
+It does not change training: the eval transform has no random op, the training loader is not touched,
+and every RNG the data loader could draw from (torch CPU/CUDA, Python, NumPy) is restored afterwards,
+so a run resumed after a kill stays bit-identical with the monitor on.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import zlib
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mst_ds.config import MSTConfig
+
+
+@contextmanager
+def rng_untouched(device: torch.device):
+    """Every random state the block might advance is put back afterwards."""
+    py, npy = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def is_query(key: str, fraction: float) -> bool:
+    """Deterministic cut of one split: a stable hash of the sample key, not its position."""
+    return zlib.crc32(key.encode()) % 10_000 < round(fraction * 10_000)
+
+
+class OnlineKNN:
+    """Weighted k-NN of the teacher backbone on the monitor data; all ranks call :meth:`evaluate`."""
+
+    def __init__(self, cfg: MSTConfig, *, rank: int, world: int, device: torch.device) -> None:
+        from mst_ds.eval import features as fx
+
+        self.cfg, self.m = cfg, cfg.eval.monitor
+        for source in (self.m.bank, self.m.query):
+            if source is not None:
+                fx.check_labelled(source)
+        self.dist = fx.Dist(rank, world, device)
+        self.seconds = 0.0  # wall time spent in evaluations by this process
+        self.evaluations = 0
+
+    def due(self, step: int, *, epoch_end: bool, epoch: int, last: bool) -> bool:
+        """Step 0, the last step, every ``every_steps`` steps and the end of every ``every_epochs``-th epoch."""
+        m = self.m
+        return (step == 0 or last or (m.every_steps > 0 and step % m.every_steps == 0)
+                or (epoch_end and m.every_epochs > 0 and (epoch + 1) % m.every_epochs == 0))
+
+    def _features(self, backbone, source: str) -> tuple[Tensor, Tensor, list[str], int]:
+        from mst_ds.data.augment import eval_transform
+        from mst_ds.eval import features as fx
+
+        cfg = self.cfg
+        transform = eval_transform(cfg.eval.image_size, mean=cfg.augment.mean, std=cfg.augment.std)
+        loader, num_classes = fx.open_eval_data(source, transform=transform, batch_size=self.m.batch_size,
+                                                num_workers=self.m.num_workers, rank=self.dist.rank,
+                                                world_size=self.dist.world_size)
+        feats, labels, keys = fx.extract_features(backbone, loader, device=self.dist.device, dist_info=self.dist,
+                                                  show_progress=False, return_keys=True)
+        return feats, labels, keys, num_classes
+
+    @torch.no_grad()
+    def evaluate(self, backbone: torch.nn.Module) -> dict[str, float] | None:
+        """Top-1 / top-5 (percent) on rank 0, None elsewhere. ``backbone``: the teacher's."""
+        from mst_ds.config import RunFailure
+        from mst_ds.eval.knn import normalize_, weighted_knn
+
+        started = time.monotonic()
+        was_training = backbone.training
+        with rng_untouched(self.dist.device):
+            backbone.eval()
+            try:
+                bank, bank_y, keys, n_cls = self._features(backbone, self.m.bank)
+                if self.m.query is not None:
+                    query, query_y, _, n_q = self._features(backbone, self.m.query)
+                    n_cls = max(n_cls, n_q)
+                else:
+                    q = torch.tensor([is_query(k, self.m.query_fraction) for k in keys], dtype=torch.bool)
+                    bank, bank_y, query, query_y = bank[~q], bank_y[~q], bank[q], bank_y[q]
+            finally:
+                backbone.train(was_training)
+        if len(query_y) == 0 or len(bank_y) < self.m.k:  # every rank holds the gathered features: all stop
+            raise RunFailure(f"eval.monitor: {len(bank_y)} bank and {len(query_y)} query samples: too few for k={self.m.k}")
+        result = None
+        if self.dist.is_main:
+            dev = self.dist.device
+            res = weighted_knn(normalize_(bank.to(dev)), bank_y, normalize_(query.to(dev)), query_y, [self.m.k],
+                               self.cfg.eval.knn_temperature, n_cls, normalized=True)
+            result = {"monitor_knn_top1": res.top1[self.m.k], "monitor_knn_top5": res.top5[self.m.k]}
+        self.seconds += time.monotonic() - started
+        self.evaluations += 1
+        return result
