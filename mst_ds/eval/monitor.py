@@ -108,3 +108,45 @@ class OnlineKNN:
         self.seconds += time.monotonic() - started
         self.evaluations += 1
         return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost estimate (mst-ds plan)
+# --------------------------------------------------------------------------------------------------
+def training_cost_per_image(cfg: MSTConfig, patch: int) -> float:
+    """Training compute per image in units of one feature-extraction forward (an ESTIMATE).
+
+    Tokens as the cost unit (the per-token MLP/projection work dominates a ViT at these lengths):
+    teacher forward on the 2 global views, student forward + backward (≈ 3 forwards) on 2 global +
+    n local views, against one forward of an eval image; the decoder (≈ 7 % of a DeiT-S step,
+    bench/step_cost.py) is left out, so the estimate errs on the monitor's side."""
+    def tokens(size: int) -> int:
+        return (size // patch) ** 2 + 1
+
+    g, loc, e = tokens(cfg.augment.global_crop_size), tokens(cfg.augment.local_crop_size), tokens(cfg.eval.image_size)
+    return (2 * g + 3 * (2 * g + cfg.augment.n_local_crops * loc)) / e
+
+
+def evaluations_per_epoch(cfg: MSTConfig, steps_per_epoch: int) -> float:
+    m = cfg.eval.monitor
+    return (steps_per_epoch / m.every_steps if m.every_steps else 0.0) + (1.0 / m.every_epochs if m.every_epochs else 0.0)
+
+
+def cost_share(cfg: MSTConfig, *, dataset_size: int, steps_per_epoch: int, monitor_images: int, patch: int) -> float:
+    """Estimated share of the run's compute spent by the monitor (feature extraction only)."""
+    monitor = monitor_images * evaluations_per_epoch(cfg, steps_per_epoch)
+    train = dataset_size * training_cost_per_image(cfg, patch)
+    return monitor / (monitor + train)
+
+
+def count_images(source: str) -> int:
+    """Samples of a shard set (its manifest) or an ImageFolder."""
+    from mst_ds.data.reader import _is_imagefolder
+
+    if _is_imagefolder(source):
+        from torchvision.datasets import ImageFolder
+
+        return len(ImageFolder(source).samples)
+    from mst_ds.data.manifest import Manifest
+
+    return Manifest.load(source).total
