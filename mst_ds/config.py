@@ -213,6 +213,7 @@ class HealthConfig(Section):
     one_prototype: float = Field(0.2, ge=0, lt=1, description="[D] alert when the entropy of the batch-mean teacher distribution ÷ ln min(K, teacher outputs per micro-batch) is below this (every sample on the same prototypes).")
     dim_collapse: float = Field(0.2, ge=0, lt=1, description="[D] alert when the std over the batch of the L2-normalised teacher CLS × √D is below this (≈ 1 when healthy).")
     flat_attention: float = Field(0.99, gt=0, le=1, description="[D] alert when the teacher's last-block CLS attention entropy ÷ ln N exceeds this while attention-guided masking is on.")
+    flat_attention_after_fraction: float = Field(0.3, ge=0, le=1, description="[D] the flat-attention rule applies from this fraction of the schedule (attention is flat at random init and specialises later than the output distribution settles; 0.3 = the end of DINO's 30-epoch teacher-temperature warm-up).")
     knn_after_fraction: float = Field(0.3, ge=0, le=1, description="[D] from this fraction of the schedule, alert when the online k-NN top-1 is at or below its step-0 value.")
     grad_probe_every: int = Field(1, ge=0, description="Measure the restoration share of the gradient at the last shared layer at every N-th log step (0 = off); backward hooks only, no extra backward.")
 

@@ -149,7 +149,7 @@ class Context:
     K: int  # prototypes
     M: int  # teacher outputs per micro-batch and rank (2 × micro-batch)
     D: int  # CLS width
-    total_steps: int
+    total_steps: int  # schedule length (rules start at fractions of it)
     attention_masking: bool
     knn_at_start: float | None  # online k-NN top-1 at step 0
 
@@ -196,7 +196,7 @@ def _dim_collapse(stats, h, c, step):
 
 def _flat_attention(stats, h, c, step):
     v = _get(stats, "attn_entropy")
-    if v is None or not c.attention_masking:
+    if v is None or not c.attention_masking or step < h.flat_attention_after_fraction * c.total_steps:
         return None
     return (v, h.flat_attention, v > h.flat_attention)
 
@@ -329,7 +329,7 @@ class RunHealth:
         self._started = None
         knn0 = _knn_at_start(Path(run_dir)) if t.rank == 0 and t.step > 0 else None
         context = Context(K=cfg.model.head.out_dim, M=2 * t.derived.micro_batch, D=t.engine.module.backbone.embed_dim,
-                          total_steps=end, attention_masking=cfg.mask.enabled and cfg.mask.strategy == "attention",
+                          total_steps=t.derived.total_steps, attention_masking=cfg.mask.enabled and cfg.mask.strategy == "attention",
                           knn_at_start=knn0)
         self.alerts = AlertBook(cfg, context, Path(run_dir), enabled=t.rank == 0, start_step=t.step)
         self.stop = False

@@ -171,3 +171,32 @@ def test_flat_attention_is_not_an_alert_without_attention_guided_masking(tmp_pat
     ctx = Context(K=256, M=128, D=64, total_steps=100, attention_masking=False, knn_at_start=None)
     book = AlertBook(cfg, ctx, tmp_path, enabled=True, start_step=0)
     assert book.check(50, {**HEALTHY, "attn_entropy": 1.0}) == []
+
+
+def test_plan_states_monitor_cadence_and_estimated_cost(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from mst_ds import cli
+    from mst_ds.config import derive
+    from mst_ds.eval import monitor
+
+    cfg = load_config("mst_deit_s_100ep").config
+    # DeiT-S: teacher 2 x 197 tokens + student 3 x (2 x 197 + 6 x 37) = 2242 tokens vs 197 per eval image.
+    assert monitor.training_cost_per_image(cfg, 16) == pytest.approx(2242 / 197)
+    d = derive(cfg, 128)
+    share = monitor.cost_share(cfg, dataset_size=d.dataset_size, steps_per_epoch=d.steps_per_epoch,
+                               monitor_images=50_000, patch=16)
+    assert share == pytest.approx(50_000 / (50_000 + 1_281_167 * 2242 / 197))
+    assert share < 0.03  # the target at the default cadence (once per epoch)
+
+    for c in range(2):
+        (tmp_path / "mon" / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (c * 100, i, 0)).save(tmp_path / "mon" / f"c{c}" / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["plan", "--preset", "tiny", "--no-model", "--set", f"eval.monitor.bank={tmp_path / 'mon'}",
+                     "--set", "eval.monitor.every_steps=100"]) == 0
+    out = capsys.readouterr().out
+    assert "Online k-NN monitor" in out and "every 100 steps" in out and "estimated share" in out
+    assert cli.main(["plan", "--preset", "mst_deit_s_100ep", "--no-model"]) == 0
+    assert "off (no eval.monitor.bank given)" in capsys.readouterr().out

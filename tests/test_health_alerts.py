@@ -31,7 +31,7 @@ def monitor_data(digits_shards):
 
 
 # Every rule checked from the first step; the k-NN rule from the first monitored step.
-FROM_START = ("health.start_fraction=0", "health.knn_after_fraction=0")
+FROM_START = ("health.start_fraction=0", "health.knn_after_fraction=0", "health.flat_attention_after_fraction=0")
 
 
 @pytest.mark.parametrize("rule, sets", [
