@@ -211,7 +211,7 @@ class HealthConfig(Section):
     start_fraction: float = Field(0.1, ge=0, le=1, description="[D] rules apply from this fraction of the schedule (the paper's warm-up: 10 of 100 epochs).")
     uniform_collapse: float = Field(0.9, gt=0, le=1, description="[D] alert when the teacher's per-sample entropy ÷ ln K exceeds this (uniform collapse).")
     one_prototype: float = Field(0.2, ge=0, lt=1, description="[D] alert when the entropy of the batch-mean teacher distribution ÷ ln min(K, teacher outputs per micro-batch) is below this (every sample on the same prototypes).")
-    dim_collapse: float = Field(0.2, ge=0, lt=1, description="[D] alert when the std over the batch of the L2-normalised teacher CLS × √D is below this (≈ 1 when healthy).")
+    dim_collapse: float = Field(0.05, ge=0, lt=1, description="[D] alert when the std over the batch of the L2-normalised teacher CLS × √D is below this (≈ 1 for isotropic features, → 0 on collapse). Trained ViT CLS features share a large common direction: healthy tiny runs measured 0.1–0.3 while k-NN rose; an lr far too high measured 0.03.")
     flat_attention: float = Field(0.99, gt=0, le=1, description="[D] alert when the teacher's last-block CLS attention entropy ÷ ln N exceeds this while attention-guided masking is on.")
     flat_attention_after_fraction: float = Field(0.3, ge=0, le=1, description="[D] the flat-attention rule applies from this fraction of the schedule (attention is flat at random init and specialises later than the output distribution settles; 0.3 = the end of DINO's 30-epoch teacher-temperature warm-up).")
     knn_after_fraction: float = Field(0.3, ge=0, le=1, description="[D] from this fraction of the schedule, alert when the online k-NN top-1 is at or below its step-0 value.")

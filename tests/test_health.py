@@ -132,7 +132,7 @@ HEALTHY = {"loss": 5.0, "nonfinite_steps": 0, "teacher_entropy_rel": 0.4, "teach
     ("loss_not_finite", {"nonfinite_steps": 1}),
     ("uniform_collapse", {"teacher_entropy_rel": 0.95}),
     ("one_prototype_collapse", {"teacher_usage_entropy_rel": 0.05}),
-    ("dimensional_collapse", {"teacher_cls_std": 0.01}),
+    ("dimensional_collapse", {"teacher_cls_std": 0.002}),
     ("flat_attention", {"attn_entropy": 0.999}),
     ("knn_not_improving", {"monitor_knn_top1": 50.0}),
 ])

@@ -42,6 +42,9 @@ FROM_START = ("health.start_fraction=0", "health.knn_after_fraction=0", "health.
     ("one_prototype_collapse", ("loss.teacher_temp=0.0001", "loss.warmup_teacher_temp=0.0001")),
     # Attention-guided masking on an untrained network: its CLS attention is flat.
     ("flat_attention", ()),
+    # An lr far too high with the teacher a copy of the student: every image gets the same features.
+    ("dimensional_collapse", ("optim.base_lr=100", "schedule.momentum_teacher=0", "schedule.momentum_teacher_end=0",
+                              "schedule.warmup_epochs=0", "run.max_steps=4")),
 ])
 def test_rule_trips_on_its_crafted_config(rule, sets, digits_shards, tmp_path, deepspeed_cpu):
     run_dir = tmp_path / rule
