@@ -62,7 +62,7 @@ def _mst_ds(*argv: str) -> None:
 
 # (metric key, label, how to read it) of the run-health table, in the order shown
 HEALTH_ROWS = (
-    ("monitor_knn_top1", "online k-NN top-1 % (teacher, k=eval.monitor.k)", "rises"),
+    ("monitor_knn_top1", "online k-NN top-1 % (teacher, k={k})", "rises"),
     ("teacher_entropy_rel", "teacher entropy ÷ ln K", "→ 1: uniform collapse"),
     ("teacher_usage_entropy_rel", "batch-mean teacher entropy ÷ ln K", "→ 0: one prototype"),
     ("agreement", "student–teacher argmax agreement", "rises"),
@@ -86,19 +86,22 @@ def health_table(run_dir: Path):
     from mst_ds.plan import _vit_dims
 
     recs = read_jsonl(run_dir / "metrics.jsonl")
-    dim = _vit_dims(config_from_file(run_dir / "config.yaml"))[0]
+    cfg = config_from_file(run_dir / "config.yaml")
+    dim = _vit_dims(cfg)[0]
     for r in recs:
         if isinstance(r.get("teacher_cls_std"), int | float):
             r["teacher_cls_std_sqrt_d"] = r["teacher_cls_std"] * math.sqrt(dim)
     alerts = read_jsonl(run_dir / ALERTS_FILE) if (run_dir / ALERTS_FILE).exists() else []
     fired = ", ".join(f"{a['rule']} (step {a['step']})" for a in alerts) or "none"
-    table = Table(title=f"run health ({run_dir / 'metrics.jsonl'}; alerts: {fired})")
+    table = Table(title=f"run health — alerts: {fired}")
     for col, justify in (("diagnostic", "left"), ("start", "right"), ("end", "right"), ("reading", "left")):
         table.add_column(col, justify=justify)
     for key, label, reading in HEALTH_ROWS:
         pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), int | float)]
         if pts:
-            table.add_row(label, f"{pts[0][1]:.3f} (step {pts[0][0]})", f"{pts[-1][1]:.3f} (step {pts[-1][0]})", reading)
+            # the monitor's share is cumulative: only its end value means something
+            start = "—" if key == "monitor_time_share" else f"{pts[0][1]:.3f} (step {pts[0][0]})"
+            table.add_row(label.format(k=cfg.eval.monitor.k), start, f"{pts[-1][1]:.3f} (step {pts[-1][0]})", reading)
     return table
 
 

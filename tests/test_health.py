@@ -200,3 +200,26 @@ def test_plan_states_monitor_cadence_and_estimated_cost(tmp_path, capsys, monkey
     assert "Online k-NN monitor" in out and "every 100 steps" in out and "estimated share" in out
     assert cli.main(["plan", "--preset", "mst_deit_s_100ep", "--no-model"]) == 0
     assert "off (no eval.monitor.bank given)" in capsys.readouterr().out
+
+
+def test_demo_health_table_shows_start_end_and_alerts(tmp_path):
+    import json
+
+    from rich.console import Console
+
+    from mst_ds.demo import health_table
+
+    (tmp_path / "config.yaml").write_text(load_config("tiny").config.to_yaml())
+    recs = [{"step": 0, "monitor_knn_top1": 49.3, "monitor_time_share": 0.99},
+            {"step": 5, "teacher_entropy_rel": 0.2, "teacher_cls_std": 0.05, "attn_entropy": 1.0},
+            {"step": 10, "teacher_entropy_rel": 0.4, "teacher_cls_std": 0.025, "attn_entropy": 0.9,
+             "monitor_knn_top1": 76.6, "monitor_time_share": 0.05}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "alerts.jsonl").write_text(json.dumps({"step": 10, "rule": "flat_attention"}) + "\n")
+    console = Console(width=200, record=True)
+    console.print(health_table(tmp_path))
+    text = " ".join(console.export_text().split())
+    assert "alerts: flat_attention (step 10)" in text
+    assert "49.300 (step 0)" in text and "76.600 (step 10)" in text and "k=20" in text
+    assert "0.400 (step 5)" in text and "0.200 (step 10)" in text  # CLS std × √64
+    assert "0.050 (step 10)" in text and "0.990" not in text  # the monitor share: end only
