@@ -163,7 +163,22 @@ class CheckpointConfig(Section):
     allow_config_change: bool = Field(False, description="Resume even if the config hash differs.")
 
 
+class MonitorConfig(Section):
+    """Online k-NN monitor during training (issue 10): the teacher's CLS features of a labelled held-out set,
+    weighted k-NN exactly as ``mst-ds knn``. Off unless ``bank`` is given."""
+
+    bank: str | None = Field(None, description="Labelled monitor data (shards or ImageFolder): the k-NN bank; None = monitor off.")
+    query: str | None = Field(None, description="Labelled query data; None = cut `bank` deterministically (crc32 of the sample key) into bank and query.")
+    query_fraction: float = Field(0.2, gt=0, lt=1, description="Share of `bank` used as queries when `query` is not given.")
+    every_steps: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0 = off), besides the epoch ends.")
+    every_epochs: int = Field(1, ge=0, description="Evaluate at the end of every N-th epoch (0 = off). Also always at step 0 and at the last step.")
+    k: int = Field(20, gt=0, description="[S §4] k of the monitored weighted k-NN (DINO's headline k=20); temperature = eval.knn_temperature.")
+    batch_size: int = Field(256, gt=0, description="Feature-extraction batch per rank.")
+    num_workers: int = Field(2, ge=0, description="Loader workers of the monitor data (forked at each evaluation).")
+
+
 class EvalConfig(Section):
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     knn_k: list[int] = Field(default_factory=lambda: [10, 20, 100, 200], description="[S §4] k values.")
     knn_temperature: float = Field(0.07, gt=0, description="[S §4] weights exp(sim / T).")
     linear_lr: float = Field(0.00024, gt=0, description="[S §5] lr at batch 1024 (scaled linearly with the batch).")
@@ -184,6 +199,23 @@ class RunConfig(Section):
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (CPU demo budget); schedules still span the full run unless schedule_steps is set.")
     schedule_steps: int | None = Field(None, gt=0, description="Stretch schedules over this many steps instead of epochs × steps_per_epoch (CPU budgets).")
     time_limit_min: float | None = Field(None, gt=0, description="Safety cap in minutes: stop (with a checkpoint) after this time.")
+    on_alert: Literal["warn", "stop"] = Field("warn", description="A health alert (see `health`) only warns, or stops the run cleanly with a checkpoint.")
+
+
+class HealthConfig(Section):
+    """Run-health alert rules (issue 10) on the diagnostics logged every run.log_every steps. A rule is
+    checked from `start_fraction` of the schedule on (the teacher is near-uniform and the attention flat
+    at random init) and fires once per run. Thresholds are [D] choices of this project."""
+
+    enabled: bool = Field(True, description="Check the rules (diagnostics are logged either way).")
+    start_fraction: float = Field(0.1, ge=0, le=1, description="[D] rules apply from this fraction of the schedule (the paper's warm-up: 10 of 100 epochs).")
+    uniform_collapse: float = Field(0.9, gt=0, le=1, description="[D] alert when the teacher's per-sample entropy ÷ ln K exceeds this (uniform collapse).")
+    one_prototype: float = Field(0.2, ge=0, lt=1, description="[D] alert when the entropy of the batch-mean teacher distribution ÷ ln min(K, teacher outputs per micro-batch) is below this (every sample on the same prototypes).")
+    dim_collapse: float = Field(0.05, ge=0, lt=1, description="[D] alert when the std over the batch of the L2-normalised teacher CLS × √D is below this (≈ 1 for isotropic features, → 0 on collapse). Trained ViT CLS features share a large common direction: healthy tiny runs measured 0.1–0.3 while k-NN rose; an lr far too high measured 0.03.")
+    flat_attention: float = Field(0.99, gt=0, le=1, description="[D] alert when the teacher's last-block CLS attention entropy ÷ ln N exceeds this while attention-guided masking is on.")
+    flat_attention_after_fraction: float = Field(0.3, ge=0, le=1, description="[D] the flat-attention rule applies from this fraction of the schedule (attention is flat at random init and specialises later than the output distribution settles; 0.3 = the end of DINO's 30-epoch teacher-temperature warm-up).")
+    knn_after_fraction: float = Field(0.3, ge=0, le=1, description="[D] from this fraction of the schedule, alert when the online k-NN top-1 is at or below its step-0 value.")
+    grad_probe_every: int = Field(1, ge=0, description="Measure the restoration share of the gradient at the last shared layer at every N-th log step (0 = off); backward hooks only, no extra backward.")
 
 
 class MSTConfig(Section):
@@ -199,6 +231,7 @@ class MSTConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> MSTConfig:
@@ -216,8 +249,8 @@ class MSTConfig(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def hash(self, *, ignore: Iterable[str] = (
-        "run.name", "run.output_dir", "run.log_every", "run.max_steps", "run.time_limit_min",
-        "checkpoint", "eval", "data.train", "data.val",
+        "run.name", "run.output_dir", "run.log_every", "run.max_steps", "run.time_limit_min", "run.on_alert",
+        "checkpoint", "eval", "health", "data.train", "data.val",
     )) -> str:
         """Hash of what defines the training trajectory (resume refuses a different one).
 

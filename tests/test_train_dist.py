@@ -191,3 +191,30 @@ def test_injected_nan_stops_cleanly_and_keeps_the_last_good_checkpoint(digits_sh
     teacher, student = ckpt.load_teacher_student(run_dir)
     assert all(torch.isfinite(v).all() for v in teacher.values() if v.is_floating_point())
     assert [r["step"] for r in records(run_dir)] == [1, 2]
+
+
+def test_sigkill_with_the_online_knn_monitor_on_is_bit_identical(two_rank_run, digits_shards, tmp_path):
+    """Issue 10: the monitor (every 2 steps, 2 ranks each extracting their slice) and the health
+    diagnostics change nothing: a run with them, SIGKILLed and relaunched, ends bit-identical to the
+    uninterrupted run without them."""
+    monitor = (f"eval.monitor.bank={digits_shards.parent / 'folder' / 'val'}", "eval.monitor.every_steps=2",
+               "eval.monitor.num_workers=0", "eval.monitor.k=10")
+    kill_at = random.Random().randint(3, STEPS - 2)
+    run_dir = tmp_path / "killed_monitor"
+    p = launch(run_dir, digits_shards, sets=monitor)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(records(run_dir)) >= kill_at + 1:  # + the step-0 record
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, f"run ended before the kill at step {kill_at}"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.communicate()
+    rc, out = finish(launch(run_dir, digits_shards, sets=monitor))
+    assert rc == 0, out[-3000:]
+    recs = records(run_dir)
+    assert [r["step"] for r in recs if "monitor_knn_top1" in r] == [0, 2, 4, 6, 8]
+    assert [r["loss"] for r in recs if "loss" in r] == [r["loss"] for r in records(two_rank_run)]
+    t_a, s_a = ckpt.load_teacher_student(two_rank_run)
+    t_b, s_b = ckpt.load_teacher_student(run_dir)
+    assert all(torch.equal(t_a[k], t_b[k]) for k in t_a) and all(torch.equal(s_a[k], s_b[k]) for k in s_a)

@@ -5,7 +5,10 @@ or those files directly in the directory given) and ``RUN/metrics.jsonl`` (one J
 step: step, loss, dino, restore, lr, mask_ratio, …). Every metric found in at least one run is
 aggregated as mean ± standard error, SE = sample standard deviation (ddof = 1) / √n, written as
 ``report.md`` and ``report.json``; with one run the SE is undefined (null, shown as "n/a"). Curves go to
-``loss.png`` (total, DINO and restoration loss), ``lr.png`` and ``mask_ratio.png``, one line per run.
+``loss.png`` (total, DINO and restoration loss), ``lr.png``, ``mask_ratio.png`` and the run-health curves
+(``online_knn.png``, ``collapse.png``, ``attention.png``, ``loss_share.png``), one line per run. The
+alerts of each run (``RUN/alerts.jsonl``) are listed; the online k-NN's last value and the alert count
+are aggregated like the evaluators' metrics.
 Runs whose configs differ in more than the ``run`` section (seed, name) are flagged in the report.
 """
 
@@ -18,7 +21,13 @@ from typing import Any
 
 from mst_ds.config import UsageError
 
-CURVES = {"loss": ("loss", "dino", "restore"), "lr": ("lr",), "mask_ratio": ("mask_ratio",)}
+ALERTS_FILE = "alerts.jsonl"  # = mst_ds.health.ALERTS_FILE (not imported: report runs without torch)
+CURVES = {"loss": ("loss", "dino", "restore"), "lr": ("lr",), "mask_ratio": ("mask_ratio",),
+          # run health (issue 10, mst_ds.health): online k-NN, collapse, attention, loss balance
+          "online_knn": ("monitor_knn_top1",),
+          "collapse": ("teacher_entropy_rel", "teacher_usage_entropy_rel", "agreement", "teacher_cls_std"),
+          "attention": ("attn_entropy", "attn_guidance"),
+          "loss_share": ("restore_loss_share", "restore_grad_share")}
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float | None]:
@@ -53,6 +62,19 @@ def run_metrics(run_dir: Path) -> dict[str, float]:
     return metrics
 
 
+def health_metrics(run_dir: Path) -> dict[str, float]:
+    """The online k-NN's last value (metrics.jsonl) and the number of alerts (alerts.jsonl), if present."""
+    out: dict[str, float] = {}
+    if (run_dir / "metrics.jsonl").is_file():
+        knn = [r["monitor_knn_top1"] for r in read_jsonl(run_dir / "metrics.jsonl")
+               if isinstance(r.get("monitor_knn_top1"), int | float)]
+        if knn:
+            out["online_knn_top1_last"] = float(knn[-1])
+    if (run_dir / ALERTS_FILE).is_file():
+        out["alerts"] = float(len(read_jsonl(run_dir / ALERTS_FILE)))
+    return out
+
+
 def run_seed(run_dir: Path) -> int | None:
     cfg = run_dir / "config.yaml"
     if not cfg.is_file():
@@ -85,13 +107,19 @@ def aggregate(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]
     return out
 
 
-def markdown(agg: dict[str, dict[str, Any]], runs: list[str], notes: list[str]) -> str:
+def markdown(agg: dict[str, dict[str, Any]], runs: list[str], notes: list[str],
+             alerts: dict[str, list[dict[str, Any]]] | None = None) -> str:
     lines = ["# mst-ds report", "", f"{len(runs)} run(s): " + ", ".join(f"`{r}`" for r in runs), ""]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
     lines += ["| metric | mean ± s.e. | n |", "|---|---|---|"]
     for name, a in agg.items():
         se = "n/a" if a["se"] is None else f"{a['se']:.2f}"
         lines.append(f"| {name} | {a['mean']:.2f} ± {se} | {a['n']} |")
+    if alerts:
+        lines += ["", "## Alerts", ""]
+        for run, recs in alerts.items():
+            lines.append(f"- `{run}`: " + ("none" if not recs else "; ".join(
+                f"{r['rule']} at step {r['step']} ({r['metric']} {r['value']:.4g} vs {r['threshold']:.4g})" for r in recs)))
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +177,8 @@ def run(args) -> int:
     for r in run_dirs:
         seed = run_seed(r)
         labels[str(r)] = r.name if seed is None else f"{r.name} (seed {seed})"
-    per_run = {str(r): run_metrics(r) for r in run_dirs}
+    per_run = {str(r): {**run_metrics(r), **health_metrics(r)} for r in run_dirs}
+    alerts = {labels[str(r)]: read_jsonl(r / ALERTS_FILE) for r in run_dirs if (r / ALERTS_FILE).is_file()}
     series = {labels[str(r)]: read_jsonl(r / "metrics.jsonl") for r in run_dirs if (r / "metrics.jsonl").is_file()}
     if not any(per_run.values()) and not series:
         raise UsageError(f"no knn.json, linear_*.json or metrics.jsonl in {' '.join(map(str, run_dirs))}")
@@ -163,9 +192,9 @@ def run(args) -> int:
     out = Path(args.out) if args.out else run_dirs[0].resolve().parent / "report"
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(per_run)
-    (out / "report.md").write_text(markdown(agg, [labels[str(r)] for r in run_dirs], notes))
+    (out / "report.md").write_text(markdown(agg, [labels[str(r)] for r in run_dirs], notes, alerts))
     (out / "report.json").write_text(json.dumps({"runs": [str(r) for r in run_dirs], "notes": notes,
-                                                 "metrics": agg}, indent=2) + "\n")
+                                                 "metrics": agg, "alerts": alerts}, indent=2) + "\n")
     figures = plot_curves(series, out) if series else []
     print((out / "report.md").read_text(), end="")
     print(f"wrote {out / 'report.md'}, {out / 'report.json'}" + "".join(f", {f}" for f in figures))

@@ -17,6 +17,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from mst_ds.config import MSTConfig
+from mst_ds.health import forward_diagnostics
 from mst_ds.losses import DINOLoss, restoration_loss
 from mst_ds.masking import Masker, MaskPlan
 from mst_ds.model.backbone import Backbone
@@ -179,5 +180,6 @@ class MSTModel(nn.Module):
                 "attn_entropy": attn_ent.float().to(dev),
                 "center_norm": self.dino_loss.center.float().norm().to(dev),
                 "teacher_entropy": teacher_entropy.float(),
+                **forward_diagnostics(student_logits, q, t.cls, t.attn, plan.mask),  # run health (issue 10)
             }
         return {"loss": loss, **stats}
