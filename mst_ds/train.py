@@ -153,12 +153,13 @@ def train_step(t: Training, batches: list[dict[str, Any]]) -> dict[str, float]:
 # Setup
 # --------------------------------------------------------------------------------------------------
 def check_training_data(cfg: MSTConfig) -> None:
-    """Fail on a missing or unreadable manifest before paying for DeepSpeed's start (one line, exit 2)."""
-    from mst_ds.data.manifest import Manifest
+    """Fail on a missing or unreadable manifest, or a missing shard, before paying for DeepSpeed's start
+    (one line, exit 2)."""
+    from mst_ds.data.reader import open_manifest
 
     if not cfg.data.train:
         raise ConfigError("data.train: no training shards given (write them with `mst-shards write`, then --set data.train=DIR)")
-    Manifest.load(cfg.data.train)
+    open_manifest(cfg.data.train)
 
 
 def git_sha() -> str:
