@@ -81,3 +81,17 @@ def test_corrupt_samples_are_a_run_total_named_in_corrupt_jsonl(damaged_shards, 
     assert [r["step"] for r in recs] == list(range(1, 10))
     for r in recs:
         assert r["corrupt_samples"] == sum(e["step"] <= r["step"] for e in expected)
+
+
+@pytest.mark.slow
+def test_two_ranks_sum_their_corrupt_samples(damaged_shards, tmp_path, deepspeed_cpu):
+    """Both ranks' dropped samples reach corrupt.jsonl and the total (rank 0's alone did before)."""
+    from test_train_dist import finish, launch
+
+    expected = expected_records(damaged_shards, 8, world=2)
+    assert {r["rank"] for r in expected} == {0, 1}
+    run = tmp_path / "run2"
+    code, out = finish(launch(run, damaged_shards, procs=2))
+    assert code == 0, out[-2000:]
+    assert lines(run) == expected
+    assert metrics(run)[-1]["corrupt_samples"] == len(expected)
