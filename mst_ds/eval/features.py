@@ -592,15 +592,15 @@ class EvalContext:
                   f"(data.corrupt_policy=count)", file=sys.stderr)
         return n
 
-    def match(self, train: LabelledFeatures, val: LabelledFeatures, *, train_source: str,
+    def match(self, train_classes: list[str], val: LabelledFeatures, *, train_source: str,
               val_source: str) -> tuple[LabelledFeatures, ClassMatch]:
-        """``val`` with labels in ``train``'s class indices (see :func:`match_classes`)."""
-        m = match_classes(train.classes, val.classes, val.labels, policy=self.unknown_classes,
+        """``val`` with labels in the training data's class indices (see :func:`match_classes`)."""
+        m = match_classes(train_classes, val.classes, val.labels, policy=self.unknown_classes,
                           train_source=train_source, val_source=val_source)
         if m.excluded and self.is_main:
             print(f"excluded {sum(m.excluded.values())} val images of classes the training data does not have: "
                   f"{', '.join(m.excluded)}")
-        return LabelledFeatures(val.feats[m.keep], m.labels, list(train.classes), val.corrupt), m
+        return LabelledFeatures(val.feats[m.keep], m.labels, list(train_classes), val.corrupt), m
 
     def barrier(self) -> None:
         if self.dist.active:

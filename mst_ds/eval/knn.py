@@ -263,7 +263,7 @@ def run(args) -> int:
     if not ctx.is_main:
         ctx.finish()
         return 0
-    val, matched = ctx.match(train, val, train_source=args.train, val_source=args.val)
+    val, matched = ctx.match(train.classes, val, train_source=args.train, val_source=args.val)
     num_classes = train.num_classes
     check_features("train features", train.feats)
     check_features("val features", val.feats)

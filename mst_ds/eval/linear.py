@@ -259,8 +259,7 @@ def run(args) -> int:
 
     # The head predicts the training data's classes; val labels are matched to them by name.
     train_classes = train_cached.classes if train_cached is not None else class_names(args.train)
-    val, matched = ctx.match(fx.LabelledFeatures(val.feats[:0], val.labels[:0], train_classes), val,
-                             train_source=args.train, val_source=args.val)
+    val, matched = ctx.match(train_classes, val, train_source=args.train, val_source=args.val)
     num_classes = len(train_classes)
     dim = spec.dim(backbone.embed_dim)
     dev = ctx.dist.device
