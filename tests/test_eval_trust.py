@@ -181,3 +181,20 @@ def test_export_carries_its_eval_settings(trained_run, folders, tmp_path, capsys
     assert code == 2 and len(err.splitlines()) == 1 and "--preset" in err
     code, with_preset = run_knn(bare, "bare_tiny", "--preset", "tiny")
     assert code == 0 and with_preset["metrics"] == from_export["metrics"]
+
+
+def test_undecodable_val_image_is_counted_or_an_error(folders, tmp_path, capsys):
+    from data_tools import sample_data
+
+    val = tmp_path / "val"
+    shutil.copytree(folders / "val_357", val)
+    (val / "5" / "zz_bad.png").write_bytes(sample_data.undecodable_jpeg_bytes(sample_data.generated_image(1, 32, 32)))
+    assert main(["knn", "--preset", "tiny", "--train", str(folders / "train"), "--val", str(val), "--out",
+                 str(tmp_path / "a"), "--num-workers", "0", "--k", "10"]) == 0
+    rec = json.loads((tmp_path / "a" / "knn.json").read_text())
+    assert rec["corrupt_samples"] == {"train": 0, "val": 1} and rec["n_val"] == 45
+    assert "1 images fail to decode" in capsys.readouterr().err
+    assert main(["knn", "--preset", "tiny", "--train", str(folders / "train"), "--val", str(val), "--out",
+                 str(tmp_path / "b"), "--num-workers", "0", "--k", "10", "--set", "data.corrupt_policy=error"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "zz_bad.png" in err
