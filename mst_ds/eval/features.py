@@ -10,8 +10,9 @@
   memory) and every rank ends with all rows **ordered by sample key**, so the features do not depend
   on the number of ranks or workers.
 * :class:`EvalContext`: what ``mst-ds knn`` and ``mst-ds linear`` share — config resolution (a run's
-  own ``config.yaml`` wins over ``--preset``), distributed start, output directory, and a disk cache
-  of features keyed by (model, data, options).
+  own ``config.yaml`` wins over ``--preset``; an export's stored settings must agree with a
+  ``--preset`` given), distributed start, output directory, a disk cache of features keyed by
+  (model, data, options), and the matching of val classes to the training data's classes by name.
 """
 
 from __future__ import annotations
