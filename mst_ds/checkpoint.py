@@ -259,10 +259,13 @@ def export_backbone(path: str | Path, out: str | Path, which: str = "teacher") -
     """Write the backbone as timm-keyed safetensors + ``OUT.json`` → the timm model config written.
 
     Load it with ``timm.create_model(cfg["architecture"], pretrained=True,
-    pretrained_cfg_overlay=dict(file=OUT), **cfg["model_args"])``.
+    pretrained_cfg_overlay=dict(file=OUT), **cfg["model_args"])``. The metadata also carries what
+    evaluating it needs (``eval_settings``: network, normalisation, eval section), so ``mst-ds knn
+    --ckpt OUT`` evaluates it as the run would.
     """
     from safetensors.torch import save_file
 
+    from mst_ds.eval.features import export_settings
     from mst_ds.model.backbone import Backbone
 
     ckpt_dir, tag = resolve(path)
@@ -276,7 +279,10 @@ def export_backbone(path: str | Path, out: str | Path, which: str = "teacher") -
     model_cfg = {
         "architecture": cfg.model.arch,
         "model_args": {**cfg.model.timm_kwargs, "num_classes": 0, "dynamic_img_size": True},
-        "source": {"checkpoint": str(ckpt_dir / tag), "which": which, "step": read_meta(ckpt_dir / tag)["step"]},
+        "source": {"checkpoint": str(ckpt_dir / tag), "which": which, "step": read_meta(ckpt_dir / tag)["step"],
+                   "config_hash": cfg.hash()},
+        "patch_size": backbone.patch_size,
+        "eval_settings": export_settings(cfg),
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

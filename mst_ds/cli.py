@@ -17,6 +17,7 @@ from collections.abc import Callable
 from mst_ds.config import ConfigError, RunFailure, UsageError
 
 EXIT_USAGE = 2
+DEFAULT_PRESET = "mst_deit_s_100ep"
 __all__ = ["ConfigError", "RunFailure", "UsageError", "main"]
 
 
@@ -42,8 +43,10 @@ def _add_local_rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
 
 
-def _add_config_flags(p: argparse.ArgumentParser, *, default_preset: str | None = "mst_deit_s_100ep") -> None:
-    p.add_argument("--preset", default=default_preset, help="preset name (mst-ds presets) or a recipe YAML path")
+def _add_config_flags(p: argparse.ArgumentParser, *, default_preset: str | None = DEFAULT_PRESET) -> None:
+    p.add_argument("--preset", default=default_preset,
+                   help=f"preset name (mst-ds presets) or a recipe YAML path (default {DEFAULT_PRESET}; an export's "
+                        "own settings when evaluating a .safetensors file)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable); the value is parsed as YAML")
 
@@ -57,6 +60,9 @@ def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="feature-extraction batch per rank")
     p.add_argument("--num-workers", type=int, default=None, help="loader workers")
     p.add_argument("--no-cache", action="store_true", help="recompute features even if OUT/features holds them")
+    p.add_argument("--unknown-classes", choices=["error", "exclude"], default="error",
+                   help="val classes the training data does not have (classes are matched by name): "
+                        "an error, or left out and reported")
 
 
 # (name, module, help, flag declarer)
@@ -100,7 +106,7 @@ def _export(p):
 
 @command("knn", "mst_ds.eval.knn", "weighted k-NN evaluation (Wu et al., as DINO runs it)")
 def _knn(p):
-    _add_config_flags(p)
+    _add_config_flags(p, default_preset=None)
     _add_eval_data_flags(p)
     p.add_argument("--k", default=None, help="comma-separated k values (default: eval.knn_k)")
     p.add_argument("--temperature", type=float, default=None, help="default: eval.knn_temperature")
@@ -108,7 +114,7 @@ def _knn(p):
 
 @command("linear", "mst_ds.eval.linear", "linear probe on frozen features (last CLS or DINO's last-4 concat)")
 def _linear(p):
-    _add_config_flags(p)
+    _add_config_flags(p, default_preset=None)
     _add_eval_data_flags(p)
     p.add_argument("--probe", choices=["cls", "dino"], default="dino", help="cls: last CLS token; dino: last n blocks' CLS concatenated")
     p.add_argument("--epochs", type=int, default=None, help="default: eval.linear_epochs")
@@ -120,7 +126,7 @@ def _linear(p):
 
 @command("attn", "mst_ds.eval.attention", "last-layer CLS attention maps, side-by-side figures, video")
 def _attn(p):
-    _add_config_flags(p)
+    _add_config_flags(p, default_preset=None)
     p.add_argument("inputs", nargs="+", help="image files, folders, shard manifests, or (with --video) a video file / frame folder")
     p.add_argument("--ckpt", action="append", default=[], help="model to show (repeat for model A, model B); 'random' = random init of --preset")
     _add_which(p)

@@ -154,12 +154,13 @@ def train_step(t: Training, batches: list[dict[str, Any]]) -> dict[str, float]:
 # Setup
 # --------------------------------------------------------------------------------------------------
 def check_training_data(cfg: MSTConfig) -> None:
-    """Fail on a missing or unreadable manifest before paying for DeepSpeed's start (one line, exit 2)."""
-    from mst_ds.data.manifest import Manifest
+    """Fail on a missing or unreadable manifest, or a missing shard, before paying for DeepSpeed's start
+    (one line, exit 2)."""
+    from mst_ds.data.reader import open_manifest
 
     if not cfg.data.train:
         raise ConfigError("data.train: no training shards given (write them with `mst-shards write`, then --set data.train=DIR)")
-    Manifest.load(cfg.data.train)
+    open_manifest(cfg.data.train)
 
 
 def git_sha() -> str:
@@ -284,6 +285,7 @@ def resume(t: Training, ckpt_dir: Path, tag: str, meta: dict[str, Any]) -> None:
     # continue from the same point of the data, not from the same step number.
     t.step = state["samples"] // t.derived.global_batch
     t.skipped, t.nonfinite = state["skipped"], state["nonfinite"]
+    t.corrupt = state.get("corrupt_samples", 0)  # run total over ranks (RUN/corrupt.jsonl holds the samples)
     if not same_world:
         # Per-rank RNG streams cannot be carried over to other ranks: restart them from the position.
         ckpt.seed_everything(seed_for(t.cfg.run.seed, t.step, t.rank, 2))
@@ -297,7 +299,7 @@ def save(t: Training, ckpt_dir: Path, spe: int) -> str:
     # checkpoint (resume on another world size) restores parameters and optimizer state only.
     buffers = {n: b.detach().cpu().clone() for n, b in t.engine.module.named_buffers()}
     client = {"teacher": t.teacher.state_dict(), "student_buffers": buffers, "step": t.step, "epoch": epoch,
-              "skipped": t.skipped,
+              "skipped": t.skipped, "corrupt_samples": t.corrupt,
               "nonfinite": t.nonfinite, "samples": t.step * t.derived.global_batch, "config_hash": t.cfg.hash()}
     meta = {"world_size": t.world, "zero_stage": t.cfg.engine.zero_stage, "precision": t.precision,
             "config_hash": t.cfg.hash(), "epoch": epoch, "samples": t.step * t.derived.global_batch}
@@ -324,6 +326,7 @@ def _micro_batches(loader, accum: int):
 
 def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
     """Train (or resume) to the end of the schedule / max_steps → exit code (0 ok, 1 non-finite loss)."""
+    from mst_ds.data.corrupt import CorruptLog
     from mst_ds.data.reader import make_train_loader
 
     run_dir = Path(run_dir)
@@ -342,6 +345,7 @@ def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
     spe = d.steps_per_epoch  # the loader's plan (derive_for_training): schedules and epochs agree
     log = MetricsLogger(run_dir, enabled=t.rank == 0, start_step=t.step, total_steps=end,
                         steps_per_epoch=spe, progress=progress)
+    corrupt = CorruptLog(run_dir, rank=t.rank, total=t.corrupt, start_step=t.step)
     started = time.monotonic()
     deadline = started + cfg.run.time_limit_min * 60 if cfg.run.time_limit_min else None
     health = RunHealth(t, run_dir, end=end)  # diagnostics, online k-NN, alerts (issue 10)
@@ -362,13 +366,14 @@ def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
                         print(f"mst-ds: error: {err}; stopping without saving (last good checkpoint: "
                               f"{ckpt.newest_complete(ckpt_dir) or 'none'})", file=sys.stderr)
                     return 1
-                t.corrupt = int(getattr(loader, "corrupt_count", 0))
+                corrupt.collect(loader, t.step, epoch)
                 # Rank 0's clock decides for all (ranks must stop at the same step); without a time
                 # limit there is no collective here, so a cluster run pays no extra sync per step.
                 time_up = deadline is not None and bool(_broadcast(time.monotonic() > deadline))
                 epoch_end = t.step % spe == 0
                 log_now = t.step % cfg.run.log_every == 0 or t.step == end
                 if health.observe(t, stats, epoch=epoch, epoch_end=epoch_end, log_now=log_now):
+                    t.corrupt = corrupt.sync()  # all ranks: the same steps
                     now = time.monotonic()
                     stats.update(corrupt_samples=t.corrupt, peak_mem_mb=peak_memory_mb(t.device),
                                  img_per_s=(t.step - tick_step) * d.global_batch / max(now - tick, 1e-9))
@@ -378,6 +383,7 @@ def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
                 every = cfg.checkpoint.every_steps and t.step % cfg.checkpoint.every_steps == 0
                 at_epoch = epoch_end and cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0
                 if every or at_epoch or t.step == end or time_up or health.stop:
+                    t.corrupt = corrupt.sync()  # the saved total covers every record in corrupt.jsonl
                     save(t, ckpt_dir, spe)
                 if health.stop:
                     if t.rank == 0:

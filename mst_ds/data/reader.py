@@ -19,10 +19,13 @@ alone, identically on every rank, before a byte is read:
    worker state, so they do not depend on which worker or when.
 5. **Resume** from (epoch, skip_batches): each stream drops the raw samples of its consumed batches
    straight off the shuffle buffer, before any decode.
-6. **Damage.** A sample that fails to decode is counted and its slot is refilled with another good
-   sample of the same batch (new crops); a shard that reads back short of its manifest count (a tar
-   truncated at a member boundary reads back short with no error) or breaks mid-way is counted too and
-   the stream wraps around to refill. Batch boundaries stay fixed, so resume stays exact. Nothing sleeps.
+6. **Damage.** A shard the manifest lists must be there, whole: a missing shard or one whose size
+   differs from the manifest is an error before anything starts (:func:`open_manifest`, a cheap stat),
+   and a shard that reads back short of its manifest count (a tar truncated at a member boundary reads
+   back short with no error) or breaks mid-way is an error while reading — losing whole shards is never
+   a policy. A *sample* that fails to decode is, under ``data.corrupt_policy = count``, recorded (key,
+   shard) and its slot refilled with another good sample of the same batch (new crops). Batch
+   boundaries stay fixed, so resume stays exact. Nothing sleeps.
 """
 
 from __future__ import annotations
@@ -37,15 +40,45 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mst_ds.config import Derived, MSTConfig, RunFailure, derive
+from mst_ds.config import ConfigError, Derived, MSTConfig, RunFailure, derive
 from mst_ds.data.augment import DECODE_ERRORS, MultiCropCPU, decode_rgb
 from mst_ds.data.manifest import INDEX_NAME, Manifest
 
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
+ERROR_KEY = "_error"  # a loader worker's one-line failure, raised again in the main process
 
 
 class CorruptDataError(RunFailure):
-    """A corrupt sample with ``data.corrupt_policy = error``, or a stream with no readable sample."""
+    """A shard that breaks or reads back short, a corrupt sample with ``data.corrupt_policy = error``,
+    or a stream with no readable sample (found while running: exit 1)."""
+
+
+class MissingShardError(ConfigError):
+    """A shard the manifest lists is missing or has another size (found before starting: exit 2)."""
+
+
+def _is_local(url: str) -> bool:
+    return not url.startswith(("http://", "https://", "pipe:"))
+
+
+def open_manifest(source: str) -> Manifest:
+    """The manifest of ``source``, with every local shard it lists present at its recorded size.
+
+    One stat per shard (no hashing): a missing, truncated or replaced shard is a one-line error naming
+    it, before any rank pays for a start. Remote shards (http, pipe:) are checked while reading.
+    """
+    manifest = Manifest.load(source)
+    for url, info in zip(manifest.urls(), manifest.shards):
+        if not _is_local(url):
+            continue
+        try:
+            size = Path(url).stat().st_size
+        except OSError:
+            raise MissingShardError(f"{url}: shard listed in the manifest of {source} is missing") from None
+        if size != info.bytes:
+            raise MissingShardError(f"{url}: {size} bytes, the manifest of {source} says {info.bytes} "
+                                    "(truncated or replaced; check with `mst-shards verify`)")
+    return manifest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,33 +220,34 @@ class StreamSpec:
     streams: int  # W of the rank: global batch index = local index × W + stream
 
 
-def _unit_samples(urls: list[str], unit: Unit, problems: list) -> Iterator[dict]:
-    """Raw samples [start, stop) of a shard; a short or broken shard is recorded in ``problems``
-    (a description and ("missing", n))."""
+def shard_samples(url: str, *, start: int = 0, stop: int | None = None, expected: int | None = None) -> Iterator[dict]:
+    """Raw samples [start, stop) of one shard (all when stop is None). A tar that breaks, or that ends
+    before ``stop`` (or before ``expected`` samples when reading it all), is a :class:`CorruptDataError`
+    naming the shard: a short read loses samples silently otherwise."""
     got = 0
+    want = stop if stop is not None else expected
     try:
-        for i, s in enumerate(iter_tar_samples(urls[unit.shard])):
-            if i >= unit.stop:
+        for i, s in enumerate(iter_tar_samples(url)):
+            if stop is not None and i >= stop:
                 break
-            if i >= unit.start:
-                got += 1
+            got = i + 1
+            if i >= start:
                 yield s
-    except Exception as err:  # a broken tar: keep what was read, count the rest as missing
-        problems.append(f"{urls[unit.shard]}: read error after {got} samples ({type(err).__name__}: {err})")
-        problems.append(("missing", unit.count - got))
-        return
-    if got < unit.count:
-        problems.append(f"{urls[unit.shard]}: {unit.start + got} of {unit.stop}+ samples (shard shorter than its manifest)")
-        problems.append(("missing", unit.count - got))
+    except Exception as err:
+        raise CorruptDataError(f"{url}: shard unreadable after {got} samples ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if want is not None and got < want:
+        raise CorruptDataError(f"{url}: {got} samples, the manifest says {expected if expected is not None else f'at least {want}'} "
+                               "(shard shorter than its manifest)")
 
 
-def _raw_stream(spec: StreamSpec, problems: list[str]) -> Iterator[tuple[int, dict]]:
+def _raw_stream(spec: StreamSpec) -> Iterator[tuple[int, dict]]:
     """(pass, raw sample) forever: the shuffled units, re-read with a new shuffle when they run out
-    (only a damaged epoch ever needs a second pass)."""
+    (only an epoch with a whole batch of corrupt samples ever needs a second pass)."""
     n_pass = 0
     while True:
         rng = random.Random(f"mst-shuffle:{spec.seed}:{spec.epoch}:{spec.rank}:{spec.stream}:{n_pass}")
-        raw = (s for u in spec.units for s in _unit_samples(spec.urls, u, problems))
+        raw = (s for u in spec.units for s in shard_samples(spec.urls[u.shard], start=u.start, stop=u.stop))
         yielded = 0
         for s in seeded_shuffle(raw, spec.shuffle_buffer, rng):
             yielded += 1
@@ -243,20 +277,18 @@ class StreamBatches:
 
     def __iter__(self) -> Iterator[dict]:
         spec = self.spec
-        problems: list = []
-        reported = 0
-        raw = _raw_stream(spec, problems)
+        raw = _raw_stream(spec)
         B = spec.batch_size
         for _ in range(spec.skip * B):  # resume: drop consumed samples before any decode
             next(raw)
         for local in range(spec.skip, spec.n_batches):
             slots = [next(raw) for _ in range(B)]
-            items, corrupt_keys = [], []
+            items, corrupt = [], []
             for n_pass, s in slots:
                 extra = f":pass{n_pass}" if n_pass else ""
                 item = self._decode(s, sample_seed(spec.seed, spec.epoch, s["__key__"], extra))
                 if item is None:
-                    corrupt_keys.append(str(s["__key__"]))
+                    corrupt.append(_corrupt_record(s))
                 items.append((s, item, extra))
             good = [i for i, (_, it, _) in enumerate(items) if it is not None]
             while not good:  # a whole batch of corrupt samples: borrow the next good raw sample
@@ -264,7 +296,7 @@ class StreamBatches:
                 extra = f":pass{n_pass}:borrowed"
                 item = self._decode(s, sample_seed(spec.seed, spec.epoch, s["__key__"], extra))
                 if item is None:
-                    corrupt_keys.append(str(s["__key__"]))
+                    corrupt.append(_corrupt_record(s))
                 else:
                     items.append((s, item, extra))
                     good = [len(items) - 1]
@@ -279,14 +311,19 @@ class StreamBatches:
                     item = self._decode(src_s, seed)
                     s = src_s
                 batch.append((str(s["__key__"]), item))
-            missing = sum(p[1] for p in problems[reported:] if isinstance(p, tuple))
-            notes = [p for p in problems[reported:] if isinstance(p, str)]
-            reported = len(problems)
-            yield _collate(batch, index=local * spec.streams + spec.stream, corrupt=len(corrupt_keys) + missing,
-                           notes=notes + [f"corrupt sample {k}" for k in corrupt_keys])
+            yield _collate(batch, index=local * spec.streams + spec.stream, corrupt=corrupt)
 
 
-def _collate(batch: list[tuple[str, dict]], *, index: int, corrupt: int, notes: list[str]) -> dict:
+def _corrupt_record(sample: dict) -> dict[str, str]:
+    """What ``RUN/corrupt.jsonl`` says of a sample that failed to decode: its key and shard."""
+    return {"key": str(sample.get("__key__")), "shard": Path(_url_path(str(sample.get("__url__", "")))).name}
+
+
+def _url_path(url: str) -> str:
+    return url.rsplit(" ", 1)[-1] if url.startswith("pipe:") else url
+
+
+def _collate(batch: list[tuple[str, dict]], *, index: int, corrupt: list[dict[str, str]]) -> dict:
     """[(key, multicrop dict)] → batch dict (global/local lists of uint8 (B,3,S,S), key, label, params)."""
     items = [it for _, it in batch]
     n_global, n_local = len(items[0]["global"]), len(items[0]["local"])
@@ -298,7 +335,6 @@ def _collate(batch: list[tuple[str, dict]], *, index: int, corrupt: int, notes: 
         "params": torch.stack([it["params"] for it in items]),  # (B, views, 5): top, left, h, w, flip
         "_index": index,
         "_corrupt": corrupt,
-        "_notes": notes,
     }
 
 
@@ -326,15 +362,19 @@ class _RankDataset(IterableDataset):
             return
         torch.set_num_threads(1)  # a worker is one core's worth of decode + crop
         w = (self.first_stream + info.id) % len(self.specs)
-        yield from StreamBatches(self.specs[w], self.augment)
+        try:
+            yield from StreamBatches(self.specs[w], self.augment)
+        except CorruptDataError as err:  # re-raised as one line in the main process, not a worker traceback
+            yield {ERROR_KEY: str(err)}
 
 
 class TrainLoader:
     """Iterable of training batches for one rank and one epoch (see the module doc).
 
     ``len(loader)`` = batches this iterator yields (the epoch's batches minus ``skip_batches``), equal on
-    every rank; ``batches_per_epoch`` = the full count. ``corrupt_count`` = samples lost so far (failed
-    decodes + samples missing from short/broken shards); ``problems`` holds their descriptions.
+    every rank; ``batches_per_epoch`` = the full count. ``corrupt_count`` = samples of the delivered
+    batches that failed to decode; ``problems`` describes them; :meth:`take_corrupt` hands their
+    records ({"key", "shard"}) over once each.
     """
 
     def __init__(self, manifest: Manifest, plan: EpochPlan, *, rank: int, seed: int, skip_batches: int,
@@ -344,6 +384,7 @@ class TrainLoader:
         self.num_workers = num_workers
         self.corrupt_count = 0
         self.problems: list[str] = []
+        self._corrupt: list[dict[str, str]] = []
         urls = manifest.urls()
         self.specs = []
         for w in range(plan.streams):
@@ -364,6 +405,11 @@ class TrainLoader:
     def __len__(self) -> int:
         return self.plan.n_batches - self.skip_batches
 
+    def take_corrupt(self) -> list[dict[str, str]]:
+        """Records of the corrupt samples delivered since the last call."""
+        out, self._corrupt = self._corrupt, []
+        return out
+
     def _batches(self) -> Iterator[dict]:
         if self.num_workers == 0:
             yield from self.dataset
@@ -376,11 +422,15 @@ class TrainLoader:
         expected = self.skip_batches
         pending: dict[int, dict] = {}
         for batch in self._batches():
+            if ERROR_KEY in batch:
+                raise CorruptDataError(batch[ERROR_KEY])
             pending[batch.pop("_index")] = batch
             while expected in pending:
                 out = pending.pop(expected)
-                self.corrupt_count += out.pop("_corrupt")
-                self.problems.extend(out.pop("_notes"))
+                corrupt = out.pop("_corrupt")
+                self.corrupt_count += len(corrupt)
+                self.problems.extend(f"corrupt sample {c['key']} in {c['shard']}" for c in corrupt)
+                self._corrupt.extend(corrupt)
                 expected += 1
                 yield out
         if pending or expected != self.plan.n_batches:
@@ -388,7 +438,7 @@ class TrainLoader:
 
 
 def _resolve_manifest(source: str) -> Manifest:
-    return Manifest.load(source)  # ManifestError is a ConfigError: one line, exit 2
+    return open_manifest(source)  # ManifestError / MissingShardError are ConfigErrors: one line, exit 2
 
 
 def make_train_loader(source: str, cfg: MSTConfig, *, rank: int, world_size: int, micro_batch: int, epoch: int,
@@ -439,31 +489,34 @@ def batches_per_epoch(source: str, cfg: MSTConfig, *, world_size: int, micro_bat
 # Evaluation loader: every sample exactly once over all ranks, in a fixed order
 # --------------------------------------------------------------------------------------------------
 class _EvalShards(IterableDataset):
-    def __init__(self, urls: list[str], transform: Callable, batch_size: int):
-        self.urls, self.transform, self.batch_size = urls, transform, batch_size
+    def __init__(self, urls: list[str], counts: list[int], transform: Callable, batch_size: int):
+        self.urls, self.counts, self.transform, self.batch_size = urls, counts, transform, batch_size
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         if info is not None:
             torch.set_num_threads(1)
-        imgs, labels, keys, corrupt = [], [], [], 0
-        for url in self.urls[wid::nw]:
-            try:
-                for s in iter_tar_samples(url):
-                    try:
-                        img = decode_rgb(image_bytes(s))
-                    except DECODE_ERRORS:
-                        corrupt += 1
-                        continue
-                    imgs.append(self.transform(img))
-                    labels.append(int(s["cls"]) if "cls" in s else -1)
-                    keys.append(str(s["__key__"]))
-                    if len(imgs) == self.batch_size:
-                        yield torch.stack(imgs), torch.tensor(labels), keys, corrupt
-                        imgs, labels, keys, corrupt = [], [], [], 0
-            except Exception:
-                corrupt += 1  # a broken shard: what was read is kept
+        try:
+            yield from self._batches(wid, nw)
+        except CorruptDataError as err:  # a broken or short shard: one line in the main process
+            yield {ERROR_KEY: str(err)}
+
+    def _batches(self, wid: int, nw: int):
+        imgs, labels, keys, corrupt = [], [], [], []
+        for url, count in zip(self.urls[wid::nw], self.counts[wid::nw]):
+            for s in shard_samples(url, expected=count):
+                try:
+                    img = decode_rgb(image_bytes(s))
+                except DECODE_ERRORS:
+                    corrupt.append(_corrupt_record(s))
+                    continue
+                imgs.append(self.transform(img))
+                labels.append(int(s["cls"]) if "cls" in s else -1)
+                keys.append(str(s["__key__"]))
+                if len(imgs) == self.batch_size:
+                    yield torch.stack(imgs), torch.tensor(labels), keys, corrupt
+                    imgs, labels, keys, corrupt = [], [], [], []
         if imgs or corrupt:
             yield (torch.stack(imgs) if imgs else torch.empty(0)), torch.tensor(labels, dtype=torch.long), keys, corrupt
 
@@ -483,29 +536,39 @@ class _FolderDataset(torch.utils.data.Dataset):
         key = str(Path(path).relative_to(self.root))
         try:
             return self.transform(decode_rgb(Path(path).read_bytes())), label, key
-        except Exception:
+        except DECODE_ERRORS:
             return None, label, key
 
 
 def _collate_folder(items):
     good = [it for it in items if it[0] is not None]
     imgs = torch.stack([it[0] for it in good]) if good else torch.empty(0)
-    return imgs, torch.tensor([it[1] for it in good], dtype=torch.long), [it[2] for it in good], len(items) - len(good)
+    corrupt = [{"key": it[2], "shard": ""} for it in items if it[0] is None]
+    return imgs, torch.tensor([it[1] for it in good], dtype=torch.long), [it[2] for it in good], corrupt
 
 
 class EvalLoader:
-    """Iterable of (images float (B,3,S,S), labels (B,), keys); ``corrupt_count`` after iteration."""
+    """Iterable of (images float (B,3,S,S), labels (B,), keys); after iteration ``corrupt`` holds the
+    records ({"key", "shard"}) of the samples that failed to decode (``corrupt_count`` of them). A
+    broken or short shard raises :class:`CorruptDataError`."""
 
     def __init__(self, loader: DataLoader, num_samples: int, num_batches: int):
         self.loader, self.num_samples, self.num_batches = loader, num_samples, num_batches
-        self.corrupt_count = 0
+        self.corrupt: list[dict[str, str]] = []
+
+    @property
+    def corrupt_count(self) -> int:
+        return len(self.corrupt)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self):
-        for imgs, labels, keys, corrupt in self.loader:
-            self.corrupt_count += int(corrupt)
+        for item in self.loader:
+            if isinstance(item, dict):
+                raise CorruptDataError(item[ERROR_KEY])
+            imgs, labels, keys, corrupt = item
+            self.corrupt.extend(corrupt)
             if len(keys):
                 yield imgs, labels, keys
 
@@ -530,10 +593,23 @@ def make_eval_loader(source: str, *, transform: Callable, batch_size: int, num_w
     manifest = _resolve_manifest(source)
     urls = manifest.urls()[rank::world_size]
     counts = [s.count for s in manifest.shards][rank::world_size]
-    ds = _EvalShards(urls, transform, batch_size)
+    ds = _EvalShards(urls, counts, transform, batch_size)
     nw = min(num_workers, len(urls))
     dl = DataLoader(ds, batch_size=None, num_workers=nw, multiprocessing_context="fork" if nw else None)
     # Each worker batches its own shards: the last batch of every worker may be partial.
     n_batches = sum(-(-sum(counts[w::max(nw, 1)]) // batch_size) for w in range(max(nw, 1)))
     return EvalLoader(dl, sum(counts), n_batches), manifest.num_classes
 
+
+
+def class_names(source: str) -> list[str]:
+    """The class names of a labelled source in label order: an ImageFolder's sub-folder names (its
+    labels are their sorted order), a manifest's class ids (``wnid``, the folder or synset name)."""
+    if _is_imagefolder(source):
+        from torchvision.datasets.folder import find_classes
+
+        return list(find_classes(source)[0])
+    classes = sorted(Manifest.load(source).classes, key=lambda c: int(c["index"]))
+    if [int(c["index"]) for c in classes] != list(range(len(classes))):
+        raise ConfigError(f"{source}: the manifest's class indices are not 0..{len(classes) - 1}")
+    return [str(c.get("wnid") or c.get("name") or c["index"]) for c in classes]

@@ -10,8 +10,9 @@
   memory) and every rank ends with all rows **ordered by sample key**, so the features do not depend
   on the number of ranks or workers.
 * :class:`EvalContext`: what ``mst-ds knn`` and ``mst-ds linear`` share — config resolution (a run's
-  own ``config.yaml`` wins over ``--preset``), distributed start, output directory, and a disk cache
-  of features keyed by (model, data, options).
+  own ``config.yaml`` wins over ``--preset``; an export's stored settings must agree with a
+  ``--preset`` given), distributed start, output directory, a disk cache of features keyed by
+  (model, data, options), and the matching of val classes to the training data's classes by name.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from mst_ds import atomic
 from mst_ds import checkpoint as ckpt_mod
-from mst_ds.config import MSTConfig, UsageError, load_config
+from mst_ds.config import MSTConfig, RunFailure, UsageError, load_config
 from mst_ds.model.backbone import Backbone, BackboneOutput
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -53,28 +54,92 @@ def safetensors_model_meta(path: Path) -> dict[str, Any] | None:
             meta = f.metadata() or {}
     except Exception as err:  # not a safetensors file at all
         raise UsageError(f"{path}: not a readable .safetensors file ({type(err).__name__})") from None
-    return json.loads(meta["mst_ds"]) if "mst_ds" in meta else None
+    try:
+        return json.loads(meta["mst_ds"]) if "mst_ds" in meta else None
+    except json.JSONDecodeError:
+        raise UsageError(f"{path}: unreadable mst_ds metadata (not JSON)") from None
 
 
-def resolve_config(ckpt: str | None, preset: str, sets: list[str] | tuple[str, ...] = ()) -> MSTConfig:
+def export_keys() -> list[str]:
+    """The config fields an export carries: the network (timm architecture + kwargs, patch size
+    included), the normalisation, and the eval section (image size, k list, probe settings)."""
+    from mst_ds.config import EvalConfig
+
+    return ["model.arch", "model.timm_kwargs", "augment.mean", "augment.std",
+            *(f"eval.{name}" for name in EvalConfig.model_fields)]
+
+
+def export_settings(cfg: MSTConfig) -> dict[str, Any]:
+    """What evaluating an export needs from the run's config (dotted keys → JSON values): ``mst-ds
+    export`` stores it in the file's metadata, :func:`resolve_config` reads it back."""
+    return {key: _get_dotted(cfg, key) for key in export_keys()}
+
+
+def _get_dotted(cfg: MSTConfig, key: str) -> Any:
+    section, name = key.split(".", 1)
+    value = getattr(getattr(cfg, section), name)
+    return json.loads(json.dumps(value))  # tuples → lists: comparable with what the metadata holds
+
+
+def _export_config(path: Path, preset: str | None, sets: list[str] | tuple[str, ...]) -> tuple[MSTConfig, dict]:
+    """The config of a ``.safetensors`` export: its stored settings over the (default) preset, ``--set``
+    last. A ``--preset`` given explicitly must agree with every stored setting; an export without
+    settings (older or foreign file) needs ``--preset``."""
+    from mst_ds.cli import DEFAULT_PRESET
+    from mst_ds.config import parse_set
+
+    meta = safetensors_model_meta(path) or {}
+    stored: dict[str, Any] = dict(meta.get("eval_settings") or {})
+    if not stored and "architecture" in meta:  # an export of an older version: the network only
+        stored = {"model.arch": meta["architecture"],
+                  "model.timm_kwargs": {k: v for k, v in meta.get("model_args", {}).items()
+                                        if k not in ("num_classes", "dynamic_img_size")}}
+    if "eval.image_size" not in stored and preset is None:
+        raise UsageError(f"{path}: an export without mst-ds evaluation settings (older or foreign file); "
+                         "give --preset to name its architecture and eval settings")
+    unknown = sorted(set(stored) - set(export_keys()))
+    if unknown:
+        raise UsageError(f"{path}: export settings unknown to this version of mst-ds: {', '.join(unknown)}")
+    if preset is not None:
+        given = load_config(preset).config
+        for key, value in stored.items():
+            mine = _get_dotted(given, key)
+            if mine != value:
+                raise UsageError(f"{path}: --preset {preset} conflicts with the export: {key} is "
+                                 f"{json.dumps(value)} in the export, {json.dumps(mine)} in --preset {preset} "
+                                 "(omit --preset to use the export's settings)")
+    overrides = {**stored, **dict(parse_set(item) for item in sets)}
+    return load_config(preset or DEFAULT_PRESET, overrides=overrides).config, meta
+
+
+def resolve_config(ckpt: str | None, preset: str | None, sets: list[str] | tuple[str, ...] = ()) -> MSTConfig:
     """The config that describes ``ckpt``'s network: its run's config.yaml when there is one (``--set``
-    still applies), the architecture stored in a safetensors export, else ``preset``."""
+    still applies), the settings stored in a safetensors export, else ``preset`` (None = the default
+    preset; for an export, None means "not given": the export's settings are used unchallenged)."""
+    from mst_ds.cli import DEFAULT_PRESET
+
     if is_random(ckpt):
-        return load_config(preset, sets).config
+        return load_config(preset or DEFAULT_PRESET, sets).config
     path = Path(ckpt)
     if not path.exists():
         raise UsageError(f"{ckpt}: no such checkpoint, run directory or .safetensors file")
     if path.suffix == ".safetensors":
-        cfg = load_config(preset, sets).config
-        meta = safetensors_model_meta(path)
-        if meta is not None:
-            model_args = {k: v for k, v in meta.get("model_args", {}).items() if k not in ("num_classes", "dynamic_img_size")}
-            cfg.model.arch = meta["architecture"]
-            cfg.model.timm_kwargs = model_args
-        return cfg
+        return _export_config(path, preset, sets)[0]
     if ckpt_mod.run_dir_of(path) is not None:
         return ckpt_mod.run_config(path, sets)
-    return load_config(preset, sets).config
+    return load_config(preset or DEFAULT_PRESET, sets).config
+
+
+def export_which(ckpt: str | None, which: str) -> str:
+    """The network an export holds (its metadata says; asking for the other one is an error)."""
+    if is_random(ckpt) or Path(ckpt).suffix != ".safetensors":
+        return which
+    stored = ((safetensors_model_meta(Path(ckpt)) or {}).get("source") or {}).get("which")
+    if stored is None:
+        return which
+    if which == "student" and stored != "student":
+        raise UsageError(f"{ckpt}: --which student, but the export holds the {stored}")
+    return stored
 
 
 def _load_strict(module: torch.nn.Module, state: dict[str, Tensor], source: str, arch: str) -> None:
@@ -196,15 +261,59 @@ def check_labelled(source: str) -> None:
 
 def open_eval_data(source: str, *, transform, batch_size: int, num_workers: int, rank: int = 0,
                    world_size: int = 1):
-    """``make_eval_loader`` with the label check → (loader of (images, labels, keys), num_classes)."""
-    from mst_ds.data.reader import make_eval_loader
+    """``make_eval_loader`` with the label check → (loader of (images, labels, keys), class names)."""
+    from mst_ds.data.reader import class_names, make_eval_loader
 
     check_labelled(source)
     loader, num_classes = make_eval_loader(source, transform=transform, batch_size=batch_size,
                                            num_workers=num_workers, rank=rank, world_size=world_size)
     if num_classes < 1:
         raise UsageError(f"{source}: data without labels (no classes in the manifest)")
-    return loader, num_classes
+    classes = class_names(source)
+    if len(set(classes)) != len(classes):
+        raise UsageError(f"{source}: class names are not unique")
+    return loader, classes
+
+
+UNKNOWN_CLASS_POLICIES = ("error", "exclude")
+
+
+@dataclass
+class ClassMatch:
+    """Val labels re-expressed in the training data's class indices (matched by class name)."""
+
+    labels: Tensor  # (N_kept,) train class indices
+    keep: Tensor  # (N,) bool: val rows whose class the training data has
+    excluded: dict[str, int]  # val class name → rows left out (only with policy "exclude")
+
+    def describe(self) -> dict[str, Any]:
+        return {"excluded_classes": self.excluded, "n_excluded": sum(self.excluded.values())}
+
+
+def match_classes(train_classes: list[str], val_classes: list[str], val_labels: Tensor, *, policy: str,
+                  train_source: str, val_source: str) -> ClassMatch:
+    """Map val labels to the training data's class indices *by name*: an ImageFolder's labels are the
+    positions of its folders, so a val set with only some classes (or its own order) has other indices
+    than train for the same class. A val class that training does not have is an error, or with
+    ``policy="exclude"`` its rows are left out (and reported)."""
+    if policy not in UNKNOWN_CLASS_POLICIES:
+        raise UsageError(f"--unknown-classes {policy!r}: expected one of {', '.join(UNKNOWN_CLASS_POLICIES)}")
+    index = {name: i for i, name in enumerate(train_classes)}
+    to_train = torch.tensor([index.get(name, -1) for name in val_classes] or [-1], dtype=torch.long)
+    if bool(((val_labels < 0) | (val_labels >= len(val_classes))).any()):
+        raise UsageError(f"{val_source}: labels outside the {len(val_classes)} classes of its manifest")
+    mapped = to_train[val_labels]
+    keep = mapped >= 0
+    present = sorted(set(val_labels[~keep].tolist()))
+    excluded = {val_classes[c]: int((val_labels == c).sum()) for c in present}
+    if excluded and policy == "error":
+        names = list(excluded)
+        shown = ", ".join(names[:10]) + (f", … ({len(names)} in all)" if len(names) > 10 else "")
+        raise UsageError(f"{val_source}: val classes unknown to the training data {train_source}: {shown} "
+                         "(classes are matched by name; --unknown-classes exclude leaves them out)")
+    if not bool(keep.any()):
+        raise UsageError(f"{val_source}: no val class is a class of the training data {train_source}")
+    return ClassMatch(mapped[keep], keep, excluded)
 
 
 def data_identity(source: str) -> dict[str, Any]:
@@ -350,8 +459,13 @@ def extract_features(backbone: Backbone, loader, *, n_last_blocks: int = 1, avgp
 @dataclass
 class LabelledFeatures:
     feats: Tensor  # (N, F) float32
-    labels: Tensor  # (N,) long
-    num_classes: int
+    labels: Tensor  # (N,) long: indices into classes
+    classes: list[str]  # class names in label order
+    corrupt: int = 0  # samples that failed to decode (left out)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -376,26 +490,37 @@ class EvalContext:
     """Config, ranks, output directory and feature cache of one ``mst-ds knn|linear`` invocation."""
 
     def __init__(self, cfg: MSTConfig, *, ckpt: str | None, which: str, out_dir: Path, dist_info: Dist,
-                 batch_size: int, num_workers: int, cache: bool, preset: str) -> None:
+                 batch_size: int, num_workers: int, cache: bool, preset: str,
+                 unknown_classes: str = "error") -> None:
         self.cfg, self.ckpt, self.which = cfg, ckpt, which
         self.out_dir, self.dist = out_dir, dist_info
         self.batch_size, self.num_workers, self.cache = batch_size, num_workers, cache
         self.preset = preset
+        self.unknown_classes = unknown_classes
 
     @classmethod
     def from_args(cls, args) -> EvalContext:
+        from mst_ds.cli import DEFAULT_PRESET
+        from mst_ds.data.reader import _is_imagefolder, open_manifest
+
         ckpt = None if is_random(args.ckpt) else args.ckpt
         cfg = resolve_config(ckpt, args.preset, args.sets)
+        which = export_which(ckpt, args.which)
+        preset = args.preset or DEFAULT_PRESET
         for name in ("train", "val"):
-            check_labelled(getattr(args, name))
+            source = getattr(args, name)
+            check_labelled(source)
+            if not _is_imagefolder(source):
+                open_manifest(source)  # every listed shard present, before any rank starts
         dist_info = init_dist()
-        out = Path(args.out) if args.out else default_out_dir(ckpt, args.preset)
+        out = Path(args.out) if args.out else default_out_dir(ckpt, preset)
         if dist_info.is_main:
             out.mkdir(parents=True, exist_ok=True)
-        return cls(cfg, ckpt=ckpt, which=args.which, out_dir=out, dist_info=dist_info,
+        return cls(cfg, ckpt=ckpt, which=which, out_dir=out, dist_info=dist_info,
                    batch_size=args.batch_size or 128,
                    num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
-                   cache=not getattr(args, "no_cache", False), preset=args.preset)
+                   cache=not getattr(args, "no_cache", False), preset=preset,
+                   unknown_classes=getattr(args, "unknown_classes", "error"))
 
     @property
     def is_main(self) -> bool:
@@ -427,17 +552,17 @@ class EvalContext:
         path = self.cache_path(source, spec, "eval")
         if self.cache and path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            return LabelledFeatures(saved["feats"], saved["labels"], int(saved["num_classes"]))
+            if "classes" in saved:  # (files of older versions lack the class names: recomputed)
+                return LabelledFeatures(saved["feats"], saved["labels"], list(saved["classes"]),
+                                        int(saved.get("corrupt", 0)))
         transform = eval_transform(self.cfg.eval.image_size, mean=self.cfg.augment.mean, std=self.cfg.augment.std)
-        loader, num_classes = open_eval_data(source, transform=transform, batch_size=self.batch_size,
-                                             num_workers=self.num_workers, rank=self.dist.rank,
-                                             world_size=self.dist.world_size)
+        loader, classes = open_eval_data(source, transform=transform, batch_size=self.batch_size,
+                                         num_workers=self.num_workers, rank=self.dist.rank,
+                                         world_size=self.dist.world_size)
         feats, labels = extract_features(backbone, loader, n_last_blocks=spec.n_last_blocks, avgpool=spec.avgpool,
                                          device=self.dist.device, dist_info=self.dist,
                                          description=f"{split} features")
-        skipped = getattr(loader, "corrupt_count", 0)
-        if skipped:
-            print(f"warning: {source}: {skipped} unreadable images skipped on rank {self.dist.rank}", file=sys.stderr)
+        corrupt = self._corrupt_total(loader.corrupt, source)
         if labels.numel() == 0:
             raise UsageError(f"{source}: no readable images")
         if bool((labels < 0).any()):
@@ -445,8 +570,38 @@ class EvalContext:
         if self.cache and self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic.atomic_path(path) as tmp:
-                torch.save({"feats": feats, "labels": labels, "num_classes": num_classes, "source": source}, tmp)
-        return LabelledFeatures(feats, labels, num_classes)
+                torch.save({"feats": feats, "labels": labels, "classes": classes, "corrupt": corrupt,
+                            "source": source}, tmp)
+        return LabelledFeatures(feats, labels, classes, corrupt)
+
+    def _corrupt_total(self, records: list[dict[str, str]], source: str) -> int:
+        """Samples of ``source`` that failed to decode, over all ranks: an error under
+        ``data.corrupt_policy = error``, else counted, reported and left out."""
+        n = len(records)
+        if self.dist.active:
+            import torch.distributed as dist
+
+            t = torch.tensor([n], device=self.dist.device)
+            dist.all_reduce(t)
+            n = int(t)
+        if n and self.cfg.data.corrupt_policy == "error":
+            first = records[0] if records else {"key": "?", "shard": ""}
+            raise RunFailure(f"{source}: {n} images fail to decode (first: {first['key']} {first['shard']}); "
+                             "data.corrupt_policy=count leaves them out")
+        if n and self.is_main:
+            print(f"warning: {source}: {n} images fail to decode and are left out "
+                  f"(data.corrupt_policy=count)", file=sys.stderr)
+        return n
+
+    def match(self, train_classes: list[str], val: LabelledFeatures, *, train_source: str,
+              val_source: str) -> tuple[LabelledFeatures, ClassMatch]:
+        """``val`` with labels in the training data's class indices (see :func:`match_classes`)."""
+        m = match_classes(train_classes, val.classes, val.labels, policy=self.unknown_classes,
+                          train_source=train_source, val_source=val_source)
+        if m.excluded and self.is_main:
+            print(f"excluded {sum(m.excluded.values())} val images of classes the training data does not have: "
+                  f"{', '.join(m.excluded)}")
+        return LabelledFeatures(val.feats[m.keep], m.labels, list(train_classes), val.corrupt), m
 
     def barrier(self) -> None:
         if self.dist.active:

@@ -263,7 +263,8 @@ def run(args) -> int:
     if not ctx.is_main:
         ctx.finish()
         return 0
-    num_classes = max(train.num_classes, val.num_classes)
+    val, matched = ctx.match(train.classes, val, train_source=args.train, val_source=args.val)
+    num_classes = train.num_classes
     check_features("train features", train.feats)
     check_features("val features", val.feats)
     dev = ctx.dist.device  # the similarity search runs where the backbone ran (a GPU when there is one)
@@ -277,6 +278,9 @@ def run(args) -> int:
         "n_val": int(val.feats.shape[0]),
         "feature_dim": int(train.feats.shape[1]),
         "num_classes": num_classes,
+        "val_classes": sorted({train.classes[c] for c in val.labels.tolist()}),
+        **matched.describe(),
+        "corrupt_samples": {"train": train.corrupt, "val": val.corrupt},
         "results": {str(k): {"top1": result.top1[k], "top5": result.top5[k]} for k in result.top1},
         "metrics": result.metrics(),
     }

@@ -255,14 +255,12 @@ def run(args) -> int:
     backbone = ctx.backbone()
     val = ctx.features(backbone, args.val, spec, split="val")
     train_cached = ctx.features(backbone, args.train, spec, split="train") if args.no_augment else None
-    num_classes = max(val.num_classes, train_cached.num_classes if train_cached else 0)
-    if not args.no_augment:
-        from mst_ds.data.reader import _is_imagefolder
+    from mst_ds.data.reader import class_names
 
-        if _is_imagefolder(args.train):
-            from torchvision.datasets import ImageFolder
-
-            num_classes = max(num_classes, len(ImageFolder(args.train).classes))
+    # The head predicts the training data's classes; val labels are matched to them by name.
+    train_classes = train_cached.classes if train_cached is not None else class_names(args.train)
+    val, matched = ctx.match(train_classes, val, train_source=args.train, val_source=args.val)
+    num_classes = len(train_classes)
     dim = spec.dim(backbone.embed_dim)
     dev = ctx.dist.device
     bank = HeadBank(dim, num_classes, [scaled_lr(lr, global_batch) for lr in base_lrs],
@@ -271,7 +269,7 @@ def run(args) -> int:
     state_path = Path(ctx.out_dir) / f"linear_{args.probe}_state.pt"
     start_epoch = 0
     if state_path.exists():
-        saved = torch.load(state_path, map_location=dev, weights_only=False)
+        saved = torch.load(state_path, map_location=dev, weights_only=True)  # never unpickle code
         if saved["settings"] != settings:
             raise UsageError(f"{state_path}: saved for other settings; delete it or use another --out")
         bank.load_state_dict(saved["bank"])
@@ -324,6 +322,7 @@ def run(args) -> int:
         "augment": not args.no_augment,
         "n_val": int(val.feats.shape[0]),
         "num_classes": num_classes,
+        **matched.describe(),
         "heads": heads,
         "best": best,
         "metrics": {} if best is None else {f"linear_{args.probe}_top1": best["top1"], f"linear_{args.probe}_top5": best["top5"]},
