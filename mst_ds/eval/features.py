@@ -65,8 +65,9 @@ def export_keys() -> list[str]:
     included), the normalisation, and the eval section (image size, k list, probe settings)."""
     from mst_ds.config import EvalConfig
 
+    # eval.monitor is the training run's online k-NN (its data paths), not how to evaluate the network.
     return ["model.arch", "model.timm_kwargs", "augment.mean", "augment.std",
-            *(f"eval.{name}" for name in EvalConfig.model_fields)]
+            *(f"eval.{name}" for name in EvalConfig.model_fields if name != "monitor")]
 
 
 def export_settings(cfg: MSTConfig) -> dict[str, Any]:

@@ -64,23 +64,24 @@ class OnlineKNN:
         return (step == 0 or last or (m.every_steps > 0 and step % m.every_steps == 0)
                 or (epoch_end and m.every_epochs > 0 and (epoch + 1) % m.every_epochs == 0))
 
-    def _features(self, backbone, source: str) -> tuple[Tensor, Tensor, list[str], int]:
+    def _features(self, backbone, source: str) -> tuple[Tensor, Tensor, list[str], list[str]]:
         from mst_ds.data.augment import eval_transform
         from mst_ds.eval import features as fx
 
         cfg = self.cfg
         transform = eval_transform(cfg.eval.image_size, mean=cfg.augment.mean, std=cfg.augment.std)
-        loader, num_classes = fx.open_eval_data(source, transform=transform, batch_size=self.m.batch_size,
+        loader, classes = fx.open_eval_data(source, transform=transform, batch_size=self.m.batch_size,
                                                 num_workers=self.m.num_workers, rank=self.dist.rank,
                                                 world_size=self.dist.world_size)
         feats, labels, keys = fx.extract_features(backbone, loader, device=self.dist.device, dist_info=self.dist,
                                                   show_progress=False, return_keys=True)
-        return feats, labels, keys, num_classes
+        return feats, labels, keys, classes
 
     @torch.no_grad()
     def evaluate(self, backbone: torch.nn.Module) -> dict[str, float] | None:
         """Top-1 / top-5 (percent) on rank 0, None elsewhere. ``backbone``: the teacher's."""
         from mst_ds.config import RunFailure
+        from mst_ds.eval import features as fx
         from mst_ds.eval.knn import normalize_, weighted_knn
 
         started = time.monotonic()
@@ -88,10 +89,14 @@ class OnlineKNN:
         with rng_untouched(self.dist.device):
             backbone.eval()
             try:
-                bank, bank_y, keys, n_cls = self._features(backbone, self.m.bank)
+                bank, bank_y, keys, classes = self._features(backbone, self.m.bank)
+                n_cls = len(classes)
                 if self.m.query is not None:
-                    query, query_y, _, n_q = self._features(backbone, self.m.query)
-                    n_cls = max(n_cls, n_q)
+                    query, query_y, _, query_classes = self._features(backbone, self.m.query)
+                    # Classes are matched by name, as `mst-ds knn` does (a query class the bank lacks is an error).
+                    match = fx.match_classes(classes, query_classes, query_y, policy="error",
+                                             train_source=self.m.bank, val_source=self.m.query)
+                    query_y = match.labels
                 else:
                     q = torch.tensor([is_query(k, self.m.query_fraction) for k in keys], dtype=torch.bool)
                     bank, bank_y, query, query_y = bank[~q], bank_y[~q], bank[q], bank_y[q]
