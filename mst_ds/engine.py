@@ -58,11 +58,16 @@ def init_distributed() -> tuple[int, int]:
     """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL/RCCL on GPUs) → (rank, world).
 
     A plain ``python`` start (no launcher) becomes a world of one on a free local port, so the same
-    code runs under ``deepspeed``, ``torchrun`` and bare.
+    code runs under ``deepspeed``, ``torchrun``, ``srun`` (one task per GPU: ranks from SLURM's
+    variables, :mod:`mst_ds.cluster`) and bare.
     """
     import deepspeed
     import torch.distributed as dist
 
+    from mst_ds import cluster
+
+    if cluster.is_srun_task(os.environ):
+        os.environ.update(cluster.torch_env_from_slurm(os.environ))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -74,10 +79,11 @@ def init_distributed() -> tuple[int, int]:
 
 
 def device() -> torch.device:
-    """This rank's device (``cuda:LOCAL_RANK`` or cpu)."""
+    """This rank's device (``cuda:LOCAL_RANK`` or cpu). Modulo the visible devices: ``srun
+    --gpus-per-task=1`` / ``--gpu-bind`` leaves each task one GPU, cuda:0, whatever its local rank."""
     if accelerator_name() == "cpu":
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0)) % max(torch.cuda.device_count(), 1)
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
 
