@@ -320,6 +320,8 @@ def build_engine(model: nn.Module, cfg: MSTConfig, derived: Derived, precision: 
         register_zero3_external_parameters(engine.module)
     if precision in ("bf16", "fp16"):
         match_bn_buffers_to_weights(engine.module)
+    if cfg.engine.compile:
+        engine.compile()  # compiles engine.module in place: the EMA and checkpoints see the same parameters
     return engine, ds_config
 
 
