@@ -77,7 +77,7 @@ class Ctx:
         self.cpu = args.cpu
         self.preset = "tiny" if args.cpu else "mst_deit_s_100ep"
         self.dino_preset = "tiny" if args.cpu else "dino_deit_s_100ep"
-        self.steps = args.steps or (4 if args.cpu else 50)
+        self.steps = args.steps or (4 if args.cpu else 20 if args.quick else 50)
         self.max_batch = args.max_batch or (16 if args.cpu else 1024)
         self.start_batch = 8 if args.cpu else 32
         self.peak_tflops = args.peak_tflops
@@ -269,7 +269,7 @@ def section_overhead(ctx: Ctx) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(0.996)
-        return float(out["loss"])  # the engine's step reads its scalars back every step too
+        return float(out["loss"].detach())  # the engine's step reads its scalars back every step too
 
     times = []
     for i in range(2 + ctx.steps):
@@ -470,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="tiny preset on CPU (CI); GPU-only sections print a skip line")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 50; 4 with --cpu)")
+    ap.add_argument("--quick", action="store_true", help="20 timed steps instead of 50 (bench/run_all --quick)")
     ap.add_argument("--max-batch", type=int, default=None, help="largest per-device batch tried (default 1024; 16 with --cpu)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
     ap.add_argument("--budget-min", type=float, default=8.0, help="sections that would start after this many minutes are skipped")
