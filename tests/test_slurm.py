@@ -164,3 +164,43 @@ def test_launch_sh_without_gpu_count_fails_with_one_line(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "GPUs per node unknown" in res.stderr and "ARG" not in res.stdout
+
+
+def _run_dir(path: Path, *, done: bool) -> Path:
+    (path / "checkpoints" / "step00000004").mkdir(parents=True)
+    (path / "run_info.json").write_text(json.dumps({"derived": {"total_steps": 100, "global_batch": 8}}))
+    (path / "config.yaml").write_text(f"run:\n  max_steps: {4 if done else 6}\n")
+    (path / "checkpoints" / "step00000004" / "complete.json").write_text(json.dumps({"samples": 32, "step": 4}))
+    return path
+
+
+@pytest.mark.parametrize("template, srun_rc, done, requeued", [
+    ("dcu_32x4.sbatch", 0, False, True), ("dcu_32x4.sbatch", 0, True, False), ("dcu_32x4.sbatch", 1, False, False),
+    ("v100_4x8.sbatch", 0, False, True)])
+def test_sbatch_template_trains_then_requeues_until_the_run_is_done(tmp_path, template, srun_rc, done, requeued):
+    """The template as sbatch runs it, with srun / scontrol replaced by recorders: one srun step of
+    `mst-ds train` with the loader workers and time limit from the allocation; requeue only while the run
+    directory is not finished and the step succeeded."""
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/{tool}.log\n'
+                                    + ("exit $FAKE_SRUN_RC\n" if tool == "srun" else ""))
+        (bin_dir / tool).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "VIRTUAL_ENV"}
+    env.update(PATH=f"{bin_dir}:/usr/bin:/bin", SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="77", SLURM_JOB_NUM_NODES="4",
+               SLURM_NTASKS="32", SLURM_CPUS_PER_TASK="8", SLURM_JOB_END_TIME=str(int(time.time()) + 3600),
+               RUN_DIR=str(_run_dir(tmp_path / "run", done=done)), FAKE_SRUN_RC=str(srun_rc))
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / template)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == srun_rc, res.stdout + res.stderr
+    srun = (tmp_path / "srun.log").read_text().split()
+    assert "--kill-on-bad-exit=1" in srun and "train" in srun
+    assert "data.num_workers=7" in srun
+    limit = next(float(a.split("=")[1]) for a in srun if a.startswith("run.time_limit_min="))
+    assert 40 <= limit <= 45  # 60 min left − the 15-min margin
+    assert (tmp_path / "scontrol.log").exists() == requeued
+    if requeued:
+        assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
