@@ -185,11 +185,23 @@ def largest_batch(ctx: Ctx) -> int:
 def count_flops(t, batch: dict) -> float:
     """FLOPs of one real training step (forward + backward of student, teacher forward, decoder, losses;
     matmul/conv/attention ops as torch's FlopCounterMode counts them)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils import flop_counter as fc
 
     from mst_ds.train import train_step
 
-    with FlopCounterMode(display=False) as counter:
+    aten = torch.ops.aten
+
+    # torch counts the GPU attention kernels (flash / memory-efficient / cuDNN) but not the CPU one:
+    # count it the same way, so --cpu and GPU numbers mean the same.
+    def cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(query, key, value)
+
+    def cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward}
+    with fc.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         train_step(t, [batch])
     return float(counter.get_total_flops())
 
