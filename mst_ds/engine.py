@@ -79,11 +79,16 @@ def init_distributed() -> tuple[int, int]:
 
 
 def device() -> torch.device:
-    """This rank's device (``cuda:LOCAL_RANK`` or cpu). Modulo the visible devices: ``srun
-    --gpus-per-task=1`` / ``--gpu-bind`` leaves each task one GPU, cuda:0, whatever its local rank."""
+    """This rank's device (``cuda:LOCAL_RANK`` or cpu). A task that sees a single GPU (``srun
+    --gpus-per-task=1`` / ``--gpu-bind``) uses it whatever its local rank; more local ranks than visible
+    GPUs otherwise is an error (two ranks on one GPU would run, slowly and wrongly sized)."""
     if accelerator_name() == "cpu":
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", 0)) % max(torch.cuda.device_count(), 1)
+    local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local >= count:
+        if count != 1:
+            raise ConfigError(f"local rank {local} but {count} GPU(s) visible on this node: one task per GPU")
+        local = 0
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
 
