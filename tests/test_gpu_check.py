@@ -5,6 +5,7 @@ prints a skip line for each GPU-only section. Timings are not asserted, only tha
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_check_cpu_mode_runs_every_section_that_cpu_can(deepspeed_cpu):
+    # Not this process's rendezvous (an earlier test may have started torch.distributed here).
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu"], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
+                         timeout=600, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
     assert "FAIL" not in out
