@@ -34,3 +34,21 @@ def test_gpu_check_cpu_mode_runs_every_section_that_cpu_can(deepspeed_cpu):
     per_image = float(lines["1 GFLOP per image (counted, fwd+bwd+teacher)"].split(":")[1].split()[0])
     assert per_image > 0
     assert float(lines["1 images/s (real step, bf16)"].split(":")[1].split()[0]) > 0
+
+
+def test_engine_compile_wraps_the_student_in_place(deepspeed_cpu):
+    """engine.compile=true: DeepSpeed's engine.compile() on the student, the same parameter objects (so
+    the EMA teacher and checkpoints see the trained weights); off by default. (Compiling runs at the first
+    forward; its speed is measured by gpu_check on GPUs.)"""
+    from mst_ds import engine as eng
+    from mst_ds.config import derive, load_config
+    from mst_ds.train import build_training
+
+    eng.init_distributed()
+    assert load_config("tiny").config.engine.compile is False
+    cfg = load_config("tiny", ["engine.compile=true", "engine.precision=fp32", "optim.batch_size=8",
+                               "run.schedule_steps=40"]).config
+    t, _ = build_training(cfg, derive(cfg, 1, 64))
+    assert t.engine.is_compiled
+    student = {id(p) for p in t.engine.module.parameters()}
+    assert all(id(s) in student for _, _, s in t.ema.pairs)
