@@ -8,12 +8,13 @@
 #   --hostfile FILE   DeepSpeed hostfile ("host slots=G" per line); the launcher starts every node over
 #                     pdsh/ssh, or, with --no_ssh, run this same command on every node with its --node_rank
 #   --nodes/--gpus-per-node   how much of the hostfile to use (default: all of it)
+#   Inside a SLURM allocation (sbatch/salloc) without --hostfile, the allocation's nodes are the hostfile.
 # Everything after `--` goes to the DeepSpeed launcher unchanged. The launcher appends --local_rank=N to
 # the training command; `mst-ds train` accepts it. ROCm (Sugon DCU) vs CUDA is detected from torch and
 # the matching RCCL/NCCL environment is set (override any variable by exporting it first).
 set -euo pipefail
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "launch.sh: error: $*" >&2; exit 2; }
 
 preset="" hostfile="" nodes="" gpus="" cpu="" run_dir="" master_port="${MASTER_PORT:-}"
@@ -77,6 +78,33 @@ for v in DS_ACCELERATOR OMP_NUM_THREADS HSA_FORCE_FINE_GRAIN_PCIE MIOPEN_USER_DB
 done
 export DS_ENV_FILE="$envfile"
 
+# Inside a SLURM allocation without --hostfile: the allocation is the hostfile (nodes from
+# SLURM_JOB_NODELIST via scontrol or mst_ds.cluster's expander, slots from SLURM_GPUS_ON_NODE or
+# --gpus-per-node), master = its first node. One launch on the batch host starts every node over pdsh
+# and takes a free port there; with --no_ssh (one launch per node, e.g. `srun --ntasks-per-node=1
+# ./launch.sh --no_ssh ...`) every node derives the same port from SLURM_JOB_ID and its node rank from
+# SLURM_NODEID.
+slurm_hostfile=""
+if [[ -z "$hostfile" && -z "$cpu" && -n "${SLURM_JOB_NODELIST:-}" ]]; then
+  slurm_hostfile="$(mktemp "${TMPDIR:-/tmp}/mst_ds_hostfile.XXXXXX")"
+  master_host="$(python -m mst_ds.cluster hostfile "$slurm_hostfile" ${gpus:+"$gpus"})" || { rm -f "$slurm_hostfile"; exit 2; }
+  hostfile="$slurm_hostfile"
+  [[ " ${launcher[*]} " == *" --master_addr "* ]] || launcher+=(--master_addr "$master_host")
+  if [[ " ${launcher[*]} " == *" --no_ssh "* ]]; then
+    if [[ " ${launcher[*]} " != *" --node_rank "* ]]; then
+      [[ -n "${SLURM_NODEID:-}" ]] || die "--no_ssh under SLURM needs --node_rank (no SLURM_NODEID)"
+      launcher+=(--node_rank "$SLURM_NODEID")
+    fi
+    if [[ -z "$master_port" ]]; then
+      master_port="$(python -c 'import sys; from mst_ds.cluster import port_for_job; print(port_for_job(sys.argv[1]))' \
+        "${SLURM_JOB_ID:?--no_ssh under SLURM needs SLURM_JOB_ID or --master_port}")"
+    fi
+  elif [[ -z "$master_port" ]]; then
+    master_port="$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')"
+  fi
+  echo "launch.sh: SLURM allocation $SLURM_JOB_NODELIST → $(wc -l < "$hostfile") node(s), master $master_host:$master_port" >&2
+fi
+
 if [[ -z "$master_port" ]]; then
   # Local CPU runs take a free port (several may share a machine); clusters use DeepSpeed's 29500.
   if [[ -n "$cpu" ]]; then
@@ -95,5 +123,5 @@ echo "launch.sh: DS_ACCELERATOR=$DS_ACCELERATOR ${cmd[*]}" >&2
 set +e
 "${cmd[@]}"
 rc=$?
-rm -f "$envfile"
+rm -f "$envfile" ${slurm_hostfile:+"$slurm_hostfile"}
 exit "$rc"

@@ -153,6 +153,7 @@ class EngineConfig(Section):
     template: str = Field("base.json", description="DeepSpeed JSON template in ds_configs/ (engine settings only).")
     nan_policy: Literal["stop", "skip"] = Field("stop", description="A non-finite loss stops the run (last good checkpoint kept) or skips the step.")
     sync_bn: bool = Field(True, description="[S §3] convert BN to SyncBN when world size > 1.")
+    compile: bool = Field(False, description="[D] torch.compile the student through DeepSpeed's engine.compile(); off until bench/gpu_check.py measures a gain on the GPUs in use.")
 
 
 class CheckpointConfig(Section):

@@ -58,11 +58,16 @@ def init_distributed() -> tuple[int, int]:
     """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL/RCCL on GPUs) → (rank, world).
 
     A plain ``python`` start (no launcher) becomes a world of one on a free local port, so the same
-    code runs under ``deepspeed``, ``torchrun`` and bare.
+    code runs under ``deepspeed``, ``torchrun``, ``srun`` (one task per GPU: ranks from SLURM's
+    variables, :mod:`mst_ds.cluster`) and bare.
     """
     import deepspeed
     import torch.distributed as dist
 
+    from mst_ds import cluster
+
+    if cluster.is_srun_task(os.environ):
+        os.environ.update(cluster.torch_env_from_slurm(os.environ))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -74,10 +79,16 @@ def init_distributed() -> tuple[int, int]:
 
 
 def device() -> torch.device:
-    """This rank's device (``cuda:LOCAL_RANK`` or cpu)."""
+    """This rank's device (``cuda:LOCAL_RANK`` or cpu). A task that sees a single GPU (``srun
+    --gpus-per-task=1`` / ``--gpu-bind``) uses it whatever its local rank; more local ranks than visible
+    GPUs otherwise is an error (two ranks on one GPU would run, slowly and wrongly sized)."""
     if accelerator_name() == "cpu":
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local >= count:
+        if count != 1:
+            raise ConfigError(f"local rank {local} but {count} GPU(s) visible on this node: one task per GPU")
+        local = 0
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
 
@@ -314,6 +325,8 @@ def build_engine(model: nn.Module, cfg: MSTConfig, derived: Derived, precision: 
         register_zero3_external_parameters(engine.module)
     if precision in ("bf16", "fp16"):
         match_bn_buffers_to_weights(engine.module)
+    if cfg.engine.compile:
+        engine.compile()  # compiles engine.module in place: the EMA and checkpoints see the same parameters
     return engine, ds_config
 
 
