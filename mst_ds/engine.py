@@ -240,6 +240,15 @@ def set_group_values(optimizer: torch.optim.Optimizer, lr: float, weight_decay: 
         group["weight_decay"] = weight_decay if name in DECAYED_GROUPS else 0.0
 
 
+def apply_schedule(optimizer: Any, gate: GradientGate, s: Any) -> None:
+    """Before a step's forwards: lr / weight decay per group, the gradient gate, and the restart of the
+    last layer's AdamW state at the first step after the freeze (``s``: ScheduleValues of the step)."""
+    set_group_values(optimizer, s.lr, s.weight_decay, frozen=s.last_layer_frozen)
+    gate.closed = s.last_layer_frozen
+    if s.last_layer_released:  # DINO's frozen layer has no AdamW state: restart its step count
+        restart_optimizer_state(optimizer)
+
+
 def base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer under DeepSpeed's wrappers (ZeRO-1/2/3, bf16 and fp16 optimizers keep it
     as ``.optimizer``; at ZeRO-0 fp32 the engine holds it directly)."""

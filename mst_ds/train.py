@@ -116,10 +116,7 @@ def train_step(t: Training, batches: list[dict[str, Any]]) -> dict[str, float]:
     """
     cfg, step = t.cfg, t.step
     s = t.schedules.at(step)
-    eng.set_group_values(t.engine.optimizer, s.lr, s.weight_decay, frozen=s.last_layer_frozen)
-    t.gate.closed = s.last_layer_frozen
-    if s.last_layer_released:  # DINO's frozen layer has no AdamW state: restart its step count
-        eng.restart_optimizer_state(t.engine.optimizer)
+    eng.apply_schedule(t.engine.optimizer, t.gate, s)  # lr / wd per group; last-layer freeze (DINO's semantics)
     dino_loss = t.engine.module.dino_loss
     sums = torch.zeros(len(_STAT_KEYS), dtype=torch.float64, device=t.device)
     norm0 = None
