@@ -259,6 +259,23 @@ def base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
+def _group_states(optimizer: Any):
+    """(group name, AdamW state dict or None) for every state entry of this rank.
+
+    ZeRO-0: one entry per parameter. ZeRO-1/2, bf16 / fp16 optimizers: one per flat fp32 partition of
+    each group (the groups' "params"). ZeRO-3 empties the groups' "params" between steps and keeps its
+    flat partitions (sub-groups) aside, mapped to their group by ``sub_group_to_group_id``."""
+    opt = base_optimizer(optimizer)
+    flat = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    if flat is not None:
+        for sub, p in enumerate(flat):
+            yield opt.param_groups[optimizer.sub_group_to_group_id[sub]].get("name"), opt.state.get(p)
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            yield group.get("name"), opt.state.get(p)
+
+
 def restart_optimizer_state(optimizer: Any, names: tuple[str, ...] = FROZEN_GROUPS) -> int:
     """Reset the AdamW state (step count and moments) of the named groups to "never stepped" →
     number of state entries reset.
@@ -267,36 +284,29 @@ def restart_optimizer_state(optimizer: Any, names: tuple[str, ...] = FROZEN_GROU
     makes AdamW skip the layer during the freeze, so its first free step runs with step count 1 and
     fresh moments. Here the layer's gradients were zeros during the freeze (:class:`GradientGate`), so
     its moments are already exactly zero; only the step count ran on, and bias correction would
-    otherwise amplify the first free updates. Works on the state as DeepSpeed stores it: at ZeRO-0 one
-    entry per parameter; at ZeRO-1/2 (and the bf16/fp16 optimizers, ZeRO-3) one entry per flat fp32
-    partition of each group on this rank — the last layer's groups are separate groups, so their
-    partitions hold nothing else. The reset state is what the next checkpoint saves.
+    otherwise distort the first free updates. Works on the state as DeepSpeed stores it (see
+    :func:`_group_states`): the last layer's groups are groups of their own, so their flat partitions
+    hold nothing else. The reset state is what the next checkpoint saves.
     """
-    opt = base_optimizer(optimizer)
     count = 0
-    for group in opt.param_groups:
-        if group.get("name") not in names:
-            continue
-        for p in group["params"]:
-            state = opt.state.get(p)
-            if not state:
-                continue  # never stepped: already DINO's state
-            for key, value in state.items():
-                if torch.is_tensor(value):
-                    value.zero_()
-                elif key == "step":
-                    state[key] = 0
-            count += 1
+    for name, state in _group_states(optimizer):
+        if name not in names or not state:
+            continue  # never stepped: already DINO's state
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = 0
+        count += 1
     return count
 
 
 def optimizer_step_counts(optimizer: Any) -> dict[str, list[float]]:
-    """{group name: [AdamW step count of each state entry]} (diagnostics and tests)."""
-    opt = base_optimizer(optimizer)
+    """{group name: [AdamW step count of each state entry of this rank]} (diagnostics and tests)."""
     out: dict[str, list[float]] = {}
-    for group in opt.param_groups:
-        steps = [float(opt.state[p]["step"]) for p in group["params"] if "step" in opt.state.get(p, {})]
-        out.setdefault(group.get("name", "?"), []).extend(steps)
+    for name, state in _group_states(optimizer):
+        if state and "step" in state:
+            out.setdefault(name or "?", []).append(float(state["step"]))
     return out
 
 

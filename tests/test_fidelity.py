@@ -57,7 +57,7 @@ def _run_accumulated(stage: int, accum: int, steps: int = 3):
     return losses, t.engine.module.dino_loss.center.clone(), {n: p.detach().clone() for n, p in t.teacher.named_parameters()}
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_accumulation_moves_the_center_once_per_optimizer_step(deepspeed_cpu, stage):
     loss1, center1, teacher1 = _run_accumulated(stage, 1)
     loss4, center4, teacher4 = _run_accumulated(stage, 4)
@@ -159,7 +159,7 @@ def _engine_run(model0: Toy, stage: int, resume_at: int | None, tmp_path) -> lis
     return out
 
 
-@pytest.mark.parametrize("stage,resume_at", [(0, None), (1, None), (2, None), (2, FREEZE - 1), (2, FREEZE),
+@pytest.mark.parametrize("stage,resume_at", [(0, None), (1, None), (2, None), (3, None), (2, FREEZE - 1), (2, FREEZE),
                                              (0, FREEZE), (1, FREEZE - 1)])
 def test_last_layer_after_the_freeze_equals_adamw_without_its_gradient(deepspeed_cpu, tmp_path, stage, resume_at):
     eng.init_distributed()
