@@ -149,7 +149,7 @@ class OptimConfig(Section):
     weight_decay_end: float = Field(0.4, ge=0, description="[D] final weight decay (cosine).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (torch defaults, as DINO).")
     clip_grad: float = Field(3.0, ge=0, description="[D] gradient clipping at 3.0 (DINO). Global norm over all parameters (DeepSpeed's gradient_clipping); DINO clips each parameter's own norm, which partitioned ZeRO gradients cannot express. 0 = off.")
-    no_decay_rule: Literal["dino", "timm"] = Field("dino", description="[S §7 'follows [2]', D] which parameters get no weight decay. dino (DINO's get_params_groups): biases and 1-D parameters (norms) only — cls_token, pos_embed (76,416 parameters on DeiT-S) and the mask token are decayed (iBOT, which adds a mask token to DINO, decays it by the same rule). timm (param_groups_weight_decay): also the no_weight_decay() names — cls_token, pos_embed — and the mask token.")
+    no_decay_rule: Literal["dino", "timm"] = Field("dino", description="[S §7 'follows [2]', D] which parameters get no weight decay. dino (DINO's get_params_groups): biases and 1-D parameters (norms) only — cls_token and pos_embed (76,032 parameters on DeiT-S) and MST's mask token (384; 76,416 with the two) are decayed. The mask token is decayed like the cls token it resembles: iBOT, which adds a mask token to DINO's code, decays it by the same rule. timm (param_groups_weight_decay): also the no_weight_decay() names — cls_token, pos_embed — and the mask token.")
 
 
 class ScheduleConfig(Section):
