@@ -18,7 +18,6 @@ from mst_ds.config import derive, load_config
 from mst_ds.losses import restoration_loss
 from mst_ds.schedules import Schedules
 
-
 # --------------------------------------------------------------------------------------------------
 # (1) gradient accumulation: k = 4 × micro 16 ≡ k = 1 × batch 64
 # --------------------------------------------------------------------------------------------------
