@@ -208,21 +208,34 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, frozen_prefix: str = "head.last_layer") -> list[dict[str, Any]]:
+def is_decayed(name: str, p: nn.Parameter, rule: str, timm_skip: set[str] = frozenset()) -> bool:
+    """Whether weight decay applies to parameter ``name`` under ``optim.no_decay_rule``.
+
+    dino (DINO's ``get_params_groups``, SPEC §9): everything except names ending in ``.bias`` and 1-D
+    parameters — cls token, position embedding and MST's mask token (3-D) are decayed. timm
+    (``param_groups_weight_decay``): additionally not the ``no_weight_decay()`` names (``timm_skip``).
+    """
+    if p.ndim <= 1 or name.endswith(".bias"):
+        return False
+    return rule == "dino" or name not in timm_skip
+
+
+def param_groups(model: nn.Module, frozen_prefix: str = "head.last_layer", rule: str = "dino") -> list[dict[str, Any]]:
     """Trainable parameters in named groups: regularised / not regularised / head last layer.
 
-    Not regularised follows timm's ``param_groups_weight_decay`` rule (1-D parameters — biases and
-    norms — and the ``no_weight_decay()`` names: cls / mask tokens, position embedding). The head's
+    Regularised or not follows :func:`is_decayed` under ``rule`` (``optim.no_decay_rule``). The head's
     last layer gets groups of its own so it can be frozen by lr 0 (SPEC §7: ``p.grad = None`` does
-    nothing under ZeRO). Empty groups are left out.
+    nothing under ZeRO) and its Adam state restarted when the freeze ends. Empty groups are left out.
     """
-    skip = no_weight_decay_names(model)
+    if rule not in ("dino", "timm"):
+        raise ConfigError(f"optim.no_decay_rule: {rule!r} is not dino or timm")
+    skip = no_weight_decay_names(model) if rule == "timm" else set()
     buckets: dict[str, list[nn.Parameter]] = {
         REGULARIZED: [], NOT_REGULARIZED: [], LAST_LAYER: [], LAST_LAYER_NOT_REGULARIZED: []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+        decay = is_decayed(name, p, rule, skip)
         frozen = name.startswith(frozen_prefix + ".")
         key = (LAST_LAYER if decay else LAST_LAYER_NOT_REGULARIZED) if frozen else (
             REGULARIZED if decay else NOT_REGULARIZED)
@@ -238,12 +251,83 @@ def set_group_values(optimizer: torch.optim.Optimizer, lr: float, weight_decay: 
         group["weight_decay"] = weight_decay if name in DECAYED_GROUPS else 0.0
 
 
+def apply_schedule(optimizer: Any, gate: GradientGate, s: Any) -> None:
+    """Before a step's forwards: lr / weight decay per group, the gradient gate, and the restart of the
+    last layer's AdamW state at the first step after the freeze (``s``: ScheduleValues of the step)."""
+    set_group_values(optimizer, s.lr, s.weight_decay, frozen=s.last_layer_frozen)
+    gate.closed = s.last_layer_frozen
+    if s.last_layer_released:  # DINO's frozen layer has no AdamW state: restart its step count
+        restart_optimizer_state(optimizer)
+
+
+def base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO-1/2/3, bf16 and fp16 optimizers keep it
+    as ``.optimizer``; at ZeRO-0 fp32 the engine holds it directly)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"no torch optimizer inside {type(optimizer).__name__}")
+    return optimizer
+
+
+def _group_states(optimizer: Any):
+    """(group name, AdamW state dict or None) for every state entry of this rank.
+
+    ZeRO-0: one entry per parameter. ZeRO-1/2, bf16 / fp16 optimizers: one per flat fp32 partition of
+    each group (the groups' "params"). ZeRO-3 empties the groups' "params" between steps and keeps its
+    flat partitions (sub-groups) aside, mapped to their group by ``sub_group_to_group_id``."""
+    opt = base_optimizer(optimizer)
+    flat = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    if flat is not None:
+        for sub, p in enumerate(flat):
+            yield opt.param_groups[optimizer.sub_group_to_group_id[sub]].get("name"), opt.state.get(p)
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            yield group.get("name"), opt.state.get(p)
+
+
+def restart_optimizer_state(optimizer: Any, names: tuple[str, ...] = FROZEN_GROUPS) -> int:
+    """Reset the AdamW state (step count and moments) of the named groups to "never stepped" →
+    number of state entries reset.
+
+    Called once, at the first step after the last-layer freeze (SPEC §9): DINO's ``p.grad = None``
+    makes AdamW skip the layer during the freeze, so its first free step runs with step count 1 and
+    fresh moments. Here the layer's gradients were zeros during the freeze (:class:`GradientGate`), so
+    its moments are already exactly zero; only the step count ran on, and bias correction would
+    otherwise distort the first free updates. Works on the state as DeepSpeed stores it (see
+    :func:`_group_states`): the last layer's groups are groups of their own, so their flat partitions
+    hold nothing else. The reset state is what the next checkpoint saves.
+    """
+    count = 0
+    for name, state in _group_states(optimizer):
+        if name not in names or not state:
+            continue  # never stepped: already DINO's state
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = 0
+        count += 1
+    return count
+
+
+def optimizer_step_counts(optimizer: Any) -> dict[str, list[float]]:
+    """{group name: [AdamW step count of each state entry of this rank]} (diagnostics and tests)."""
+    out: dict[str, list[float]] = {}
+    for name, state in _group_states(optimizer):
+        if state and "step" in state:
+            out.setdefault(name or "?", []).append(float(state["step"]))
+    return out
+
+
 class GradientGate:
     """Zeroes the gradients of given parameters while closed (tensor hooks, before ZeRO sees them).
 
-    With lr 0 alone the frozen last layer would not move, but AdamW would still accumulate its
-    moments during the freeze and the frozen gradients would count in the clipping norm; DINO's
-    ``p.grad = None`` has neither effect. The hook restores that at every ZeRO stage.
+    Together with lr 0 and :func:`restart_optimizer_state` at the end of the freeze this is DINO's
+    ``p.grad = None`` at every ZeRO stage: without the gate AdamW would accumulate the frozen layer's
+    moments and its gradients would count in the clipping norm; without the restart its step count
+    would keep running (wrong bias correction after the freeze). DINO has none of these effects.
     """
 
     def __init__(self, params: list[nn.Parameter]) -> None:
@@ -318,7 +402,7 @@ def build_engine(model: nn.Module, cfg: MSTConfig, derived: Derived, precision: 
     import deepspeed
 
     ds_config = build_ds_config(cfg, derived, precision, load_universal=load_universal)
-    groups = param_groups(model)
+    groups = param_groups(model, rule=cfg.optim.no_decay_rule)
     optimizer = torch.optim.AdamW(groups, lr=derived.peak_lr, betas=tuple(cfg.optim.betas), weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if cfg.engine.zero_stage == 3:

@@ -1,7 +1,9 @@
 """``mst-ds plan`` and ``mst-ds presets``: what a run will be, before it runs (prints only, writes nothing).
 
 plan: the resolved config with each value's source, parameter counts per module, per-rank and global
-batch, steps per epoch, schedule values at the milestones, and an *estimate* of per-device memory.
+batch, steps per epoch, schedule values at the milestones, an *estimate* of per-device memory, and the
+balance of the two losses at initialisation (one measured forward of the untrained model; ``--no-model``
+skips it with the parameter counts).
 """
 
 from __future__ import annotations
@@ -87,11 +89,16 @@ def _numel(module) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
-def parameter_counts(cfg: MSTConfig) -> dict[str, int]:
-    """Parameters per module of the student (and the teacher it implies), built on the CPU."""
-    from mst_ds.model import MSTModel  # imports torch/timm: only when counting
+def build_model(cfg: MSTConfig):
+    """The untrained student, built on the CPU (imports torch/timm: only when asked)."""
+    from mst_ds.model import MSTModel
 
-    model = MSTModel.from_config(cfg)
+    return MSTModel.from_config(cfg)
+
+
+def parameter_counts(cfg: MSTConfig, model=None) -> dict[str, int]:
+    """Parameters per module of the student (and the teacher it implies), built on the CPU."""
+    model = model if model is not None else build_model(cfg)
     mask_token = model.backbone.mask_token.numel()
     backbone = _numel(model.backbone) - mask_token
     head = _numel(model.head)
@@ -141,6 +148,77 @@ def schedule_table(s: Schedules) -> Table:
         v = s.at(step)
         table.add_row(label, str(step), f"{v.lr:.4g}", f"{v.weight_decay:.4g}", f"{v.momentum:.6g}",
                       f"{v.teacher_temp:.4g}", str(v.last_layer_frozen))
+    return table
+
+
+RESTORE_REDUCTIONS = ("mean", "sum_per_image", "mean_ln_k")
+
+
+@dataclass
+class LossBalance:
+    """The two loss terms at initialisation, measured by one forward of the untrained model."""
+
+    dino: float  # unweighted DINO loss
+    ln_k: float  # its value for a uniform student: ln K
+    restore: dict[str, float]  # unweighted L1 per reduction (whole-image target)
+    configured: tuple[str, float]  # (config's reduction, its value as the training forward computes it)
+    dino_weight: float
+    restore_weight: float
+    batch: int
+
+
+def loss_balance(cfg: MSTConfig, model, teacher_temp: float, *, batch: int = 2, seed: int = 0) -> LossBalance | None:
+    """DINO vs λ2 × restoration at initialisation: one training-mode forward of the untrained student
+    and teacher on ``batch`` images of standard-normal noise per view (the scale of normalised pixels),
+    seed ``seed``. Measured, not analytic; the restoration is evaluated under every reduction from the
+    same decoder output. None when the decoder is off (no restoration term)."""
+    import torch
+
+    from mst_ds.losses import restoration_loss
+
+    if model.decoder is None:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    a = cfg.augment
+
+    def noise(size: int):
+        return torch.randn(batch, 3, size, size, generator=gen)
+
+    views = [noise(a.global_crop_size) for _ in range(2)] + [noise(a.local_crop_size) for _ in range(a.n_local_crops)]
+    captured = {}
+    handle = model.decoder.register_forward_hook(lambda _m, _i, out: captured.setdefault("pred", out))
+    teacher = model.make_teacher()
+    model.train()
+    try:
+        with torch.no_grad():
+            out = model(views, teacher, teacher_temp, torch.Generator().manual_seed(seed + 1))
+    finally:
+        handle.remove()
+        model.dino_loss.discard_pending_center()
+    target = torch.cat(views[:2])
+    k = cfg.model.head.out_dim
+    restore = {r: float(restoration_loss(captured["pred"], target, reduction=r, num_prototypes=k)) for r in RESTORE_REDUCTIONS}
+    return LossBalance(dino=float(out["dino"]), ln_k=math.log(k), restore=restore,
+                       configured=(cfg.loss.restore_reduction, float(out["restore"])),
+                       dino_weight=cfg.loss.dino_weight, restore_weight=cfg.loss.restore_weight, batch=batch)
+
+
+def loss_balance_table(b: LossBalance, cfg: MSTConfig) -> Table:
+    table = Table(title=f"Loss balance at initialisation — MEASURED: one forward of the untrained model on {b.batch} "
+                        f"images of normalised noise (N(0,1) pixels), seed 0; DINO ≈ ln K = {b.ln_k:.3f} for a "
+                        f"uniform student (loss.restore_reduction: derivation in its description)")
+    for col in ("reduction", "λ1·DINO", "L1", "λ2·L1", "L1 share"):
+        table.add_column(col, justify="right")
+    dino_w = b.dino_weight * b.dino
+    for r, value in b.restore.items():
+        rw = b.restore_weight * value
+        share = rw / (dino_w + rw) if dino_w + rw > 0 else float("nan")
+        mark = " (configured)" if r == b.configured[0] else ""
+        table.add_row(r + mark, f"{dino_w:.4g}", f"{value:.4g}", f"{rw:.4g}", f"{100 * share:.1f} %",
+                      style="bold" if mark else None)
+    if cfg.loss.restore_target != "image":
+        table.add_row(f"{b.configured[0]} on masked patches (configured target)", f"{dino_w:.4g}",
+                      f"{b.configured[1]:.4g}", f"{b.restore_weight * b.configured[1]:.4g}", "", style="bold")
     return table
 
 
@@ -270,7 +348,9 @@ def plan(args: argparse.Namespace) -> int:
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     derived = _derive(args, cfg, world)
     schedules = Schedules.from_config(cfg, derived)
-    params = None if args.no_model else parameter_counts(cfg)
+    model = None if args.no_model else build_model(cfg)
+    params = None if model is None else parameter_counts(cfg, model)
+    balance = None if model is None else loss_balance(cfg, model, schedules.at(0).teacher_temp)
 
     console.print(config_table(loaded))
     if params is not None:
@@ -279,6 +359,8 @@ def plan(args: argparse.Namespace) -> int:
     console.print(schedule_table(schedules))
     console.print(memory_table(activation_estimate(cfg, derived, params), cfg))
     console.print(monitor_table(cfg, derived))
+    if balance is not None:
+        console.print(loss_balance_table(balance, cfg))
     if derived.total_steps < 2 or math.isclose(derived.peak_lr, 0.0):
         console.print("[yellow]note:[/] fewer than 2 schedule steps")
     return 0

@@ -3,7 +3,8 @@
 lr: linear warm-up from 0 to the peak lr over ``warmup_steps``, then cosine to ``optim.min_lr`` [S §7, D];
 weight decay: cosine 0.04 → 0.4 [D]; teacher momentum: cosine 0.996 → 1 [D]; teacher temperature:
 linear 0.04 → 0.07 over ``teacher_temp_warmup_steps`` then constant [D]; the head's last layer is frozen
-for the first ``freeze_last_layer_steps`` [D]. Step counts come from :func:`mst_ds.config.derive`.
+for the first ``freeze_last_layer_steps`` [D], and its AdamW state restarts at the first free step
+(DINO's ``p.grad = None`` leaves no state behind, SPEC §9). Step counts come from :func:`mst_ds.config.derive`.
 
 Convention: steps run 0 … total_steps−1; the warm-up ends (value = base) at step ``warmup_steps`` and
 the cosine reaches ``final`` exactly at the last step, total_steps−1 (and stays there beyond).
@@ -44,6 +45,7 @@ class ScheduleValues:
     momentum: float  # teacher EMA momentum
     teacher_temp: float
     last_layer_frozen: bool
+    last_layer_released: bool  # the first step after a freeze: restart the last layer's AdamW state
 
     def as_dict(self) -> dict[str, float | bool]:
         return asdict(self)
@@ -89,6 +91,7 @@ class Schedules:
             momentum=cosine_schedule(step, self.total_steps, self.momentum_teacher, self.momentum_teacher_end),
             teacher_temp=linear_warmup(step, self.teacher_temp_warmup_steps, self.warmup_teacher_temp, self.teacher_temp),
             last_layer_frozen=step < self.freeze_last_layer_steps,
+            last_layer_released=0 < self.freeze_last_layer_steps == step,
         )
 
     def milestones(self) -> dict[str, int]:

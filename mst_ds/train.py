@@ -117,8 +117,8 @@ def train_step(t: Training, batches: list[dict[str, Any]]) -> dict[str, float]:
     """
     cfg, step = t.cfg, t.step
     s = t.schedules.at(step)
-    eng.set_group_values(t.engine.optimizer, s.lr, s.weight_decay, frozen=s.last_layer_frozen)
-    t.gate.closed = s.last_layer_frozen
+    eng.apply_schedule(t.engine.optimizer, t.gate, s)  # lr / wd per group; last-layer freeze (DINO's semantics)
+    dino_loss = t.engine.module.dino_loss
     sums = torch.zeros(len(_STAT_KEYS), dtype=torch.float64, device=t.device)
     norm0 = None
     for micro, batch in enumerate(batches):
@@ -132,6 +132,7 @@ def train_step(t: Training, batches: list[dict[str, Any]]) -> dict[str, float]:
                 raise NonFiniteLoss(f"non-finite loss at step {step + 1} (micro-batch {micro}) on "
                                     f"{round(float(local[-1]) * t.world)} rank(s)")
             t.nonfinite += 1  # skip: no backward, no step, no EMA (grad_accum_steps is 1, checked)
+            dino_loss.discard_pending_center()
             t.step += 1
             return {"nonfinite_steps": t.nonfinite}
         t.engine.backward(loss)
@@ -141,6 +142,7 @@ def train_step(t: Training, batches: list[dict[str, Any]]) -> dict[str, float]:
         sums += local[:-1]
     if not t.engine.was_step_applied():
         t.skipped += 1  # fp16 overflow: DeepSpeed skipped the update and lowered the loss scale
+    dino_loss.update_center()  # once per optimizer step, from the whole global batch (DINO)
     t.ema.update(s.momentum)  # f_t = m·f_t + (1 − m)·f_s, momentum of this step
     t.step += 1
     stats = dict(zip(_STAT_KEYS, (sums / len(batches)).cpu().tolist()))

@@ -31,6 +31,23 @@ def test_paper_numbers_in_presets():
     assert load_config("mst_deit_s_300ep").config.schedule.epochs == 300
 
 
+def test_dino_official_preset_is_dinos_own_vit_s16_recipe():
+    """main_dino.py defaults / its README's vanilla ViT-S/16 run (SPEC §9), beside the controlled ablation."""
+    cfg = load_config("dino_official_vits16_100ep").config
+    assert not cfg.mask.enabled and not cfg.decoder.enabled and cfg.loss.restore_weight == 0
+    assert (cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp) == (0.04, 0.04)
+    assert cfg.model.head.norm_last_layer and not cfg.model.head.use_bn and cfg.model.head.out_dim == 65536
+    assert (cfg.augment.n_local_crops, cfg.augment.local_crop_size, cfg.augment.local_crop_scale) == (8, 96, (0.05, 0.4))
+    assert cfg.optim.clip_grad == 3.0 and cfg.optim.no_decay_rule == "dino"
+    d = derive(cfg, world_size=8, dataset_size=1_281_167)
+    assert (d.global_batch, d.micro_batch, d.peak_lr, d.freeze_last_layer_steps) == (512, 64, pytest.approx(1e-3), 2502)
+    assert (cfg.optim.min_lr, cfg.optim.weight_decay, cfg.optim.weight_decay_end) == (1e-6, 0.04, 0.4)
+    assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.momentum_teacher) == (100, 10, 0.996)
+    assert cfg.model.drop_path_rate == 0.1 and cfg.loss.student_temp == 0.1
+    ablation = load_config("dino_deit_s_100ep").config
+    assert ablation.model.head.use_bn and ablation.loss.teacher_temp == 0.07  # MST's recipe minus MST's parts
+
+
 def test_sources_and_yaml_round_trip(tmp_path):
     loaded = load_config("tiny", ["mask.ratio=0.4"])
     assert loaded.sources["mask.ratio"] == "--set"
@@ -46,7 +63,7 @@ def test_plan_prints_tables(capsys, tmp_path, monkeypatch):
     assert cli.main(["plan", "--preset", "tiny", "--world-size", "2"]) == 0
     out = capsys.readouterr().out
     for needle in ("Resolved config", "preset:tiny", "Parameters", "mask token", "decoder", "steps per epoch",
-                   "end of warm-up", "last step", "ESTIMATE"):
+                   "end of warm-up", "last step", "ESTIMATE", "Loss balance", "mean_ln_k", "(configured)"):
         assert needle in out, needle
     assert list(tmp_path.iterdir()) == []
     assert cli.main(["presets"]) == 0

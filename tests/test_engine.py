@@ -77,17 +77,21 @@ def test_templates_that_set_owned_keys_are_refused(tmp_path):
         eng.load_template(p.name)
 
 
-def test_param_groups_follow_timm_rules_and_isolate_the_last_layer():
+@pytest.mark.parametrize("rule", ["dino", "timm"])
+def test_param_groups_follow_the_rule_and_isolate_the_last_layer(rule):
     from mst_ds.model.mst import MSTModel
 
     model = MSTModel.from_config(_cfg())
-    groups = {g["name"]: g["params"] for g in eng.param_groups(model)}
+    groups = {g["name"]: g["params"] for g in eng.param_groups(model, rule=rule)}
     ids = {k: {id(p) for p in v} for k, v in groups.items()}
     named = dict(model.named_parameters())
     assert id(named["backbone.vit.blocks.0.attn.qkv.weight"]) in ids[eng.REGULARIZED]
-    for name in ("backbone.vit.blocks.0.attn.qkv.bias", "backbone.vit.blocks.0.norm1.weight",
-                 "backbone.vit.cls_token", "backbone.vit.pos_embed", "backbone.mask_token"):
+    for name in ("backbone.vit.blocks.0.attn.qkv.bias", "backbone.vit.blocks.0.norm1.weight"):
         assert id(named[name]) in ids[eng.NOT_REGULARIZED], name
+    # DINO decays the tokens and the position embedding (3-D); timm's no_weight_decay() spares them.
+    tokens = eng.REGULARIZED if rule == "dino" else eng.NOT_REGULARIZED
+    for name in ("backbone.vit.cls_token", "backbone.vit.pos_embed", "backbone.mask_token"):
+        assert id(named[name]) in ids[tokens], name
     last = {id(p) for n, p in named.items() if n.startswith("head.last_layer.")}
     assert last and last == ids[eng.LAST_LAYER] | ids.get(eng.LAST_LAYER_NOT_REGULARIZED, set())
     assert sum(len(v) for v in groups.values()) == sum(p.requires_grad for p in model.parameters())
@@ -133,6 +137,17 @@ def test_engine_trains_with_finite_losses(engine_runs, stage, precision):
     # the teacher moved (EMA) but stayed close to its start (momentum ≈ 0.996)
     moved = [not torch.equal(v, r["teacher0"][k]) for k, v in r["t"].teacher.state_dict().items() if v.is_floating_point()]
     assert any(moved)
+
+
+@pytest.mark.parametrize("stage,precision", ENGINE_RUNS)
+def test_last_layer_adam_steps_count_only_free_steps(engine_runs, stage, precision):
+    """Frozen for steps 0–1 (DINO's p.grad = None): the last layer's AdamW step count restarts at the
+    first free step, so it trails the other groups' by the freeze, at every stage and precision."""
+    t = engine_runs[(stage, precision)]["t"]
+    counts = eng.optimizer_step_counts(t.engine.optimizer)
+    frozen = t.schedules.freeze_last_layer_steps
+    assert set(counts[eng.REGULARIZED]) == {t.step}
+    assert set(counts[eng.LAST_LAYER] + counts.get(eng.LAST_LAYER_NOT_REGULARIZED, [])) == {t.step - frozen}
 
 
 def test_zero_stages_agree_in_fp32(engine_runs):

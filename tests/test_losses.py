@@ -67,19 +67,41 @@ def test_center_moves_by_the_ema_rule():
     torch.testing.assert_close(loss.center, 0.9 * c0 + 0.1 * teacher.mean(dim=0, keepdim=True), rtol=0, atol=1e-7)
 
 
-def test_model_updates_center_in_training_only():
+def test_model_accumulates_center_in_training_only_and_moves_it_once_per_update():
     from mst_ds.model import MSTModel
 
     model = MSTModel.from_config(load_config("tiny").config)
     teacher = model.make_teacher()
     vs = [torch.randn(2, 3, 32, 32) for _ in range(2)] + [torch.randn(2, 3, 16, 16)]
+    vs2 = [torch.randn(2, 3, 32, 32) for _ in range(2)] + [torch.randn(2, 3, 16, 16)]
     model.eval()
     model(vs, teacher, 0.04)
-    assert model.dino_loss.center.abs().sum() == 0
+    with pytest.raises(RuntimeError, match="no teacher logits"):
+        model.dino_loss.update_center()  # eval forwards accumulate nothing
     model.train()
     model(vs, teacher, 0.04)
-    expected = 0.1 * torch.cat(teacher(vs[:2]).logits).float().mean(dim=0, keepdim=True)
-    torch.testing.assert_close(model.dino_loss.center, expected, rtol=1e-5, atol=1e-6)
+    model(vs2, teacher, 0.04)  # two micro-batches of one optimizer step
+    assert model.dino_loss.center.abs().sum() == 0  # forwards alone do not move the center
+    model.dino_loss.update_center()
+    both = torch.cat(teacher(vs[:2]).logits + teacher(vs2[:2]).logits).float()
+    torch.testing.assert_close(model.dino_loss.center, 0.1 * both.mean(dim=0, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_center_of_micro_batches_equals_center_of_the_whole_batch():
+    """k micro-batches accumulated then one update = DINO's one update from the whole batch."""
+    g = torch.Generator().manual_seed(3)
+    whole, parts = DINOLoss(5), DINOLoss(5)
+    for _ in range(3):
+        teacher = torch.randn(16, 5, generator=g)
+        whole.update_center(teacher)
+        for chunk in teacher.split(4):
+            parts.accumulate_center(chunk)
+        parts.update_center()
+        torch.testing.assert_close(parts.center, whole.center, rtol=0, atol=1e-7)
+    parts.accumulate_center(torch.randn(4, 5, generator=g))
+    parts.discard_pending_center()  # a skipped step leaves the center as it was
+    with pytest.raises(RuntimeError):
+        parts.update_center()
 
 
 def test_restoration_whole_image_reductions():

@@ -194,9 +194,12 @@ def test_forward_outputs_diagnostics_and_head_bn_updates_once_per_step():
     torch.testing.assert_close(out["loss"].detach(), out["dino_weighted"] + out["restore_weighted"])
     torch.testing.assert_close(out["restore_weighted"], 0.6 * out["restore"])
     assert 0 < out["mask_ratio"].item() < 0.3 and 0 < out["attn_entropy"].item() <= 1
-    assert out["center_norm"].item() > 0
     # BN running statistics come from the global views only: one update per forward (locals frozen)
     assert bn.num_batches_tracked.item() == 1
+    # center_norm is the center this forward used: it moves only at the optimizer step's update
+    assert out["center_norm"].item() == 0
+    model.dino_loss.update_center()
+    assert model(views(), teacher, 0.04, torch.Generator().manual_seed(0))["center_norm"].item() > 0
 
 
 def test_dino_baseline_and_no_dino_ablation():

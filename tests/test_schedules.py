@@ -57,3 +57,12 @@ def test_tiny_schedule_follows_schedule_steps_override():
     s = Schedules.from_config(cfg, d)
     assert d.total_steps == 100 and d.warmup_steps == 10  # 2 of 20 epochs
     assert s.at(10).lr == pytest.approx(d.peak_lr) and s.at(99).lr == pytest.approx(cfg.optim.min_lr)
+
+
+def test_last_layer_is_released_exactly_once_after_the_freeze():
+    s, d = paper_schedules()
+    released = [t for t in range(0, 3 * d.steps_per_epoch) if s.at(t).last_layer_released]
+    assert released == [d.freeze_last_layer_steps] == [d.steps_per_epoch]
+    none = Schedules.from_config(*(lambda c: (c, derive(c, world_size=8, dataset_size=1_281_167)))(
+        load_config("mst_deit_s_100ep", ["schedule.freeze_last_layer_epochs=0"]).config))
+    assert not any(none.at(t).last_layer_released or none.at(t).last_layer_frozen for t in range(3))

@@ -117,7 +117,8 @@ class MSTModel(nn.Module):
         Returns "loss" (with grad) and detached float32 scalars "dino", "restore", "dino_weighted",
         "restore_weighted", "mask_ratio", "attn_entropy", "center_norm", "teacher_entropy".
         ``generator``: CPU generator the masks are drawn from (None = torch's global RNG).
-        The center is updated (EMA, all-reduced when distributed) in training mode only.
+        In training mode the teacher logits are added to the pending center sum; the caller applies
+        the center EMA once per optimizer step (``dino_loss.update_center()``, all-reduced).
         """
         cfg = self.cfg
         global_views, local_views = views[:N_GLOBAL], views[N_GLOBAL:]
@@ -155,7 +156,7 @@ class MSTModel(nn.Module):
             restore = restoration_loss(
                 pred, x_g, reduction=cfg.loss.restore_reduction,
                 patch_mask=plan.mask if cfg.loss.restore_target == "masked_patches" else None,
-                patch_size=self.backbone.patch_size,
+                patch_size=self.backbone.patch_size, num_prototypes=cfg.model.head.out_dim,
             )
         else:
             restore = torch.zeros((), dtype=torch.float32, device=dino.device)
@@ -167,8 +168,8 @@ class MSTModel(nn.Module):
             teacher_all = torch.cat(t.logits)
             q = self.dino_loss.teacher_probs(teacher_all, teacher_temp)
             teacher_entropy = -(q * q.clamp_min(1e-12).log()).sum(dim=-1).mean()
-            if self.training:
-                self.dino_loss.update_center(teacher_all)
+            if self.training:  # the center itself moves once per optimizer step (update_center)
+                self.dino_loss.accumulate_center(teacher_all)
             attn_ent = attention_entropy(t.attn) if t.attn is not None else torch.tensor(float("nan"))
             dev = dino.device
             stats = {
