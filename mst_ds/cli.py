@@ -47,6 +47,10 @@ def _add_config_flags(p: argparse.ArgumentParser, *, default_preset: str | None 
     p.add_argument("--preset", default=default_preset,
                    help=f"preset name (mst-ds presets) or a recipe YAML path (default {DEFAULT_PRESET}; an export's "
                         "own settings when evaluating a .safetensors file)")
+    _add_set_flag(p)
+
+
+def _add_set_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable); the value is parsed as YAML")
 
@@ -82,9 +86,20 @@ def _presets(p):
     pass
 
 
+def _add_study_grid_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--rows", required=required, default=None,
+                   help="comma-separated presets and/or named sets (table4, lambda2, random_p, mst_vs_dino)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per row (0 … N-1)")
+    p.add_argument("--base", default=None, help="apply each row's recipe on top of this preset (e.g. tiny); omitted = the rows as they are")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (schedules stretched to it); omitted = the rows' full schedules")
+    p.add_argument("--ref", default=None, help="reference row for the differences (default: the named set's, else the first row)")
+
+
 @command("plan", "mst_ds.plan", "print the resolved config, parameter counts, batches and schedules")
 def _plan(p):
     _add_config_flags(p)
+    p.add_argument("--study", action="store_true", help="plan a study (with --rows/--seeds/--base/--steps): grid, runs, cost")
+    _add_study_grid_flags(p, required=False)
     p.add_argument("--world-size", type=int, default=None, help="ranks to plan for (default: WORLD_SIZE or 1)")
     p.add_argument("--dataset-size", type=int, default=None, help="training samples (default: manifest or data.num_samples)")
     p.add_argument("--no-model", action="store_true", help="skip building the model (parameter counts)")
@@ -142,6 +157,18 @@ def _attn(p):
 def _report(p):
     p.add_argument("run_dirs", nargs="+", help="run directories holding eval results and metrics.jsonl")
     p.add_argument("--out", default=None, help="output directory (default: the first run's parent)")
+
+
+@command("study", "mst_ds.study", "the paper's ablations: rows × seeds trained, evaluated, tabulated (resumable)")
+def _study(p):
+    _add_study_grid_flags(p, required=True)
+    _add_set_flag(p)  # applies to every run of the study
+    p.add_argument("--train", required=True, help="training shards (pre-training and the k-NN bank)")
+    p.add_argument("--val", required=True, help="held-out shards (k-NN / linear evaluation)")
+    p.add_argument("--out", required=True, help="study folder: recipes/, runs/, logs/, table.md/json/png")
+    p.add_argument("--cpu", type=int, default=None, help="train each run on N local CPU processes (launch.sh --cpu N)")
+    p.add_argument("--launcher", default=None, help="launch.sh arguments for each run, e.g. '--hostfile H --nodes 4 --gpus-per-node 8'")
+    p.add_argument("--linear", action="store_true", help="also train the linear probe (last-layer CLS) of every run")
 
 
 @command("demo", "mst_ds.demo", "end to end on real images on CPU: shards, pre-training, k-NN, figures")

@@ -342,6 +342,10 @@ def _derive(args: argparse.Namespace, cfg: MSTConfig, world: int) -> Derived:
 
 
 def plan(args: argparse.Namespace) -> int:
+    if args.study:
+        from mst_ds.study import plan as plan_study
+
+        return plan_study(args)
     console = Console()
     loaded = load_config(args.preset, args.sets)
     cfg = loaded.config

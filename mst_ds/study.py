@@ -1,0 +1,544 @@
+"""``mst-ds study``: the paper's comparisons (Table 4, §9, §10, MST vs DINO) as one resumable command.
+
+Every (row, seed) is an ordinary run directory trained through ``launch.sh`` — the code path of ``mst-ds
+train`` on any launcher (``--cpu N`` here, ``--launcher '--hostfile H --nodes 4 --gpus-per-node 8'`` on a
+cluster) — then evaluated with ``mst-ds knn`` (and ``mst-ds linear --probe cls`` with ``--linear``).
+
+A *row* is a preset's difference from the paper root ``mst_deit_s_100ep`` (its recipe chain below the
+root, without the ``run`` section), so the same rows run at any scale: ``--base tiny`` applies each
+row's recipe (masking strategy, replacement, target, weights, BN) on top of ``tiny``; without ``--base``
+the rows are the paper presets as they are. The resolved recipes are written to ``OUT/recipes/``.
+
+Resumable at every level: a run whose newest complete checkpoint is its last step carries a
+``study_done.json`` (written by this command) and is never retrained; an interrupted run is relaunched
+with the same command and resumes from its checkpoint (``mst-ds train``'s own resume); an evaluation
+whose JSON exists is kept. The table (``study.md``, ``study.json``, ``study.png``) aggregates with
+``mst-ds report``'s code: mean ± standard error over seeds, the difference to a reference row with its
+standard error, and a t-test p-value — paired by seed when both rows ran the same seeds, else Welch's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mst_ds import atomic
+from mst_ds.config import ConfigError, MSTConfig, RunFailure, UsageError, _flatten, _recipe_chain, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+PAPER_ROOT = "mst_deit_s_100ep"
+# Named row sets → (rows, reference row). The reference is the row every other is compared to.
+ROW_SETS: dict[str, tuple[list[str], str]] = {
+    "table4": (["ablation_t4_random_bert_masked_nodino", "ablation_t4_random_bert_masked_dino",
+                "ablation_t4_attention_bert_image", "mst_deit_s_100ep"], "mst_deit_s_100ep"),
+    "lambda2": (["ablation_lambda2_02", "ablation_lambda2_04", "ablation_lambda2_06", "ablation_lambda2_08"],
+                "ablation_lambda2_06"),
+    "random_p": (["ablation_random_p0", "ablation_random_p001", "ablation_random_p005", "ablation_random_p01",
+                  "ablation_random_p015"], "ablation_random_p0"),
+    "mst_vs_dino": (["dino_deit_s_100ep", "mst_deit_s_100ep"], "dino_deit_s_100ep"),
+}
+# The k-NN number the table shows: DINO's headline k (20) when evaluated, else the smallest k.
+HEADLINE_K = 20
+# Run-health scalars summarised per row from the last logged step, when the run logged them.
+HEALTH_KEYS = ("attn_entropy", "attention_guidance", "teacher_entropy", "restore_share", "mask_ratio")
+DONE = "study_done.json"
+SPEC = "study.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------------------------------
+def parse_rows(text: str) -> tuple[list[str], str | None]:
+    """``table4`` or ``PRESET,PRESET,…`` (named sets may be mixed in) → (rows, the set's reference)."""
+    rows: list[str] = []
+    reference = None
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        if item in ROW_SETS:
+            named, ref = ROW_SETS[item]
+            rows += named
+            reference = reference or ref
+        else:
+            rows.append(item)
+    rows = list(dict.fromkeys(rows))
+    if not rows:
+        raise UsageError(f"--rows {text!r}: no rows (named sets: {', '.join(ROW_SETS)})")
+    return rows, reference
+
+
+def row_difference(preset: str) -> dict[str, Any]:
+    """The recipe of a row: flattened keys its chain sets below the paper root, ``run`` excluded."""
+    chain = _recipe_chain(preset)
+    labels = [label for label, _ in chain]
+    start = labels.index(f"preset:{PAPER_ROOT}") + 1 if f"preset:{PAPER_ROOT}" in labels else 0
+    diff: dict[str, Any] = {}
+    for _, data in chain[start:]:
+        diff.update({k: v for k, v in _flatten(data).items() if not k.startswith("run.")})
+    return diff
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Run:
+    row: str
+    seed: int
+    preset: str  # what launch.sh gets: a preset name or the recipe file of the row on --base
+    sets: tuple[str, ...]
+    run_dir: Path
+    config_hash: str
+    global_batch: int
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+@dataclass
+class Study:
+    out: Path
+    rows: list[str]
+    reference: str
+    seeds: list[int]
+    base: str | None
+    steps: int | None
+    sets: list[str]
+    train: str
+    val: str
+    linear: bool
+    launcher: list[str]
+
+    def recipe(self, row: str) -> str:
+        """The preset launch.sh trains for ``row``: the row itself, or its recipe on the base."""
+        if self.base is None:
+            return row
+        return str(self.out / "recipes" / f"{row}.yaml")
+
+    def write_recipes(self) -> None:
+        if self.base is None:
+            return
+        (self.out / "recipes").mkdir(parents=True, exist_ok=True)
+        for row in self.rows:
+            body = {"parent": self.base, **_nest(row_difference(row))}
+            text = (f"# Row {row} of a study: its difference from {PAPER_ROOT}, on top of {self.base}.\n"
+                    + yaml.safe_dump(body, sort_keys=False))
+            path = Path(self.recipe(row))
+            if not path.exists() or path.read_text() != text:
+                atomic.write_text(path, text)
+
+    def run_sets(self, row: str, seed: int) -> list[str]:
+        sets = [*self.sets, f"run.seed={seed}", f"run.output_dir={self.out / 'runs'}", f"run.name={row}_seed{seed}"]
+        if self.train:
+            sets.append(f"data.train={self.train}")
+        if self.steps:
+            sets += [f"run.max_steps={self.steps}", f"run.schedule_steps={self.steps}", "checkpoint.every_epochs=0",
+                     f"checkpoint.every_steps={max(1, self.steps // 4)}"]
+        return sets
+
+    def config(self, row: str, seed: int) -> MSTConfig:
+        """The resolved config of (row, seed) — the same values launch.sh's run will resolve."""
+        clash = sorted({s.split("=", 1)[0].strip() for s in self.sets} & set(row_difference(row)))
+        if clash:
+            raise UsageError(f"--set {', '.join(clash)}: row {row} sets this itself (it is what the row compares)")
+        try:
+            if self.base is None:
+                return load_config(row, self.run_sets(row, seed)).config
+            return load_config(self.base, self.run_sets(row, seed), overrides=row_difference(row)).config
+        except ConfigError as err:
+            raise UsageError(f"row {row}: {err}") from None
+
+    def runs(self) -> list[Run]:
+        """Every (row, seed), its config validated now — before anything is launched."""
+        out = []
+        for row in self.rows:
+            for seed in self.seeds:
+                cfg = self.config(row, seed)
+                out.append(Run(row, seed, self.recipe(row), tuple(self.run_sets(row, seed)),
+                               self.out / "runs" / f"{row}_seed{seed}", cfg.hash(), cfg.optim.batch_size))
+        return out
+
+    def spec(self) -> dict[str, Any]:
+        return {"rows": self.rows, "reference": self.reference, "seeds": self.seeds, "base": self.base,
+                "steps": self.steps, "sets": self.sets, "train": self.train, "val": self.val, "linear": self.linear,
+                "launcher": self.launcher}
+
+
+def study_from_args(args) -> Study:
+    rows, named_ref = parse_rows(args.rows)
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be positive (got {args.seeds})")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be positive (got {args.steps})")
+    reference = getattr(args, "ref", None) or named_ref or rows[0]
+    if reference not in rows:
+        raise UsageError(f"--ref {reference}: not one of the rows ({', '.join(rows)})")
+    cpu, launcher_text = getattr(args, "cpu", None), getattr(args, "launcher", None)
+    if cpu is not None and launcher_text:
+        raise UsageError("--cpu and --launcher: give one of them")
+    if cpu is not None and cpu < 1:
+        raise UsageError(f"--cpu must be positive (got {cpu})")
+    launcher = ["--cpu", str(cpu)] if cpu else shlex.split(launcher_text or "")
+    return Study(out=Path(getattr(args, "out", None) or "study").resolve(), rows=rows, reference=reference,
+                 seeds=list(range(args.seeds)), base=args.base, steps=args.steps, sets=list(args.sets),
+                 train=getattr(args, "train", None) or "", val=getattr(args, "val", None) or "",
+                 linear=bool(getattr(args, "linear", False)), launcher=launcher)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running: train, evaluate, each step kept once done
+# --------------------------------------------------------------------------------------------------
+def _check_out_dir(out: Path) -> None:
+    """The study writes only into a folder that is new, empty, or one of its own."""
+    if out.exists() and any(out.iterdir()) and not (out / SPEC).is_file():
+        raise UsageError(f"--out {out}: not empty and not a study folder (no {SPEC}); choose a new folder")
+
+
+def _is_done(run: Run) -> bool:
+    marker = run.run_dir / DONE
+    if not marker.is_file():
+        return False
+    done = json.loads(marker.read_text())
+    if done.get("config_hash") != run.config_hash:
+        raise UsageError(f"{run.run_dir}: finished with config {done.get('config_hash')}, this study asks for "
+                         f"{run.config_hash} (another --set/--steps/--base?); use a new --out")
+    return True
+
+
+def _trained_steps(run: Run) -> int:
+    """Optimizer steps of the run's newest complete checkpoint (0 without one)."""
+    from mst_ds import checkpoint as ckpt
+
+    ckpt_dir = run.run_dir / ckpt.CKPT_SUBDIR
+    tag = ckpt.newest_complete(ckpt_dir) if ckpt_dir.is_dir() else None
+    return 0 if tag is None else int(ckpt.read_meta(ckpt_dir / tag)["samples"]) // run.global_batch
+
+
+def _stream(cmd: list[str], log: Path, env: dict[str, str]) -> int:
+    """Run one command (an argument list, never a shell), its output appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        fh.write(f"$ {shlex.join(cmd)}\n")
+        fh.flush()
+        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd(), env=env).returncode
+
+
+def _tail(log: Path, n: int = 12) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+
+
+def train_run(study: Study, run: Run, index: str) -> None:
+    if _is_done(run):
+        print(f"{index} {run.name}: trained (kept)", flush=True)
+        return
+    resumed = _trained_steps(run)
+    print(f"{index} {run.name}: training" + (f" (resuming at step {resumed})" if resumed else ""), flush=True)
+    cmd = ["bash", str(REPO / "launch.sh"), *study.launcher, "--preset", run.preset]
+    for s in run.sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    log = study.out / "logs" / f"{run.name}.train.log"
+    t0 = time.time()
+    rc = _stream(cmd, log, env)
+    wall = time.time() - t0
+    if rc != 0:
+        print(_tail(log), file=sys.stderr)
+        raise RunFailure(f"{run.name}: training failed (exit {rc}); log: {log}")
+    cfg = load_config(run.preset, run.sets).config
+    steps = _trained_steps(run)
+    wanted = cfg.run.max_steps
+    if wanted is not None and steps < wanted:
+        raise RunFailure(f"{run.name}: training stopped at step {steps} of {wanted} (time limit?); rerun to continue")
+    atomic.write_json(run.run_dir / DONE, {"row": run.row, "seed": run.seed, "config_hash": run.config_hash,
+                                           "steps": steps, "wall_s": wall, "resumed_at": resumed})
+    print(f"{index} {run.name}: trained {steps} steps in {wall:.0f} s", flush=True)
+
+
+def evaluate_run(study: Study, run: Run, index: str) -> None:
+    from mst_ds.cli import main as mst_ds
+
+    common = ["--ckpt", str(run.run_dir), "--train", study.train, "--val", study.val, "--out",
+              str(run.run_dir / "eval"), "--num-workers", "0"]
+    todo = [("knn.json", ["knn", *common])]
+    if study.linear:
+        todo.append(("linear_cls.json", ["linear", "--probe", "cls", *common]))
+    for result, argv in todo:
+        if (run.run_dir / "eval" / result).is_file():
+            continue
+        print(f"{index} {run.name}: mst-ds {argv[0]}", flush=True)
+        rc = mst_ds(argv)
+        if rc != 0:
+            raise RunFailure(f"{run.name}: mst-ds {argv[0]} failed (exit {rc})")
+
+
+# --------------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------------
+def _headline(metrics: dict[str, float], prefix: str = "knn_k") -> str | None:
+    ks = sorted(int(m[len(prefix):].split("_")[0]) for m in metrics if m.startswith(prefix) and m.endswith("_top1"))
+    if not ks:
+        return None
+    k = HEADLINE_K if HEADLINE_K in ks else ks[0]
+    return f"{prefix}{k}_top1"
+
+
+def compare(values: dict[int, float], ref: dict[int, float]) -> dict[str, Any]:
+    """Row − reference over seeds → {diff, se, p, test}; paired by seed when both ran the same seeds."""
+    from scipy import stats
+
+    a, b = list(values.values()), list(ref.values())
+    diff = sum(a) / len(a) - sum(b) / len(b)
+    if set(values) == set(ref) and len(values) >= 2:
+        d = [values[s] - ref[s] for s in sorted(values)]
+        mean = sum(d) / len(d)
+        se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+        p = float(stats.ttest_rel(a=[values[s] for s in sorted(values)], b=[ref[s] for s in sorted(ref)]).pvalue)
+        test = "paired t"
+    elif len(a) >= 2 and len(b) >= 2:
+        var = lambda xs: sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / (len(xs) - 1)  # noqa: E731
+        se = math.sqrt(var(a) / len(a) + var(b) / len(b))
+        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+        test = "Welch t"
+    else:
+        se, p, test = None, None, "n/a (one seed)"
+    clean = lambda x: None if x is None or not math.isfinite(x) else x  # noqa: E731 (zero spread → nan p)
+    return {"diff": diff, "se": clean(se), "p": clean(p), "test": test}
+
+
+def table(study: Study, runs: list[Run]) -> dict[str, Any]:
+    """The study's numbers, aggregated with ``mst-ds report``'s code from each run's result files."""
+    from mst_ds.eval.report import aggregate, read_jsonl, run_metrics
+
+    rows: dict[str, Any] = {}
+    for row in study.rows:
+        mine = [r for r in runs if r.row == row]
+        per_run = {str(r.seed): run_metrics(r.run_dir) for r in mine}
+        agg = aggregate(per_run)
+        done = [json.loads((r.run_dir / DONE).read_text()) for r in mine]
+        health: dict[str, dict[str, Any]] = {}
+        for key in HEALTH_KEYS:
+            last = {}
+            for r in mine:
+                recs = [x for x in read_jsonl(r.run_dir / "metrics.jsonl") if isinstance(x.get(key), int | float)] \
+                    if (r.run_dir / "metrics.jsonl").is_file() else []
+                if recs:
+                    last[str(r.seed)] = float(recs[-1][key])
+            if last:
+                health[key] = aggregate({s: {key: v} for s, v in last.items()})[key]
+        rows[row] = {"metrics": agg, "steps": max(d["steps"] for d in done), "wall_s": [d["wall_s"] for d in done],
+                     "health": health, "runs": [str(r.run_dir) for r in mine]}
+    headline = _headline(rows[study.reference]["metrics"])
+    linear = "linear_cls_top1"
+    for row, entry in rows.items():
+        for metric in (headline, linear):
+            if metric and metric in entry["metrics"] and metric in rows[study.reference]["metrics"] and row != study.reference:
+                entry.setdefault("vs_reference", {})[metric] = compare(
+                    {int(s): v for s, v in entry["metrics"][metric]["values"].items()},
+                    {int(s): v for s, v in rows[study.reference]["metrics"][metric]["values"].items()})
+    return {"study": study.spec(), "headline": headline, "rows": rows}
+
+
+def _pm(a: dict[str, Any] | None, digits: int = 1) -> str:
+    if a is None:
+        return "—"
+    se = "n/a" if a["se"] is None else f"{a['se']:.{digits}f}"
+    return f"{a['mean']:.{digits}f} ± {se}"
+
+
+def _delta(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "—"
+    return f"{d['diff']:+.1f} ± " + ("n/a" if d["se"] is None else f"{d['se']:.1f}")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    spec, headline = result["study"], result["headline"]
+    has_linear = any("linear_cls_top1" in r["metrics"] for r in result["rows"].values())
+    health_keys = [k for k in HEALTH_KEYS if any(k in r["health"] for r in result["rows"].values())]
+    lines = [f"# mst-ds study ({len(spec['rows'])} rows × {len(spec['seeds'])} seeds"
+             + (f", base {spec['base']}" if spec["base"] else "") + ")", "",
+             f"k-NN: `{headline}` (top-1 %, mean ± standard error over seeds); reference row: `{spec['reference']}`; "
+             "Δ = row − reference ± its standard error, p from a t-test (paired by seed where the seeds match, "
+             "else Welch).", ""]
+    cols = ["row", "k-NN top-1", "Δ k-NN", "p"] + (["linear top-1", "Δ linear"] if has_linear else []) \
+        + ["steps", "wall s / run"] + health_keys
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row, r in result["rows"].items():
+        vs = r.get("vs_reference", {})
+        d = vs.get(headline)
+        cells = [f"`{row}`", _pm(r["metrics"].get(headline)),
+                 "ref" if row == spec["reference"] else _delta(d),
+                 "" if d is None or d["p"] is None else f"{d['p']:.3f}"]
+        if has_linear:
+            dl = vs.get("linear_cls_top1")
+            cells += [_pm(r["metrics"].get("linear_cls_top1")),
+                      "ref" if row == spec["reference"] else _delta(dl)]
+        cells += [str(r["steps"]), f"{sum(r['wall_s']) / len(r['wall_s']):.0f}"]
+        cells += [_pm(r["health"].get(k), 3) for k in health_keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    headline = result["headline"]
+    names = list(result["rows"])
+    means = [result["rows"][n]["metrics"][headline]["mean"] for n in names]
+    ses = [result["rows"][n]["metrics"][headline]["se"] or 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.8))
+    colors = ["#b0b0b0" if n == result["study"]["reference"] else "#4c72b0" for n in names]
+    ax.bar(range(len(names)), means, yerr=ses, capsize=4, color=colors)
+    ax.set_xticks(range(len(names)), [n.replace("ablation_", "") for n in names], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel(f"{headline} (%)")
+    lo = min(m - s for m, s in zip(means, ses))
+    ax.set_ylim(max(0.0, lo - 5), None)
+    ax.set_title(f"{len(result['study']['seeds'])} seeds; error bars: standard error", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_table(study: Study, runs: list[Run]) -> dict[str, Any]:
+    result = table(study, runs)
+    atomic.write_json(study.out / "table.json", result)
+    atomic.write_text(study.out / "table.md", markdown(result))
+    figure(result, study.out / "table.png")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Command
+# --------------------------------------------------------------------------------------------------
+def _check_data(*paths: str) -> None:
+    from mst_ds.data.manifest import Manifest
+
+    for flag, p in zip(("--train", "--val"), paths):
+        if not p:
+            raise UsageError(f"{flag}: required for a study")
+        Manifest.load(p)
+
+
+def run(args) -> int:
+    if not args.cpu and not args.launcher:
+        args.cpu = 1 if not _has_gpu() else None
+    study = study_from_args(args)
+    _check_out_dir(study.out)
+    _check_data(study.train, study.val)
+    study.out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(study.out / SPEC, study.spec())
+    study.write_recipes()
+    runs = study.runs()
+    print(f"study: {len(study.rows)} rows × {len(study.seeds)} seeds = {len(runs)} runs → {study.out}", flush=True)
+    for i, r in enumerate(runs, 1):
+        index = f"[{i}/{len(runs)}]"
+        train_run(study, r, index)
+        evaluate_run(study, r, index)
+    write_table(study, runs)
+    print((study.out / "table.md").read_text(), end="")
+    print(f"wrote {study.out / 'table.md'}, {study.out / 'table.json'}, {study.out / 'table.png'}")
+    return 0
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------------------------------
+# mst-ds plan --study: the grid and its cost, before anything runs
+# --------------------------------------------------------------------------------------------------
+def step_cost(cfg: MSTConfig, batch: int = 16) -> tuple[float, float]:
+    """(model GFLOP per training image, CPU seconds per image here) of one real MST step — teacher
+    forward, student forward + backward, decoder — on random views: FLOPs from torch's flop counter,
+    time: the fastest of three uncounted steps (the first pays for allocation and the counter)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mst_ds.model.mst import MSTModel
+
+    torch.manual_seed(0)
+    model = MSTModel.from_config(cfg)
+    teacher = model.make_teacher()
+    a = cfg.augment
+    batch = max(2, min(batch, cfg.optim.batch_size))
+
+    def step() -> None:
+        views = [torch.randn(batch, 3, a.global_crop_size, a.global_crop_size) for _ in range(2)] + \
+            [torch.randn(batch, 3, a.local_crop_size, a.local_crop_size) for _ in range(a.n_local_crops)]
+        model(views, teacher, cfg.loss.teacher_temp, torch.Generator().manual_seed(0))["loss"].backward()
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    seconds = []
+    for _ in range(3):  # the fastest of three: a busy machine inflates single timings
+        t0 = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - t0)
+    return counter.get_total_flops() / batch / 1e9, min(seconds) / batch
+
+
+def plan(args) -> int:
+    """``mst-ds plan --study --rows … [--seeds N] [--base P] [--steps S]``: prints only, writes nothing."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mst_ds.config import derive
+
+    if not args.rows:
+        raise UsageError("plan --study: --rows is required")
+    study = study_from_args(args)
+    console = Console()
+    grid = Table(title=f"Study grid: {len(study.rows)} rows × {len(study.seeds)} seeds"
+                       + (f" on base {study.base}" if study.base else " (paper presets as they are)")
+                       + f"; reference row {study.reference}")
+    for col in ("row", "recipe (difference from mst_deit_s_100ep)"):
+        grid.add_column(col, overflow="fold")
+    for row in study.rows:
+        diff = row_difference(row)
+        grid.add_row(row, ", ".join(f"{k}={v}" for k, v in diff.items()) or "— (the paper's MST)")
+    console.print(grid)
+    cost = Table(title="Cost per run (GFLOP: one training image through teacher fwd + student fwd/bwd + decoder, "
+                       "counted by torch's flop counter; CPU time measured here, one process)")
+    for col in ("row", "steps", "images", "GFLOP / image", "PFLOP / run", "CPU h / run here"):
+        cost.add_column(col, justify="right")
+    total_pflop = total_h = 0.0
+    for row in study.rows:
+        cfg = study.config(row, 0)
+        steps = cfg.run.max_steps or derive(cfg, 1, cfg.data.num_samples).total_steps
+        images = steps * cfg.optim.batch_size
+        gflop, sec = step_cost(cfg)
+        pflop, hours = images * gflop / 1e6, images * sec / 3600
+        total_pflop += pflop * len(study.seeds)
+        total_h += hours * len(study.seeds)
+        cost.add_row(row, f"{steps:,}", f"{images:,}", f"{gflop:.3g}", f"{pflop:.3g}", f"{hours:.3g}")
+    console.print(cost)
+    n = len(study.rows) * len(study.seeds)
+    console.print(f"{n} runs: {total_pflop:.3g} PFLOP of training in all; ≈ {total_h:.3g} CPU-hours on this machine "
+                  "(one process, as loaded as it is now; evaluation comes on top)")
+    return 0

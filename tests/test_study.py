@@ -1,0 +1,133 @@
+"""``mst-ds study``: rows as recipe differences, the table's statistics, and a killed study that resumes
+without retraining what finished (real launcher, real DeepSpeed engine on CPU, real digits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mst_ds import study as st
+from mst_ds.config import UsageError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_named_row_sets_and_their_reference():
+    rows, ref = st.parse_rows("table4")
+    assert rows[-1] == "mst_deit_s_100ep" and ref == "mst_deit_s_100ep" and len(rows) == 4
+    rows, ref = st.parse_rows("mst_vs_dino,ablation_lambda2_02,mst_deit_s_100ep")
+    assert rows == ["dino_deit_s_100ep", "mst_deit_s_100ep", "ablation_lambda2_02"]  # duplicates dropped
+    with pytest.raises(UsageError):
+        st.parse_rows(" , ")
+
+
+def test_a_row_is_its_recipe_below_the_paper_root():
+    # Table 4 row 2 inherits row 1's recipe and changes the DINO weight back; run names never count.
+    assert st.row_difference("ablation_t4_random_bert_masked_dino") == {
+        "mask.strategy": "random", "mask.prob": 0.15, "mask.replacement": "bert",
+        "loss.restore_target": "masked_patches", "loss.dino_weight": 1.0}
+    assert st.row_difference("mst_deit_s_100ep") == {}
+
+
+def _study(tmp_path, **kw):
+    args = dict(rows="mst_vs_dino", seeds=2, base="tiny", steps=8, sets=[], ref=None, out=str(tmp_path / "s"),
+                train="", val="", cpu=1, launcher=None, linear=False)
+    args.update(kw)
+    return st.study_from_args(type("Args", (), args)())
+
+
+def test_rows_on_a_base_keep_the_base_and_change_only_the_recipe(tmp_path):
+    study = _study(tmp_path)
+    dino, mst = study.config("dino_deit_s_100ep", 1), study.config("mst_deit_s_100ep", 1)
+    assert (dino.mask.enabled, dino.decoder.enabled, mst.mask.enabled) == (False, False, True)
+    assert dino.augment.global_crop_size == mst.augment.global_crop_size == 32  # tiny's scale
+    assert (dino.run.seed, dino.run.max_steps, dino.run.schedule_steps) == (1, 8, 8)
+
+
+def test_a_global_set_that_overrides_what_a_row_compares_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="mask.enabled"):
+        _study(tmp_path, sets=["mask.enabled=true"]).runs()
+
+
+def test_differences_paired_by_seed_or_welch():
+    from scipy import stats
+
+    a, b = {0: 60.0, 1: 62.0, 2: 65.0}, {0: 58.0, 1: 61.0, 2: 61.5}
+    paired = st.compare(a, b)
+    assert paired["test"] == "paired t"
+    assert paired["diff"] == pytest.approx(62.3333333 - 60.1666667)
+    assert paired["p"] == pytest.approx(stats.ttest_rel([60, 62, 65], [58, 61, 61.5]).pvalue)
+    welch = st.compare(a, {5: 58.0, 6: 61.0})
+    assert welch["test"] == "Welch t"
+    assert welch["p"] == pytest.approx(stats.ttest_ind([60, 62, 65], [58, 61], equal_var=False).pvalue)
+    assert st.compare({0: 1.0}, {0: 2.0})["se"] is None
+
+
+def test_a_folder_that_is_not_a_study_is_refused(tmp_path):
+    (tmp_path / "mine.txt").write_text("a user's file")
+    with pytest.raises(UsageError, match="not a study folder"):
+        st._check_out_dir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def digits_splits(tmp_path_factory) -> tuple[Path, Path]:
+    from data_tools import sample_data
+    from data_tools.writer import write_shards
+
+    root = tmp_path_factory.mktemp("study_digits")
+    folders = sample_data.write_digits_imagefolder(root / "folder")
+    for split in ("train", "val"):
+        write_shards(getattr(folders, split), root / split, split=split, max_count=512, progress=False)
+    return root / "train", root / "val"
+
+
+def _run_study(out: Path, train: Path, val: Path, seeds: int, **env) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mst_ds.cli", "study", "--rows", "mst_vs_dino", "--seeds", str(seeds), "--base", "tiny",
+           "--steps", "8", "--cpu", "1", "--train", str(train), "--val", str(val), "--out", str(out),
+           "--set", "optim.batch_size=16", "--set", "data.num_workers=0", "--set", "run.log_every=1"]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", **env})
+
+
+def test_study_killed_mid_run_resumes_and_its_table_is_the_runs_numbers(digits_splits, deepspeed_cpu, tmp_path):
+    train, val = digits_splits
+    out = tmp_path / "study"
+    first = _run_study(out, train, val, seeds=1)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    kept = out / "runs" / "dino_deit_s_100ep_seed0"
+    before = {f: (kept / f).read_bytes() for f in ("study_done.json", "metrics.jsonl", "eval/knn.json")}
+
+    # The second seed's first run is killed (SIGKILL) while it writes its step-4 checkpoint.
+    killed = _run_study(out, train, val, seeds=2, MST_DS_FAULT="kill_in_save@4")
+    assert killed.returncode == 1
+    victim = out / "runs" / "dino_deit_s_100ep_seed1"
+    assert not (victim / st.DONE).exists()
+
+    final = _run_study(out, train, val, seeds=2)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    assert "dino_deit_s_100ep_seed0: trained (kept)" in final.stdout
+    assert "dino_deit_s_100ep_seed1: training (resuming at step 2)" in final.stdout
+    assert {f: (kept / f).read_bytes() for f in before} == before  # never retrained or re-evaluated
+    steps = [r["step"] for r in map(json.loads, (victim / "metrics.jsonl").read_text().splitlines())]
+    assert steps[-1] == 8 and sorted(set(steps)) == list(range(1, 9))
+
+    table = json.loads((out / "table.json").read_text())
+    metric = table["headline"]
+    assert metric == "knn_k20_top1"
+    for row in ("dino_deit_s_100ep", "mst_deit_s_100ep"):
+        from_runs = {str(seed): json.loads((out / "runs" / f"{row}_seed{seed}" / "eval" / "knn.json").read_text())
+                     ["metrics"][metric] for seed in (0, 1)}
+        entry = table["rows"][row]["metrics"][metric]
+        assert entry["values"] == from_runs
+        assert entry["mean"] == pytest.approx(sum(from_runs.values()) / 2)
+        assert table["rows"][row]["steps"] == 8
+    mst, dino = (table["rows"][r]["metrics"][metric]["values"] for r in ("mst_deit_s_100ep", "dino_deit_s_100ep"))
+    vs = table["rows"]["mst_deit_s_100ep"]["vs_reference"][metric]
+    assert vs["test"] == "paired t"
+    assert vs["diff"] == pytest.approx(sum(mst.values()) / 2 - sum(dino.values()) / 2)
+    assert (out / "table.png").stat().st_size > 0 and "| `mst_deit_s_100ep` |" in (out / "table.md").read_text()
