@@ -50,7 +50,7 @@ ROW_SETS: dict[str, tuple[list[str], str]] = {
 # The k-NN number the table shows: DINO's headline k (20) when evaluated, else the smallest k.
 HEADLINE_K = 20
 # Run-health scalars summarised per row from the last logged step, when the run logged them.
-HEALTH_KEYS = ("attn_entropy", "attention_guidance", "teacher_entropy", "restore_share", "mask_ratio")
+HEALTH_KEYS = ("attn_entropy", "attn_guidance", "teacher_entropy_rel", "restore_loss_share", "mask_ratio")
 DONE = "study_done.json"
 SPEC = "study.json"
 
