@@ -26,7 +26,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,9 @@ class Study:
     val: str
     linear: bool
     launcher: list[str]
+    # The environment the study started with, for its launches: the in-process evaluations start a
+    # world of one and leave its rendezvous (RANK, MASTER_PORT, …) in os.environ.
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
     def recipe(self, row: str) -> str:
         """The preset launch.sh trains for ``row``: the row itself, or its recipe on the base."""
@@ -255,7 +258,7 @@ def train_run(study: Study, run: Run, index: str) -> None:
     cmd = ["bash", str(REPO / "launch.sh"), *study.launcher, "--preset", run.preset]
     for s in run.sets:
         cmd += ["--set", s]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    env = {**study.env, "PATH": f"{Path(sys.executable).parent}:{study.env.get('PATH', '')}"}
     log = study.out / "logs" / f"{run.name}.train.log"
     t0 = time.time()
     rc = _stream(cmd, log, env)
