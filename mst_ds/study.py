@@ -528,7 +528,8 @@ def plan(args) -> int:
     console.print(grid)
     cost = Table(title="Cost per run (GFLOP: one training image through teacher fwd + student fwd/bwd + decoder, "
                        "counted by torch's flop counter; CPU time measured here, one process)")
-    for col in ("row", "steps", "images", "GFLOP / image", "PFLOP / run", "CPU h / run here"):
+    cost.add_column("row", no_wrap=True)
+    for col in ("steps", "images", "GFLOP / image", "PFLOP / run", "CPU h / run here"):
         cost.add_column(col, justify="right")
     total_pflop = total_h = 0.0
     for row in study.rows:
