@@ -124,7 +124,9 @@ def safe_load(path: Path, *, mmap: bool = False, map_location: Any = "cpu") -> A
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f"global {found.group(1)}" if found else "an object torch does not load safely"
+        detail = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed|\.?\n|\.?$)", str(err))
+        what = (f"global {found.group(1)}" if found else detail.group(1).strip() if detail and detail.group(1).strip()
+                else "more than tensors and plain data")
         raise UnsafeCheckpoint(f"{path}: refusing to unpickle it (it needs {what}; nothing in it was run)") from None
 
 
@@ -251,10 +253,10 @@ def _gather(obj: Any) -> list[Any]:
 
 
 def _fail_everywhere(message: str, rank: int) -> None:
-    """Every rank stops; rank 0 says why in one line, the others exit 1 quietly."""
-    if rank == 0:
-        raise RunFailure(message)
-    raise SystemExit(1)
+    """Every rank stops (exit 1); rank 0 says why in one line."""
+    from mst_ds.job import stop_together
+
+    stop_together(RunFailure(message), rank)
 
 
 def _save_fault(step: int, rank: int) -> bool:

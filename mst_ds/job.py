@@ -26,8 +26,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
-from mst_ds.config import ConfigError
+from mst_ds.config import ConfigError, RunFailure
 
 LOCK_NAME = ".lock"
 LAUNCHER_ENV = "MST_DS_LAUNCHER_PID"
@@ -72,6 +73,25 @@ def probe(run_dir: Path) -> None:
     """Raise RunDirLocked if a live job holds ``run_dir`` (takes and drops the lock at once)."""
     if (Path(run_dir) / LOCK_NAME).exists():
         RunLock(run_dir).acquire().release()
+
+
+def stop_together(err: ConfigError | RunFailure, rank: int) -> NoReturn:
+    """Every rank stops with ``err``'s exit code; only rank 0 says why, in one line.
+
+    With several ranks, rank 0 prints before any rank exits: the launcher kills the remaining ranks
+    at the first exit, which could otherwise swallow the line."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        raise err
+    code = 1 if isinstance(err, RunFailure) else 2
+    if rank == 0:
+        from mst_ds.cli import error_exit
+
+        error_exit(str(err), code)
+        sys.stderr.flush()
+    dist.barrier()
+    raise SystemExit(code)
 
 
 # --------------------------------------------------------------------------------------------------

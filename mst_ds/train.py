@@ -322,9 +322,7 @@ def setup(cfg: MSTConfig, run_dir: Path, lock: job.RunLock) -> tuple[Training, s
             found = str(err)
     found = _broadcast(found)  # every rank stops on a refused resume, not only rank 0
     if isinstance(found, str):
-        if rank == 0:
-            raise ConfigError(found)
-        raise SystemExit(2)  # rank 0 says why, in one line
+        job.stop_together(ConfigError(found), rank)  # rank 0 says why, in one line
     tag, meta, data_id = found
     universal = meta is not None and ckpt.needs_universal(meta, world, cfg.engine.zero_stage)
     t, ds_config = build_training(cfg, derived, load_universal=universal)
