@@ -22,7 +22,8 @@ only directories this module wrote (a ``stepNNNNNNNN`` tag with its marker, or a
 only checkpoint files); anything else under ``checkpoints/`` is left alone. A save that fails on any
 rank (a full disk) removes its half-written tag on every rank and stops the run with one line; the
 previous checkpoint and ``latest`` are untouched. Fault injection for the tests (``MST_DS_FAULT``):
-``enospc_in_save@N`` makes the last rank's RNG-file write of step N fail with ENOSPC.
+``enospc_in_save@N`` makes the last rank's RNG-file write of step N fail with ENOSPC,
+``enospc_in_ds_save@N`` the last rank's writes inside DeepSpeed's ``save_checkpoint``.
 """
 
 from __future__ import annotations
@@ -259,11 +260,15 @@ def _fail_everywhere(message: str, rank: int) -> None:
     stop_together(RunFailure(message), rank)
 
 
-def _save_fault(step: int, rank: int) -> bool:
+def _save_fault(kind: str, step: int, rank: int) -> bool:
     import torch.distributed as dist
 
     last = dist.get_world_size() - 1 if dist.is_initialized() else 0
-    return os.environ.get("MST_DS_FAULT", "") == f"enospc_in_save@{step}" and rank == last
+    return os.environ.get("MST_DS_FAULT", "") == f"{kind}@{step}" and rank == last
+
+
+def _disk_full(*args: Any, **kwargs: Any) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def save(engine, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], meta: dict[str, Any],
@@ -281,14 +286,25 @@ def save(engine, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], met
         remove_leftover(tag_dir)  # a leftover of a save that was killed half-way
     _barrier()
     error = None
+    writer = getattr(engine, "checkpoint_engine", None)
+    if writer is not None and _save_fault("enospc_in_ds_save", step, rank):
+        writer.save = _disk_full  # the instance attribute shadows the method for this save only
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        with atomic.atomic_path(tag_dir / f"rng_rank{rank:05d}.pt") as tmp:
-            if _save_fault(step, rank):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
-            torch.save({"rng": rng_state(), "loader": loader_position, "step": step}, tmp)
     except OSError as err:
         error = f"rank {rank}: {err}"
+        _barrier()  # the closing barrier of save_checkpoint, where the ranks that did not fail wait
+    finally:
+        if writer is not None:
+            writer.__dict__.pop("save", None)
+    if error is None:
+        try:
+            with atomic.atomic_path(tag_dir / f"rng_rank{rank:05d}.pt") as tmp:
+                if _save_fault("enospc_in_save", step, rank):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+                torch.save({"rng": rng_state(), "loader": loader_position, "step": step}, tmp)
+        except OSError as err:
+            error = f"rank {rank}: {err}"
     # Every rank's files are on disk (or its error is known). Each rank lists the tag; the largest size
     # seen per file is its writer's view (a shared file system may show other nodes' files late).
     reports = _gather((error, _file_sizes(tag_dir) if error is None and tag_dir.is_dir() else {}))

@@ -80,9 +80,12 @@ def test_one_job_per_run_dir_and_ranks_die_with_their_launcher(digits_shards, tm
     assert [r["step"] for r in records(run_dir)] == list(range(1, LONG + 1))
 
 
-def test_a_full_disk_on_two_ranks_is_one_line_exit_1(digits_shards, tmp_path, deepspeed_cpu):
+@pytest.mark.parametrize("fault", ["enospc_in_save", "enospc_in_ds_save"])
+def test_a_full_disk_on_two_ranks_is_one_line_exit_1(digits_shards, tmp_path, deepspeed_cpu, fault):
+    """Rank 1's disk is full in our RNG-file write, or inside DeepSpeed's own writes (rank 0 then
+    waits in DeepSpeed's closing barrier): both ranks stop, one line, exit 1, nothing left behind."""
     run_dir = tmp_path / "enospc"
-    rc, out = finish(launch(run_dir, digits_shards, env=_env(MST_DS_FAULT="enospc_in_save@4")))
+    rc, out = finish(launch(run_dir, digits_shards, env=_env(MST_DS_FAULT=f"{fault}@4")))
     errors = [ln for ln in out.splitlines() if "mst-ds: error:" in ln]
     assert rc == 1 and len(errors) == 1 and "No space left on device" in errors[0], out[-3000:]
     assert "Traceback" not in out
