@@ -68,6 +68,16 @@ else
   export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 fi
 
+# Validate once before any rank starts (config, data, run-directory lock, resume compatibility) and build
+# DeepSpeed's CPU comm op once: a bad setting is one line here, not one per rank plus launcher noise.
+# Other nodes of a --no_ssh job skip the lock probe (node 0's ranks may already hold the lock).
+node_rank=0
+for ((i = 0; i < ${#launcher[@]}; i++)); do [[ "${launcher[i]}" == --node_rank ]] && node_rank="${launcher[i+1]}"; done
+check=(python -m mst_ds.cli train --check --preset "$preset" "${sets[@]}")
+[[ -n "$run_dir" ]] && check+=(--run-dir "$run_dir")
+MST_DS_NODE_RANK="$node_rank" "${check[@]}" || exit $?
+export MST_DS_LAUNCHER_PID=$$  # ranks watch this shell and die with it (mst_ds/job.py)
+
 # The launcher forwards only NCCL/PYTHON/UCX/... variables to other nodes (pdsh); the rest of the
 # environment set here travels in a DeepSpeed env file (the user's ~/.deepspeed_env is kept).
 envfile="$(mktemp "${TMPDIR:-/tmp}/mst_ds_env.XXXXXX")"

@@ -5,7 +5,8 @@ Layout::
     RUN/config.yaml                     resolved config (written at start)
     RUN/checkpoints/step00000120/       DeepSpeed files (engine.save_checkpoint, client_state on rank 0)
                     rng_rank00000.pt    this rank's torch / python / numpy RNG + loader position
-                    complete.json       written by rank 0 after every rank finished (step, world, hash)
+                    complete.json       written by rank 0 after every rank finished (step, world, hash,
+                                        resolved config, training-data identity, every file's size)
     RUN/checkpoints/latest              tag of the newest complete checkpoint (atomic rename)
 
 A checkpoint is complete before ``latest`` points to it: DeepSpeed's own ``latest`` is disabled
@@ -13,12 +14,26 @@ A checkpoint is complete before ``latest`` points to it: DeepSpeed's own ``lates
 written by rank 0 after a barrier. A kill at any moment leaves ``latest`` on a complete checkpoint.
 ``client_state`` is written by rank 0 only (SPEC §7), so it holds only rank-invariant state; DeepSpeed
 saves no RNG state, hence the per-rank RNG files.
+
+Trust: a checkpoint is used only after its files have the sizes ``complete.json`` recorded and every
+``.pt`` file in it unpickles with ``torch.load(weights_only=True)`` (memory-mapped, so only the pickle
+is read); DeepSpeed's own loaders (``weights_only=False``) see only files that passed. Pruning deletes
+only directories this module wrote (a ``stepNNNNNNNN`` tag with its marker, or an incomplete tag holding
+only checkpoint files); anything else under ``checkpoints/`` is left alone. A save that fails on any
+rank (a full disk) removes its half-written tag on every rank and stops the run with one line; the
+previous checkpoint and ``latest`` are untouched. Fault injection for the tests (``MST_DS_FAULT``):
+``enospc_in_save@N`` makes the last rank's RNG-file write of step N fail with ENOSPC,
+``enospc_in_ds_save@N`` the last rank's writes inside DeepSpeed's ``save_checkpoint``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -30,12 +45,16 @@ import numpy as np
 import torch
 
 from mst_ds import atomic
-from mst_ds.config import UsageError
+from mst_ds.config import RunFailure, UsageError
 
 CKPT_SUBDIR = "checkpoints"
 COMPLETE = "complete.json"
 LATEST = "latest"
 UNIVERSAL_SUFFIX = "_universal"
+TAG_RE = re.compile(r"step\d{8}(_universal)?")
+# What DeepSpeed and this module put in a tag directory (an incomplete one is pruned only if it holds
+# nothing else): model/optimizer states, RNG files, the marker, atomic-write temps, universal zero/.
+_OWN_ENTRY_RE = re.compile(r".*\.pt|complete\.json|\..*\.tmp-\d+|zero")
 
 
 def tag_for(step: int) -> str:
@@ -77,6 +96,73 @@ def seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Loading without executing: every .pt file goes through torch's weights-only unpickler
+# --------------------------------------------------------------------------------------------------
+class UnsafeCheckpoint(UsageError):
+    """A checkpoint file that would need arbitrary code to unpickle (never loaded)."""
+
+
+def _safe_globals() -> list:
+    """The few non-tensor classes a genuine DeepSpeed checkpoint or RNG file pickles (data, no code)."""
+    import numpy.core.multiarray as np_multiarray
+
+    allowed: list = [np_multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        pass
+    return allowed
+
+
+def safe_load(path: Path, *, mmap: bool = False, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with the allow-list; a file needing more → UnsafeCheckpoint."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        detail = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed|\.?\n|\.?$)", str(err))
+        what = (f"global {found.group(1)}" if found else detail.group(1).strip() if detail and detail.group(1).strip()
+                else "more than tensors and plain data")
+        raise UnsafeCheckpoint(f"{path}: refusing to unpickle it (it needs {what}; nothing in it was run)") from None
+
+
+def _pt_files(tag_dir: Path) -> list[Path]:
+    return sorted(p for p in tag_dir.rglob("*.pt") if p.is_file())
+
+
+def _file_sizes(tag_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in tag_dir.rglob("*")
+            if p.is_file() and p.name != COMPLETE and not p.name.startswith(".")}
+
+
+def damage(tag_dir: Path) -> str | None:
+    """Why a complete checkpoint cannot be trusted (missing / resized / unreadable file), else None.
+
+    Raises UnsafeCheckpoint for a file that unpickles only with code execution (an error, not damage:
+    it is never loaded, and never silently skipped either)."""
+    for rel, size in read_meta(tag_dir).get("files", {}).items():
+        f = tag_dir / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, {size} were written"
+    for f in _pt_files(tag_dir):
+        try:
+            safe_load(f, mmap=True)
+        except UnsafeCheckpoint:
+            raise
+        except Exception as err:  # torch reports a torn zip as RuntimeError, a torn pickle as EOFError, ...
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            return f"{f.relative_to(tag_dir)} cannot be read ({first})"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # Finding checkpoints
 # --------------------------------------------------------------------------------------------------
 def is_complete(tag_dir: Path) -> bool:
@@ -88,11 +174,11 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Complete checkpoint tags, oldest first (by step)."""
+    """Complete checkpoint tags this module wrote, oldest first (by step)."""
     if not ckpt_dir.is_dir():
         return []
     tags = [p.name for p in ckpt_dir.iterdir()
-            if p.is_dir() and not p.name.endswith(UNIVERSAL_SUFFIX) and is_complete(p)]
+            if p.is_dir() and TAG_RE.fullmatch(p.name) and not p.name.endswith(UNIVERSAL_SUFFIX) and is_complete(p)]
     return sorted(tags, key=lambda t: read_meta(ckpt_dir / t)["step"])
 
 
@@ -101,21 +187,54 @@ def newest_complete(ckpt_dir: Path) -> str | None:
     latest = ckpt_dir / LATEST
     if latest.is_file():
         tag = latest.read_text().strip()
-        if tag and is_complete(ckpt_dir / tag):
+        if tag and TAG_RE.fullmatch(tag) and is_complete(ckpt_dir / tag):
             return tag
     tags = complete_tags(ckpt_dir)
     return tags[-1] if tags else None
 
 
+def newest_intact(ckpt_dir: Path) -> tuple[str | None, list[tuple[str, str]]]:
+    """(newest complete tag whose files check out, [(newer damaged tag, why)...]), newest first."""
+    newest = newest_complete(ckpt_dir)
+    tags = [t for t in reversed(complete_tags(ckpt_dir))]
+    if newest in tags:  # `latest` first, then the rest newest first
+        tags.remove(newest)
+        tags.insert(0, newest)
+    damaged: list[tuple[str, str]] = []
+    for tag in tags:
+        why = damage(ckpt_dir / tag)
+        if why is None:
+            return tag, damaged
+        damaged.append((tag, why))
+    return None, damaged
+
+
+def set_aside(ckpt_dir: Path, tag: str) -> str:
+    """Rename a damaged tag to ``TAG.damaged[-N]`` (kept for inspection, never deleted) → new name."""
+    n, name = 0, f"{tag}.damaged"
+    while (ckpt_dir / name).exists():
+        n += 1
+        name = f"{tag}.damaged-{n}"
+    os.replace(ckpt_dir / tag, ckpt_dir / name)
+    return name
+
+
 def resolve(path: str | Path) -> tuple[Path, str]:
-    """A run directory, its checkpoints/ directory or a tag directory → (checkpoints dir, tag)."""
+    """A run directory, its checkpoints/ directory or a tag directory → (checkpoints dir, tag), checked."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{p}: no such checkpoint or run directory")
     if is_complete(p):
+        why = damage(p)
+        if why:
+            raise UsageError(f"{p}: damaged checkpoint ({why})")
         return p.parent, p.name
     ckpt_dir = p / CKPT_SUBDIR if (p / CKPT_SUBDIR).is_dir() else p
-    tag = newest_complete(ckpt_dir)
+    tag, damaged = newest_intact(ckpt_dir)
+    if damaged:  # evaluating an older checkpoint than asked for would be a silently different number
+        first, why = damaged[0]
+        hint = f"; newest intact: {ckpt_dir / tag}" if tag else ""
+        raise UsageError(f"{ckpt_dir / first}: damaged checkpoint ({why}){hint}")
     if tag is None:
         raise UsageError(f"{p}: no complete checkpoint (a tag directory holds {COMPLETE})")
     return ckpt_dir, tag
@@ -124,37 +243,119 @@ def resolve(path: str | Path) -> tuple[Path, str]:
 # --------------------------------------------------------------------------------------------------
 # Save
 # --------------------------------------------------------------------------------------------------
+def _gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _fail_everywhere(message: str, rank: int) -> None:
+    """Every rank stops (exit 1); rank 0 says why in one line."""
+    from mst_ds.job import stop_together
+
+    stop_together(RunFailure(message), rank)
+
+
+def _save_fault(kind: str, step: int, rank: int) -> bool:
+    import torch.distributed as dist
+
+    last = dist.get_world_size() - 1 if dist.is_initialized() else 0
+    return os.environ.get("MST_DS_FAULT", "") == f"{kind}@{step}" and rank == last
+
+
+def _disk_full(*args: Any, **kwargs: Any) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def save(engine, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], meta: dict[str, Any],
          loader_position: dict[str, int], keep_last: int, rank: int) -> str:
     """Save a complete checkpoint of every rank, then point ``latest`` to it; prune to keep_last.
 
-    All ranks call this. ``client_state`` must be rank-invariant (only rank 0's copy is kept).
+    All ranks call this. ``client_state`` must be rank-invariant (only rank 0's copy is kept). A write
+    error on any rank (ENOSPC, EIO, ...) removes this tag and stops every rank (RunFailure on rank 0).
     """
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     if is_complete(tag_dir):
         return tag  # never rewrite (and so never endanger) a complete checkpoint
     if rank == 0 and tag_dir.exists():
-        shutil.rmtree(tag_dir)  # a leftover of a save that was killed half-way
+        remove_leftover(tag_dir)  # a leftover of a save that was killed half-way
     _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save({"rng": rng_state(), "loader": loader_position, "step": step},
-               tag_dir / f"rng_rank{rank:05d}.pt")
-    _barrier()  # every rank's files are on disk
+    error = None
+    writer = getattr(engine, "checkpoint_engine", None)
+    if writer is not None and _save_fault("enospc_in_ds_save", step, rank):
+        writer.save = _disk_full  # the instance attribute shadows the method for this save only
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except OSError as err:
+        error = f"rank {rank}: {err}"
+        _barrier()  # the closing barrier of save_checkpoint, where the ranks that did not fail wait
+    finally:
+        if writer is not None:
+            writer.__dict__.pop("save", None)
+    if error is None:
+        try:
+            with atomic.atomic_path(tag_dir / f"rng_rank{rank:05d}.pt") as tmp:
+                if _save_fault("enospc_in_save", step, rank):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+                torch.save({"rng": rng_state(), "loader": loader_position, "step": step}, tmp)
+        except OSError as err:
+            error = f"rank {rank}: {err}"
+    # Every rank's files are on disk (or its error is known). Each rank lists the tag; the largest size
+    # seen per file is its writer's view (a shared file system may show other nodes' files late).
+    reports = _gather((error, _file_sizes(tag_dir) if error is None and tag_dir.is_dir() else {}))
+    errors = [e for e, _ in reports if e]
+    if rank == 0 and not errors:
+        files: dict[str, int] = {}
+        for _, sizes in reports:
+            for name, size in sizes.items():
+                files[name] = max(size, files.get(name, 0))
+        try:
+            _atomic_write(tag_dir / COMPLETE, json.dumps({**meta, "step": step, "tag": tag, "time": time.time(),
+                                                          "files": files}, indent=1))
+            _atomic_write(ckpt_dir / LATEST, tag)
+        except OSError as err:
+            (tag_dir / COMPLETE).unlink(missing_ok=True)
+            errors.append(f"rank 0: {err}")
+    errors = _gather(errors)[0]  # rank 0's verdict, for all
+    if errors:
+        if rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)  # ours, incomplete: written by this save
+        _barrier()
+        previous = newest_complete(ckpt_dir)
+        _fail_everywhere(f"checkpoint: saving step {step} failed ({errors[0]}); removed the partial {tag_dir.name}, "
+                         f"the previous checkpoint ({previous or 'none'}) is intact", rank)
     if rank == 0:
-        _atomic_write(tag_dir / COMPLETE, json.dumps({**meta, "step": step, "tag": tag, "time": time.time()}, indent=1))
-        _atomic_write(ckpt_dir / LATEST, tag)
         prune(ckpt_dir, keep_last)
     _barrier()
     return tag
 
 
+def _looks_ours(tag_dir: Path) -> bool:
+    return TAG_RE.fullmatch(tag_dir.name) is not None and all(_OWN_ENTRY_RE.fullmatch(p.name) for p in tag_dir.iterdir())
+
+
+def remove_leftover(tag_dir: Path) -> None:
+    """Remove an incomplete tag directory before saving into it, if it holds only checkpoint files."""
+    if not _looks_ours(tag_dir):
+        raise RunFailure(f"{tag_dir}: exists, is not a complete checkpoint and holds files this program did "
+                         f"not write; move it away")
+    shutil.rmtree(tag_dir)
+
+
 def prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints, and incomplete leftovers."""
+    """Delete all but the newest ``keep_last`` complete checkpoints (and their universal twins), and
+    leftovers of killed saves. Only directories this module wrote: a tag name with its marker, or a tag
+    name holding nothing but checkpoint files (the run lock rules out a save in progress elsewhere)."""
     keep = set(complete_tags(ckpt_dir)[-keep_last:])
     for p in ckpt_dir.iterdir():
-        base = p.name.removesuffix(UNIVERSAL_SUFFIX)
-        if p.is_dir() and base not in keep:
+        if not (p.is_dir() and TAG_RE.fullmatch(p.name)) or p.name.removesuffix(UNIVERSAL_SUFFIX) in keep:
+            continue
+        if is_complete(p) or _looks_ours(p):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -172,31 +373,46 @@ def needs_universal(meta: dict[str, Any], world_size: int, zero_stage: int) -> b
 
 
 def convert_to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
-    """``python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state`` on rank 0 → new tag."""
+    """``python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state`` on rank 0 → new tag.
+
+    The input was checked by :func:`damage` (resume); the output is checked again before loading."""
     out_tag = tag + UNIVERSAL_SUFFIX
     out = ckpt_dir / out_tag
-    if rank == 0 and not is_complete(out):
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
-               "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
-            raise RuntimeError(f"ds_to_universal failed on {ckpt_dir / tag}: {tail[0]}")
-        shutil.copy2(ckpt_dir / tag / COMPLETE, out / COMPLETE)
-    _barrier()
+    error = None
+    if rank == 0:
+        try:
+            if not is_complete(out) or damage(out):
+                shutil.rmtree(out, ignore_errors=True)
+                cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                       str(ckpt_dir / tag), "--output_folder", str(out), "--inject_missing_state",
+                       "--num_extract_workers", "1", "--num_merge_workers", "1"]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
+                    raise RunFailure(f"ds_to_universal failed on {ckpt_dir / tag}: {tail[0]}")
+                meta = {**read_meta(ckpt_dir / tag), "files": _file_sizes(out)}
+                _atomic_write(out / COMPLETE, json.dumps(meta, indent=1))
+                why = damage(out)
+                if why:
+                    raise RunFailure(f"{out}: the universal checkpoint cannot be read ({why})")
+        except (UsageError, RunFailure) as err:
+            error = str(err)
+    error = _gather(error)[0]
+    if error:
+        _fail_everywhere(error, rank)
     return out_tag
 
 
 def load(engine, ckpt_dir: Path, tag: str, *, rank: int, same_world: bool) -> dict[str, Any]:
-    """Load engine state and this rank's RNG → client_state (+ "loader" position)."""
+    """Load engine state and this rank's RNG → client_state (+ "loader" position).
+
+    The tag must have passed :func:`damage` (DeepSpeed unpickles with ``weights_only=False``)."""
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise UsageError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
     rng_file = ckpt_dir / tag / f"rng_rank{rank:05d}.pt"
     if same_world and rng_file.exists():
-        saved = torch.load(rng_file, weights_only=False)
+        saved = safe_load(rng_file)
         set_rng_state(saved["rng"])
     return client_state
 
@@ -219,9 +435,10 @@ def load_teacher_student(path: str | Path, cfg=None) -> tuple[dict[str, torch.Te
     The teacher is in client_state; the student's full fp32 weights are assembled from the ZeRO
     partitions (``zero_to_fp32``) when the run used ZeRO ≥ 1, else taken from the module state.
     ``cfg`` is accepted for interface symmetry with the evaluators (the checkpoint is self-describing).
+    :func:`resolve` has checked every file of the tag (``zero_to_fp32`` unpickles unrestricted).
     """
     ckpt_dir, tag = resolve(path)
-    states = torch.load(_model_states_file(ckpt_dir / tag), map_location="cpu", weights_only=False)
+    states = safe_load(_model_states_file(ckpt_dir / tag))
     teacher = states["teacher"]
     if read_meta(ckpt_dir / tag).get("zero_stage", 0) >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -109,6 +109,8 @@ def _plan(p):
 def _train(p):
     _add_config_flags(p)
     p.add_argument("--run-dir", default=None, help="run directory (default: run.output_dir/run.name)")
+    p.add_argument("--check", action="store_true", help="only validate config, data, run-directory lock and resume, "
+                   "and build DeepSpeed's CPU comm op (launch.sh runs this once before starting ranks)")
     _add_local_rank(p)
 
 

@@ -233,6 +233,11 @@ class HealthConfig(Section):
     grad_probe_every: int = Field(1, ge=0, description="Measure the restoration share of the gradient at the last shared layer at every N-th log step (0 = off); backward hooks only, no extra backward.")
 
 
+# Settings that do not change the training trajectory: left out of MSTConfig.hash().
+HASH_IGNORE = ("run.name", "run.output_dir", "run.log_every", "run.max_steps", "run.time_limit_min", "run.on_alert",
+               "checkpoint", "eval", "health", "data.train", "data.val")
+
+
 class MSTConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -263,14 +268,12 @@ class MSTConfig(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def hash(self, *, ignore: Iterable[str] = (
-        "run.name", "run.output_dir", "run.log_every", "run.max_steps", "run.time_limit_min", "run.on_alert",
-        "checkpoint", "eval", "health", "data.train", "data.val",
-    )) -> str:
+    def hash(self, *, ignore: Iterable[str] = HASH_IGNORE) -> str:
         """Hash of what defines the training trajectory (resume refuses a different one).
 
         ``data.num_workers`` counts: each worker reads its own slice of the epoch, so the batches of a
-        mid-epoch resume depend on it."""
+        mid-epoch resume depend on it. ``data.train`` is left out because the path may change (shards
+        moved); the data's identity is checked from its manifest instead (``train.data_identity``)."""
         d = self.to_dict()
         for key in ignore:
             parts = key.split(".")
@@ -306,6 +309,19 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
+    return out
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = HASH_IGNORE) -> list[str]:
+    """``["section.key old → new", ...]`` over the settings the hash covers (two ``to_dict()`` forms)."""
+    skip = tuple(ignore)
+    a, b = _flatten(old), _flatten(new)
+    out = []
+    for key in sorted(a.keys() | b.keys()):
+        if any(key == s or key.startswith(s + ".") for s in skip):
+            continue
+        if a.get(key, "(unset)") != b.get(key, "(unset)"):
+            out.append(f"{key} {a.get(key, '(unset)')} → {b.get(key, '(unset)')}")
     return out
 
 

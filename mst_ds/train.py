@@ -17,6 +17,8 @@ step N; ``kill_in_save@N`` SIGKILLs the process in the middle of saving the chec
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -30,10 +32,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mst_ds import atomic
+from mst_ds import atomic, job
 from mst_ds import checkpoint as ckpt
 from mst_ds import engine as eng
-from mst_ds.config import ConfigError, Derived, MSTConfig, load_config
+from mst_ds.config import ConfigError, Derived, MSTConfig, config_diff, config_from_file, load_config
 from mst_ds.data.reader import derive_for_training
 from mst_ds.ema import EMATeacher
 from mst_ds.health import RunHealth
@@ -86,6 +88,7 @@ class Training:
     skipped: int = 0  # overflow-skipped steps (fp16 loss scale)
     nonfinite: int = 0  # steps skipped by nan_policy=skip
     corrupt: int = 0
+    data_id: dict[str, Any] | None = None  # data_identity(cfg), recorded in every checkpoint
 
 
 def _all_mean(values: torch.Tensor) -> torch.Tensor:
@@ -183,8 +186,6 @@ def write_run_files(run_dir: Path, cfg: MSTConfig, derived: Derived, ds_config: 
     checkpoints written under it can still be described."""
     import deepspeed
 
-    from mst_ds.config import config_from_file
-
     config_path = run_dir / "config.yaml"
     if config_path.exists():
         previous = config_from_file(config_path)
@@ -206,20 +207,79 @@ def _broadcast(obj: Any) -> Any:
     return obj
 
 
-def find_resume(cfg: MSTConfig, ckpt_dir: Path) -> tuple[str | None, dict[str, Any] | None]:
-    """(tag, meta) of the checkpoint to resume from, or (None, None). Refuses a different config."""
+def data_identity(cfg: MSTConfig) -> dict[str, Any]:
+    """What the training data is, independent of where it lies: the manifest's shards (name, count,
+    size, sha256, in order — the order is part of the trajectory) and classes → digest + counts."""
+    from mst_ds.data.manifest import Manifest
+
+    m = Manifest.load(cfg.data.train)
+    content = {"shards": [[s.name, s.count, s.bytes, s.sha256] for s in m.shards], "classes": m.classes}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return {"digest": digest, "samples": m.total, "shards": len(m.shards), "classes": m.num_classes}
+
+
+def _data_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    parts = [f"{old[k]} → {new[k]} {k}" for k in ("samples", "shards", "classes") if old.get(k) != new.get(k)]
+    return ", ".join(parts) or "same counts, other shard contents or class names"
+
+
+def _written_config(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The resolved config a checkpoint was written with: its meta, else the run's config files."""
+    if "config" in meta:
+        return meta["config"]
+    for path in (run_dir / f"config.{meta['config_hash']}.yaml", run_dir / "config.yaml"):
+        if path.is_file():
+            old = config_from_file(path)
+            if old.hash() == meta["config_hash"]:
+                return old.to_dict()
+    return None
+
+
+def find_resume(cfg: MSTConfig, ckpt_dir: Path, data_id: dict[str, Any] | None = None, *,
+                check_files: bool = True) -> tuple[str | None, dict[str, Any] | None]:
+    """(tag, meta) of the checkpoint to resume from, or (None, None). Refuses a different config or
+    other training data (unless checkpoint.allow_config_change). With ``check_files``, a damaged
+    newest checkpoint is renamed aside (TAG.damaged) and the newest intact one is used, saying so."""
     tag = ckpt.newest_complete(ckpt_dir)
     if tag is None:
         return None, None
     if not cfg.checkpoint.resume:
         raise ConfigError(f"checkpoint.resume: {ckpt_dir} holds checkpoints and resume is off; use a new --run-dir")
+    if check_files:
+        tag, damaged = ckpt.newest_intact(ckpt_dir)
+        if tag is None:
+            bad, why = damaged[0]
+            raise ConfigError(f"checkpoint: no intact checkpoint in {ckpt_dir} ({bad}: {why}); move the damaged "
+                              f"ones away to start over, or use a new --run-dir")
+        for bad, why in damaged:
+            aside = ckpt.set_aside(ckpt_dir, bad)
+            print(f"mst-ds: warning: checkpoint {bad} is damaged ({why}); moved it to {aside}, resuming from {tag}",
+                  file=sys.stderr, flush=True)
     meta = ckpt.read_meta(ckpt_dir / tag)
-    if meta["config_hash"] != cfg.hash() and not cfg.checkpoint.allow_config_change:
-        raise ConfigError(
-            f"checkpoint: {ckpt_dir / tag} was written with config {meta['config_hash']}, this run is "
-            f"{cfg.hash()}; use a new --run-dir or --set checkpoint.allow_config_change=true"
-        )
+    allow = cfg.checkpoint.allow_config_change
+    if meta["config_hash"] != cfg.hash() and not allow:
+        old = _written_config(ckpt_dir.parent, meta)
+        what = ", ".join(config_diff(old, cfg.to_dict())) if old is not None else (
+            f"config {meta['config_hash']}, this run is {cfg.hash()}")
+        raise ConfigError(f"checkpoint: {ckpt_dir / tag} was written with other settings ({what}); use a new "
+                          f"--run-dir or --set checkpoint.allow_config_change=true")
+    if data_id is not None and "data" in meta and meta["data"]["digest"] != data_id["digest"] and not allow:
+        raise ConfigError(f"data.train: {cfg.data.train} is not the data {tag} was trained on "
+                          f"({_data_difference(meta['data'], data_id)}); use a new --run-dir, or --set "
+                          f"checkpoint.allow_config_change=true to continue on it")
     return tag, meta
+
+
+def check(cfg: MSTConfig, run_dir: Path, *, probe_lock: bool = True) -> None:
+    """Everything a launch can get wrong before any rank starts (one line, exit 2): the config, the
+    training data, the run directory's lock and resume compatibility; then DeepSpeed's CPU comm op is
+    built once, so ranks never compile it side by side."""
+    check_training_data(cfg)
+    if probe_lock:
+        job.probe(run_dir)
+    find_resume(cfg, run_dir / ckpt.CKPT_SUBDIR, data_identity(cfg), check_files=False)
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        job.build_comm_op()
 
 
 def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = False) -> tuple[Training, dict]:
@@ -250,23 +310,27 @@ def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = F
     return t, ds_config
 
 
-def setup(cfg: MSTConfig, run_dir: Path) -> tuple[Training, str | None, dict[str, Any] | None]:
-    """Distributed start, the training state, run files; the resume point (tag, meta) if any."""
+def setup(cfg: MSTConfig, run_dir: Path, lock: job.RunLock) -> tuple[Training, str | None, dict[str, Any] | None]:
+    """Distributed start, the run-directory lock (rank 0), the training state, run files; the resume
+    point (tag, meta) if any."""
     rank, world = eng.init_distributed()
     derived = derive_for_training(cfg, world)
     ckpt_dir = run_dir / ckpt.CKPT_SUBDIR
-    found: tuple[Any, Any] | str = (None, None)
+    found: tuple[Any, Any, Any] | str = (None, None, None)
     if rank == 0:
         try:
-            found = find_resume(cfg, ckpt_dir)
+            lock.acquire()  # held by rank 0 for the run's life: a second job on RUN is refused
+            data_id = data_identity(cfg)
+            found = (*find_resume(cfg, ckpt_dir, data_id), data_id)
         except ConfigError as err:
             found = str(err)
     found = _broadcast(found)  # every rank stops on a refused resume, not only rank 0
     if isinstance(found, str):
-        raise ConfigError(found)
-    tag, meta = found
+        job.stop_together(ConfigError(found), rank)  # rank 0 says why, in one line
+    tag, meta, data_id = found
     universal = meta is not None and ckpt.needs_universal(meta, world, cfg.engine.zero_stage)
     t, ds_config = build_training(cfg, derived, load_universal=universal)
+    t.data_id = data_id
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_files(run_dir, cfg, derived, ds_config, t.precision)
@@ -304,7 +368,8 @@ def save(t: Training, ckpt_dir: Path, spe: int) -> str:
               "skipped": t.skipped, "corrupt_samples": t.corrupt,
               "nonfinite": t.nonfinite, "samples": t.step * t.derived.global_batch, "config_hash": t.cfg.hash()}
     meta = {"world_size": t.world, "zero_stage": t.cfg.engine.zero_stage, "precision": t.precision,
-            "config_hash": t.cfg.hash(), "epoch": epoch, "samples": t.step * t.derived.global_batch}
+            "config_hash": t.cfg.hash(), "epoch": epoch, "samples": t.step * t.derived.global_batch,
+            "data": t.data_id, "config": t.cfg.to_dict()}
     if _fault("kill_in_save", t.step):
         t.engine.save_checkpoint(str(ckpt_dir), tag=ckpt.tag_for(t.step), client_state=client, save_latest=False)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -328,11 +393,19 @@ def _micro_batches(loader, accum: int):
 
 def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
     """Train (or resume) to the end of the schedule / max_steps → exit code (0 ok, 1 non-finite loss)."""
+    run_dir = Path(run_dir)
+    lock = job.RunLock(run_dir)
+    try:
+        return _train(cfg, run_dir, lock, progress=progress)
+    finally:
+        lock.release()
+
+
+def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool) -> int:
     from mst_ds.data.corrupt import CorruptLog
     from mst_ds.data.reader import make_train_loader
 
-    run_dir = Path(run_dir)
-    t, tag, meta = setup(cfg, run_dir)
+    t, tag, meta = setup(cfg, run_dir, lock)
     ckpt_dir = run_dir / ckpt.CKPT_SUBDIR
     if tag is not None:
         resume(t, ckpt_dir, tag, meta)
@@ -406,6 +479,11 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cfg = load_config(args.preset, args.sets).config
-    check_training_data(cfg)
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.output_dir) / cfg.run.name
+    if getattr(args, "check", False):
+        check(cfg, run_dir, probe_lock=os.environ.get("MST_DS_NODE_RANK", "0") == "0")
+        return 0
+    check_training_data(cfg)
+    if "LOCAL_RANK" in os.environ:  # started by a launcher: die with it, never train on as an orphan
+        job.die_with_launcher()
     return train(cfg, run_dir)

@@ -60,7 +60,7 @@ def test_resume_equals_uninterrupted(digits):
     buf = io.BytesIO()
     torch.save(bank.state_dict(), buf)
     buf.seek(0)
-    state = torch.load(buf, weights_only=False)
+    state = torch.load(buf, weights_only=True)
     resumed = HeadBank(64, 10, [0.1, 0.3], seed=0)
     resumed.load_state_dict(state)
     train_on_features(resumed, xt, yt, epochs=4, batch_size=100, seed=2, start_epoch=2)

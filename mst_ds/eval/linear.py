@@ -269,7 +269,9 @@ def run(args) -> int:
     state_path = Path(ctx.out_dir) / f"linear_{args.probe}_state.pt"
     start_epoch = 0
     if state_path.exists():
-        saved = torch.load(state_path, map_location=dev, weights_only=True)  # never unpickle code
+        from mst_ds.checkpoint import safe_load
+
+        saved = safe_load(state_path, map_location=dev)  # weights only: never runs what the file holds
         if saved["settings"] != settings:
             raise UsageError(f"{state_path}: saved for other settings; delete it or use another --out")
         bank.load_state_dict(saved["bank"])

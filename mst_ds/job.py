@@ -1,0 +1,168 @@
+"""A training job's hold on its run directory, its ranks' tie to the launcher, and the one-time op build.
+
+* **Run-directory lock.** Rank 0 holds an exclusive ``flock`` on ``RUN/.lock`` for the run's life and
+  writes its host, pid and start time into it. A second job on the same directory is refused in one
+  line that names the holder. The kernel drops the lock when the holder dies (SIGKILL, OOM, node
+  reboot), so a dead job never keeps it. Limits: ``flock`` is exclusive across nodes only where the
+  file system propagates it (Lustre mounted with ``flock``, NFSv4, GPFS; NFSv3 without ``lockd`` or
+  Lustre with ``localflock`` make it node-local).
+* **Ranks die with their launcher.** A rank started by a launcher asks the kernel for SIGKILL when its
+  parent dies (``prctl(PR_SET_PDEATHSIG)``), and a watchdog thread kills it when any ancestor up to the
+  process named by ``MST_DS_LAUNCHER_PID`` (set by launch.sh) is gone: the DeepSpeed runner and its
+  per-node ``launch.py`` are separate processes, and a SIGKILL of the runner or launch.sh leaves
+  ``launch.py`` — the ranks' parent — alive.
+* **DeepSpeed's CPU comm op** is JIT-built into ``~/.cache/torch_extensions`` on first use;
+  :func:`build_comm_op` builds it once under a lock before any rank starts (launch.sh's check step).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from mst_ds.config import ConfigError, RunFailure
+
+LOCK_NAME = ".lock"
+LAUNCHER_ENV = "MST_DS_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+class RunDirLocked(ConfigError):
+    """Another live job holds the run directory."""
+
+
+class RunLock:
+    """An exclusive flock on ``RUN/.lock``; released on :meth:`release` or when the process dies."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown holder"
+            os.close(fd)
+            raise RunDirLocked(f"{self.path.parent}: in use by another job ({holder}); wait for it to end "
+                               f"or use another --run-dir") from None
+        # Rewritten in place: the lock belongs to this inode, a rename would lose it.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def probe(run_dir: Path) -> None:
+    """Raise RunDirLocked if a live job holds ``run_dir`` (takes and drops the lock at once)."""
+    if (Path(run_dir) / LOCK_NAME).exists():
+        RunLock(run_dir).acquire().release()
+
+
+def stop_together(err: ConfigError | RunFailure, rank: int) -> NoReturn:
+    """Every rank stops with ``err``'s exit code; only rank 0 says why, in one line.
+
+    With several ranks, rank 0 prints before any rank exits: the launcher kills the remaining ranks
+    at the first exit, which could otherwise swallow the line."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        raise err
+    code = 1 if isinstance(err, RunFailure) else 2
+    if rank == 0:
+        from mst_ds.cli import error_exit
+
+        error_exit(str(err), code)
+        sys.stderr.flush()
+    dist.barrier()
+    raise SystemExit(code)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranks die with their launcher
+# --------------------------------------------------------------------------------------------------
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (start time): tells a live process from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def launcher_chain() -> list[int]:
+    """Ancestors from the parent up to ``$MST_DS_LAUNCHER_PID`` (just the parent without it)."""
+    top = int(os.environ.get(LAUNCHER_ENV, "0") or 0)
+    chain, pid = [], os.getppid()
+    while pid > 1 and len(chain) < 16:
+        chain.append(pid)
+        if pid == top or not top:
+            break
+        pid = _parent(pid)
+    return chain if not top or top in chain else chain[:1]
+
+
+def die_with_launcher(poll_s: float = 1.0) -> None:
+    """SIGKILL this process when its launcher dies (Linux; a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    watched = {pid: _start_time(pid) for pid in launcher_chain()}
+
+    def watch() -> None:
+        while True:
+            for pid, started in watched.items():
+                if started is None or _start_time(pid) != started:
+                    print(f"mst-ds: error: the launcher (pid {pid}) is gone; stopping this rank "
+                          f"(pid {os.getpid()})", file=sys.stderr, flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(poll_s)
+
+    if watched:
+        threading.Thread(target=watch, name="mst-ds-launcher-watchdog", daemon=True).start()
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed's CPU comm op, built once
+# --------------------------------------------------------------------------------------------------
+def build_comm_op() -> None:
+    """Build (or load from the cache) DeepSpeed's shared-memory comm op under an exclusive lock.
+
+    Run once before the ranks start, so they only load the finished module and never compile the same
+    extension side by side; the lock also serialises concurrent launches on one machine."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / ".mst_ds_build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        builder.load(verbose=False)
