@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mst_ds.config import ConfigError, Derived, MSTConfig, RunFailure, derive
 from mst_ds.data.augment import DECODE_ERRORS, MultiCropCPU, decode_rgb
-from mst_ds.data.manifest import INDEX_NAME, Manifest
+from mst_ds.data.manifest import Manifest, is_shard_dir
 
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
 ERROR_KEY = "_error"  # a loader worker's one-line failure, raised again in the main process
@@ -575,7 +575,7 @@ class EvalLoader:
 
 def _is_imagefolder(source: str) -> bool:
     p = Path(source)
-    return p.is_dir() and not (p / INDEX_NAME).exists() and any(d.is_dir() for d in p.iterdir())
+    return p.is_dir() and not is_shard_dir(p) and any(d.is_dir() for d in p.iterdir())
 
 
 def make_eval_loader(source: str, *, transform: Callable, batch_size: int, num_workers: int, rank: int = 0,

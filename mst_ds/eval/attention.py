@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from mst_ds.config import UsageError
+from mst_ds.data.manifest import is_shard_dir
 from mst_ds.eval.features import IMAGE_SUFFIXES, is_random, load_backbone, resolve_config
 from mst_ds.model.backbone import Backbone
 
@@ -173,7 +174,7 @@ def image_files(inputs: list[str]) -> list[Path]:
         p = Path(item)
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
             out.append(p)
-        elif p.is_dir() and not (p / "index.json").exists():
+        elif p.is_dir() and not is_shard_dir(p):
             out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
     return out
 

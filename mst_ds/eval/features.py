@@ -31,6 +31,7 @@ from torch import Tensor
 from mst_ds import atomic
 from mst_ds import checkpoint as ckpt_mod
 from mst_ds.config import MSTConfig, RunFailure, UsageError, load_config
+from mst_ds.data.manifest import is_shard_dir, manifest_path
 from mst_ds.model.backbone import Backbone, BackboneOutput
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -255,7 +256,7 @@ def check_labelled(source: str) -> None:
     p = Path(source)
     if not p.exists() and not any(c in source for c in "{}:"):
         raise UsageError(f"{source}: no such data (expected shards or an ImageFolder)")
-    if p.is_dir() and not (p / "index.json").exists() and not any(c.is_dir() for c in p.iterdir()):
+    if p.is_dir() and not is_shard_dir(p) and not any(c.is_dir() for c in p.iterdir()):
         if any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir()):
             raise UsageError(f"{source}: images without labels (an ImageFolder needs one sub-folder per class)")
 
@@ -321,11 +322,11 @@ def data_identity(source: str) -> dict[str, Any]:
     """A cheap fingerprint of a data source: adding/removing files changes a class folder's mtime;
     a shard set is identified by its manifest."""
     p = Path(source)
-    if p.is_dir() and not (p / "index.json").exists():
+    if p.is_dir() and not is_shard_dir(p):
         subdirs = sorted(d for d in p.iterdir() if d.is_dir())
         return {"folder": str(p.resolve()), "classes": len(subdirs),
                 "mtimes": hashlib.sha256("".join(f"{d.name}:{d.stat().st_mtime_ns};" for d in subdirs).encode()).hexdigest()[:16]}
-    index = p / "index.json" if p.is_dir() else p
+    index = manifest_path(p) if p.is_dir() else p
     if index.is_file():
         return {"manifest": str(index.resolve()), "sha256": hashlib.sha256(index.read_bytes()).hexdigest()[:16]}
     return {"source": source}
