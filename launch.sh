@@ -68,26 +68,6 @@ else
   export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 fi
 
-# Validate once before any rank starts (config, data, run-directory lock, resume compatibility) and build
-# DeepSpeed's CPU comm op once: a bad setting is one line here, not one per rank plus launcher noise.
-# Other nodes of a --no_ssh job skip the lock probe (node 0's ranks may already hold the lock).
-node_rank=0
-for ((i = 0; i < ${#launcher[@]}; i++)); do [[ "${launcher[i]}" == --node_rank ]] && node_rank="${launcher[i+1]}"; done
-check=(python -m mst_ds.cli train --check --preset "$preset" "${sets[@]}")
-[[ -n "$run_dir" ]] && check+=(--run-dir "$run_dir")
-MST_DS_NODE_RANK="$node_rank" "${check[@]}" || exit $?
-export MST_DS_LAUNCHER_PID=$$  # ranks watch this shell and die with it (mst_ds/job.py)
-
-# The launcher forwards only NCCL/PYTHON/UCX/... variables to other nodes (pdsh); the rest of the
-# environment set here travels in a DeepSpeed env file (the user's ~/.deepspeed_env is kept).
-envfile="$(mktemp "${TMPDIR:-/tmp}/mst_ds_env.XXXXXX")"
-[[ -f "$HOME/.deepspeed_env" ]] && cat "$HOME/.deepspeed_env" >> "$envfile"
-for v in DS_ACCELERATOR OMP_NUM_THREADS HSA_FORCE_FINE_GRAIN_PCIE MIOPEN_USER_DB_PATH MIOPEN_CUSTOM_CACHE_DIR \
-         TORCH_NCCL_ASYNC_ERROR_HANDLING; do
-  if [[ -n "${!v:-}" ]]; then echo "$v=${!v}" >> "$envfile"; fi
-done
-export DS_ENV_FILE="$envfile"
-
 # Inside a SLURM allocation without --hostfile: the allocation is the hostfile (nodes from
 # SLURM_JOB_NODELIST via scontrol or mst_ds.cluster's expander, slots from SLURM_GPUS_ON_NODE or
 # --gpus-per-node), master = its first node. One launch on the batch host starts every node over pdsh
@@ -123,6 +103,28 @@ if [[ -z "$master_port" ]]; then
     master_port=29500
   fi
 fi
+
+# Validate once before any rank starts (config, data, run-directory lock, resume compatibility) and build
+# DeepSpeed's CPU comm op once: a bad setting is one line here, not one per rank plus launcher noise.
+# Other nodes of a --no_ssh job skip the lock probe (node 0's ranks may already hold the lock); under SLURM
+# the node rank is known only after the allocation block above, so the check comes after it.
+node_rank=0
+for ((i = 0; i < ${#launcher[@]}; i++)); do [[ "${launcher[i]}" == --node_rank ]] && node_rank="${launcher[i+1]}"; done
+check=(python -m mst_ds.cli train --check --preset "$preset" "${sets[@]}")
+[[ -n "$run_dir" ]] && check+=(--run-dir "$run_dir")
+MST_DS_NODE_RANK="$node_rank" "${check[@]}" || { rc=$?; rm -f ${slurm_hostfile:+"$slurm_hostfile"}; exit "$rc"; }
+export MST_DS_LAUNCHER_PID=$$  # ranks watch this shell and die with it (mst_ds/job.py)
+
+# The launcher forwards only NCCL/PYTHON/UCX/... variables to other nodes (pdsh); the rest of the
+# environment set here travels in a DeepSpeed env file (the user's ~/.deepspeed_env is kept).
+envfile="$(mktemp "${TMPDIR:-/tmp}/mst_ds_env.XXXXXX")"
+[[ -f "$HOME/.deepspeed_env" ]] && cat "$HOME/.deepspeed_env" >> "$envfile"
+for v in DS_ACCELERATOR OMP_NUM_THREADS HSA_FORCE_FINE_GRAIN_PCIE MIOPEN_USER_DB_PATH MIOPEN_CUSTOM_CACHE_DIR \
+         TORCH_NCCL_ASYNC_ERROR_HANDLING; do
+  if [[ -n "${!v:-}" ]]; then echo "$v=${!v}" >> "$envfile"; fi
+done
+export DS_ENV_FILE="$envfile"
+
 cmd=(deepspeed --master_port "$master_port")
 [[ -n "$hostfile" ]] && cmd+=(--hostfile "$hostfile")
 [[ -n "$nodes" ]] && cmd+=(--num_nodes "$nodes")

@@ -133,9 +133,14 @@ def _fake_allocation(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_launch_sh_builds_the_hostfile_from_the_allocation(tmp_path):
-    res = subprocess.run([str(ROOT / "launch.sh"), "--preset", "tiny"], env=_fake_allocation(tmp_path, SLURM_GPUS_ON_NODE="4"),
-                         capture_output=True, text=True, timeout=120)
+def _data(shards: Path, tmp_path: Path) -> list[str]:
+    """What launch.sh's pre-launch check needs: real shards and a run directory of the test's own."""
+    return ["--set", f"data.train={shards}", "--run-dir", str(tmp_path / "run")]
+
+
+def test_launch_sh_builds_the_hostfile_from_the_allocation(tmp_path, digits_shards):
+    res = subprocess.run([str(ROOT / "launch.sh"), "--preset", "tiny", *_data(digits_shards, tmp_path)],
+                         env=_fake_allocation(tmp_path, SLURM_GPUS_ON_NODE="4"), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     args = [line[4:] for line in res.stdout.splitlines() if line.startswith("ARG ")]
     assert "dcu01 slots=4\ndcu02 slots=4\ndcu03 slots=4\n" in res.stdout
@@ -145,11 +150,12 @@ def test_launch_sh_builds_the_hostfile_from_the_allocation(tmp_path):
     assert not Path(hostfile).exists()  # the temporary hostfile is removed after the launcher ends
 
 
-def test_launch_sh_no_ssh_per_node_agrees_on_port_and_takes_node_rank(tmp_path):
+def test_launch_sh_no_ssh_per_node_agrees_on_port_and_takes_node_rank(tmp_path, digits_shards):
     outs = []
     for node in (0, 1):
         env = _fake_allocation(tmp_path, SLURM_NODEID=str(node))
-        res = subprocess.run([str(ROOT / "launch.sh"), "--preset", "tiny", "--gpus-per-node", "2", "--no_ssh"],
+        res = subprocess.run([str(ROOT / "launch.sh"), "--preset", "tiny", "--gpus-per-node", "2", "--no_ssh",
+                              *_data(digits_shards, tmp_path)],
                              env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         outs.append([line[4:] for line in res.stdout.splitlines() if line.startswith("ARG ")])

@@ -90,8 +90,10 @@ def _run_study(out: Path, train: Path, val: Path, seeds: int, **env) -> subproce
     cmd = [sys.executable, "-m", "mst_ds.cli", "study", "--rows", "mst_vs_dino", "--seeds", str(seeds), "--base", "tiny",
            "--steps", "8", "--cpu", "1", "--train", str(train), "--val", str(val), "--out", str(out),
            "--set", "optim.batch_size=16", "--set", "data.num_workers=0", "--set", "run.log_every=1"]
+    # Not this process's rendezvous (an earlier test may have started torch.distributed here).
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu", **env})
+                          env={**base, "DS_ACCELERATOR": "cpu", **env})
 
 
 def test_study_killed_mid_run_resumes_and_its_table_is_the_runs_numbers(digits_splits, deepspeed_cpu, tmp_path):
