@@ -115,6 +115,16 @@ def test_video_gives_one_overlay_per_frame(tmp_path):
     with Image.open(frames[0]) as im:
         # 40×48 → short side 32 → 32×38 → cut to the 8-px patch: 32×32; 2 tiles of 224, label strip
         assert im.size == (2 * 224, HEADER + 224)
+    # A rerun replaces its own frames (2 now) but never a file it did not write.
+    _write_gif(gif, 2)
+    assert main(["attn", "--preset", "tiny", str(gif), "--video", "--out", str(out)]) == 0
+    assert len(list((out / "frames").glob("frame_*.png"))) == 2
+    (out / "frames" / "notes.txt").write_text("mine")
+    assert main(["attn", "--preset", "tiny", str(gif), "--video", "--out", str(out)]) == 2
+    assert (out / "frames" / "notes.txt").read_text() == "mine"
+    _write_gif(gif, 3)
+    (out / "frames" / "notes.txt").unlink()
+    assert main(["attn", "--preset", "tiny", str(gif), "--video", "--out", str(out)]) == 0
     video = json.loads((out / "attention.json").read_text())["video"]
     if ffmpeg_binary():
         assert video.endswith(".mp4")

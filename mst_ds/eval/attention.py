@@ -356,15 +356,23 @@ def run_images(models: list[Model], items: list[tuple[str, Tensor]], cfg, out: P
     return written
 
 
+FRAME_RE = re.compile(r"frame_\d{5,}\.png")
+
+
 def run_video(models: list[Model], source: str, cfg, out: Path, keep: float, *, fps: float | None,
               max_frames: int) -> dict:
     frames, src_fps = read_frames(source, max_frames)
     patch = models[0].backbone.patch_size
     transform = frame_transform(cfg.eval.image_size, patch, cfg.augment.mean, cfg.augment.std)
     frame_dir = out / "frames"
-    if frame_dir.exists():
-        shutil.rmtree(frame_dir)
-    frame_dir.mkdir(parents=True)
+    if frame_dir.exists():  # frames of an earlier run of this command are replaced; anything else is kept
+        foreign = [p.name for p in frame_dir.iterdir() if not FRAME_RE.fullmatch(p.name)]
+        if foreign:
+            raise UsageError(f"{frame_dir}: holds files this command did not write ({', '.join(sorted(foreign)[:3])}); "
+                             "choose another --out")
+        for p in frame_dir.iterdir():
+            p.unlink()
+    frame_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for i, frame in enumerate(frames):
         x = transform(frame)[None]
