@@ -17,7 +17,7 @@ saves no RNG state, hence the per-rank RNG files.
 
 Trust: a checkpoint is used only after its files have the sizes ``complete.json`` recorded and every
 ``.pt`` file in it unpickles with ``torch.load(weights_only=True)`` (memory-mapped, so only the pickle
-is read); DeepSpeed's own loaders (``weights_only=False``) see only files that passed. Pruning deletes
+is read); DeepSpeed's own loaders (which unpickle everything, weights-only off) see only files that passed. Pruning deletes
 only directories this module wrote (a ``stepNNNNNNNN`` tag with its marker, or an incomplete tag holding
 only checkpoint files); anything else under ``checkpoints/`` is left alone. A save that fails on any
 rank (a full disk) removes its half-written tag on every rank and stops the run with one line; the
@@ -406,7 +406,7 @@ def convert_to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
 def load(engine, ckpt_dir: Path, tag: str, *, rank: int, same_world: bool) -> dict[str, Any]:
     """Load engine state and this rank's RNG → client_state (+ "loader" position).
 
-    The tag must have passed :func:`damage` (DeepSpeed unpickles with ``weights_only=False``)."""
+    The tag must have passed :func:`damage` (DeepSpeed unpickles with weights-only off)."""
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise UsageError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
