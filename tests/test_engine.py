@@ -4,6 +4,7 @@ engine at ZeRO 0/1/2/3 fp32 + ZeRO-2 bf16 in this one process (one JIT build, on
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +242,42 @@ def test_ema_teacher_under_zero3_reads_the_gathered_student(engine_runs):
     with deepspeed.zero.GatheredParameters([student[n] for n in names], modifier_rank=None):
         for n, p in t.teacher.named_parameters():
             torch.testing.assert_close(p, before[n] * m + student[n].detach() * (1 - m), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed's CPU all-reduce segments leave nothing in /dev/shm
+# --------------------------------------------------------------------------------------------------
+_SHM_RANK = """
+import json, os, sys
+import torch
+import deepspeed.comm as ds_comm
+from mst_ds import engine as eng
+rank, world = eng.init_distributed()
+path = eng.SHM_SEGMENT.format(uid=os.getuid(), addr=os.environ["MASTER_ADDR"], port=os.environ["MASTER_PORT"], rank=rank)
+mapped = [line.split(None, 5)[5].rstrip() for line in open("/proc/self/maps") if "deepspeed_allreduce_buffer" in line]
+x = torch.full((1000,), float(rank + 1))
+ds_comm.inference_all_reduce(x)  # DeepSpeed's own shared-memory path, after the names are gone
+print(json.dumps({"exists": os.path.exists(path), "mapped": sorted(set(mapped)), "sum": x[0].item()}))
+"""
+
+
+def test_cpu_all_reduce_segments_are_unlinked_and_still_work(tmp_path):
+    """Two local ranks as the deepspeed launcher starts them: each maps both 67 MB segments, unlinks its
+    own name after the start-up barrier, and DeepSpeed's shared-memory all-reduce still sums right."""
+    import os
+    import subprocess
+    import sys
+
+    port = str(eng._free_port())
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    base.update(WORLD_SIZE="2", LOCAL_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, DS_ACCELERATOR="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", _SHM_RANK], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    for rank, (out, _) in enumerate(outs):
+        res = json.loads(out.strip().splitlines()[-1])
+        names = [eng.SHM_SEGMENT.format(uid=os.getuid(), addr="127.0.0.1", port=port, rank=r) for r in range(2)]
+        assert res["mapped"] == sorted(f"{n} (deleted)" for n in names)  # both mapped, both names gone
+        assert not res["exists"] and res["sum"] == 3.0
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
