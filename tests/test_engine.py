@@ -275,9 +275,9 @@ def test_cpu_all_reduce_segments_are_unlinked_and_still_work(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
-    for rank, (out, _) in enumerate(outs):
+    names = [eng.SHM_SEGMENT.format(uid=os.getuid(), addr="127.0.0.1", port=port, rank=r) for r in range(2)]
+    for out, _ in outs:
         res = json.loads(out.strip().splitlines()[-1])
-        names = [eng.SHM_SEGMENT.format(uid=os.getuid(), addr="127.0.0.1", port=port, rank=r) for r in range(2)]
         assert res["mapped"] == sorted(f"{n} (deleted)" for n in names)  # both mapped, both names gone
         assert not res["exists"] and res["sum"] == 3.0
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
