@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from dataclasses import dataclass
+from typing import NamedTuple
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,8 +32,7 @@ class TooLarge(Unreadable):
     """A header claiming more pixels than the limit: not worth a second opinion from PIL."""
 
 
-@dataclass(frozen=True)
-class ImageInfo:
+class ImageInfo(NamedTuple):  # a tuple: built once per image, 5× cheaper than a frozen dataclass
     format: str  # "jpeg" | "png"
     ext: str  # member extension: "jpg" | "png"
     mode: str  # "RGB", "L", "CMYK", ...

@@ -367,3 +367,39 @@ def test_shards_are_tarfile_bytes_and_hashed_as_written(small_src, tmp_path):
             for name, body in members:
                 tar.addfile(_tarinfo(name, len(body)), io.BytesIO(body))
         assert ref.getvalue() == data, s.name
+
+
+@pytest.mark.parametrize("name,size", [("a.jpg", 0), ("n01440764_10026.JPEG", 123_456), ("k" * 99, 8**11 - 1),
+                                       ("k.cls", 1), ("é.jpg", 5), ("y" * 100, 3), ("big.jpg", 8**11)])
+def test_tar_header_is_tarfiles(name, size):
+    import tarfile
+
+    from data_tools.writer import _tarinfo, tar_header
+
+    assert tar_header(name, size) == _tarinfo(name, size).tobuf(format=tarfile.GNU_FORMAT)
+
+
+def test_background_and_inline_writing_give_the_same_shard(small_src, tmp_path, monkeypatch):
+    """Whether a second thread writes and hashes (a core to spare) or the reader does (every core runs a
+    writer) changes nothing in the bytes, the checksum, or a full disk's error and leftovers."""
+    import errno
+    import hashlib
+
+    from data_tools.writer import PROGRESS_DIR, WriteOptions, list_source, plan_shards, write_one_shard
+
+    plan = plan_shards(list_source(small_src, "imagefolder", "train", None).samples, "train", 6, 0)[0]
+    written = {}
+    for background in (True, False):
+        out = tmp_path / str(background)
+        (out / PROGRESS_DIR).mkdir(parents=True)
+        rec = write_one_shard(out, plan, None, WriteOptions(background=background))
+        data = (out / plan.name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == rec["sha256"] and len(data) == rec["bytes"] and rec["count"] == 6
+        written[background] = data
+        monkeypatch.setenv("MST_DS_FAULT", f"disk_full@{int(plan.name[-10:-4])}")
+        with pytest.raises(OSError) as err:
+            write_one_shard(out, plan, None, WriteOptions(background=background))
+        monkeypatch.delenv("MST_DS_FAULT")
+        assert err.value.errno == errno.ENOSPC
+        assert sorted(p.name for p in out.iterdir()) == [PROGRESS_DIR, plan.name]  # no temp file left
+    assert written[True] == written[False]
