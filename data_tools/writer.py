@@ -41,6 +41,7 @@ from data_tools.sniff import DEFAULT_MAX_PIXELS, ImageInfo, TooLarge, Unreadable
 from mst_ds import atomic
 from mst_ds.config import RunFailure
 from mst_ds.data.manifest import INDEX_NAME, Manifest, ShardInfo, file_sha256, manifests_in, split_index_name
+from mst_ds.job import FileLock
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 PROGRESS_DIR = ".mst-shards"  # per-shard records of finished shards (resume after interruption)
@@ -736,6 +737,11 @@ class OutFolder:
     index_name: str  # this split's manifest file name
     owned: set[str]
     old_manifest: Path | None  # this split's manifest from an earlier run
+    lock: FileLock | None = None  # this split's writer lock, held from claim_out to release
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def shard_re(self) -> re.Pattern:
@@ -767,35 +773,47 @@ def _shard_names(manifest_file: Path) -> list[str]:
 
 
 def claim_out(out: Path, split: str) -> OutFolder:
-    """Check that ``out`` is new, empty or a shard folder written by this tool; find what it owns.
+    """Check that ``out`` is new, empty or a shard folder written by this tool; lock this split; find what
+    it owns.
 
-    A folder holding other files and no manifest, or a file at one of this split's shard names that no
-    manifest or record of this split claims, is refused (one line, exit 2) before anything is touched."""
+    A folder holding other files and no manifest, a file at one of this split's shard names that no
+    manifest or record of this split claims, or another live writer of this split is refused (one line,
+    exit 2) before anything of the split is touched. The lock (``.mst-shards/<split>.lock``) is held until
+    :meth:`OutFolder.release`; the kernel drops it if the writer dies."""
     if out.exists() and not out.is_dir():
         raise WriteError(f"--out {out}: not a folder")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    found = manifests_in(out) if entries else {}
     rec_dir = out / PROGRESS_DIR
-    if entries and not found and not rec_dir.is_dir():
+    if out.is_dir() and any(True for _ in out.iterdir()) and not manifests_in(out) and not rec_dir.is_dir():
         raise WriteError(f"--out {out}: not empty and not a shard folder of mst-shards (no manifest); "
                          "give a new or empty folder")
+    rec_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(rec_dir / f"{split}.lock", f"--out {out}: another mst-shards write of split {split!r} is "
+                    "writing here ({holder}); wait for it to end or give another folder", WriteError).acquire()
+    try:
+        return _claim_locked(out, split, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _claim_locked(out: Path, split: str, lock: FileLock) -> OutFolder:
+    """What the split owns, read under its lock (an earlier writer may have just finished)."""
+    rec_dir = out / PROGRESS_DIR
+    found = manifests_in(out)
     shard_re = re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
     owned = {n for n in _shard_names(found[split]) if shard_re.fullmatch(n)} if split in found else set()
-    if rec_dir.is_dir():
-        owned |= {p.name[:-5] for p in rec_dir.iterdir() if p.name.endswith(".json") and shard_re.fullmatch(p.name[:-5])}
-    foreign = [n for n in entries if shard_re.fullmatch(n) and n not in owned]
+    owned |= {p.name[:-5] for p in rec_dir.iterdir() if p.name.endswith(".json") and shard_re.fullmatch(p.name[:-5])}
+    foreign = sorted(p.name for p in out.iterdir() if shard_re.fullmatch(p.name) and p.name not in owned)
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise WriteError(f"--out {out}: {foreign[0]}{more} was not written here by mst-shards for split {split!r} "
                          "(no manifest or record lists it); move it away or give another folder")
     index_name = _manifest_name(out, split, found)
-    out.mkdir(parents=True, exist_ok=True)
-    rec_dir.mkdir(exist_ok=True)
     atomic.write_json(rec_dir / f"{split}.json", {"split": split, "manifest": index_name}, indent=None)
     for name in owned:  # claims that only the manifest held: they must outlive its deletion
         if not _record_path(out, name).exists():
             atomic.write_json(_record_path(out, name), {"name": name, "plan": None}, indent=None)
-    return OutFolder(out, split, index_name, owned, found.get(split))
+    return OutFolder(out, split, index_name, owned, found.get(split), lock)
 
 
 def _manifest_name(out: Path, split: str, found: dict[str, Path]) -> str:
@@ -839,35 +857,38 @@ def write_shards(src: str | Path, out: str | Path, *, split: str = "train", layo
     if not listing.samples:
         raise WriteError(f"--src {src}: no images found")
     folder = claim_out(out, split)
-    plans = plan_shards(listing.samples, split, max_count, seed, max_pixels)
     try:
-        records, todo = _write_all(folder, plans, workers, WriteOptions(strict), progress)
-    except OSError as err:
-        raise WriteFailure(_os_failure(out, err)) from None
+        plans = plan_shards(listing.samples, split, max_count, seed, max_pixels)
+        try:
+            records, todo = _write_all(folder, plans, workers, WriteOptions(strict), progress)
+        except OSError as err:
+            raise WriteFailure(_os_failure(out, err)) from None
+        finally:
+            folder.remove_temps()
+        shard_infos = [ShardInfo(p.name, records[p.name]["count"], records[p.name]["bytes"], records[p.name]["sha256"])
+                       for p in plans]
+        unreadable = sorted(listing.unreadable + [u for p in plans for u in records[p.name]["unreadable"]])
+        stored = {int(k) for p in plans for k, n in records[p.name]["class_counts"].items() if n}
+        empty = [c["wnid"] for c in listing.classes if c["index"] not in stored]
+        manifest = Manifest(
+            split=split, classes=listing.classes, shards=shard_infos, total=sum(s.count for s in shard_infos),
+            tool_version=TOOL_VERSION, unreadable=unreadable, root=out, empty_classes=empty,
+            index_name=folder.index_name,
+            extra={"layout": layout, "seed": seed, "max_count": max_count, "source": str(src)},
+        )
+        if max_pixels != DEFAULT_MAX_PIXELS:
+            manifest.extra["max_pixels"] = max_pixels
+        # Chosen again now: a writer of another split into the same new folder may have taken index.json.
+        manifest.index_name = folder.index_name = _manifest_name(out, split, manifests_in(out))
+        try:
+            path = manifest.save(out, folder.index_name)
+        except OSError as err:
+            raise WriteFailure(_os_failure(out, err)) from None
+        finally:
+            folder.remove_temps()
+        return WriteResult(manifest, len(todo), len(plans) - len(todo), time.perf_counter() - t0, path, empty)
     finally:
-        folder.remove_temps()
-    shard_infos = [ShardInfo(p.name, records[p.name]["count"], records[p.name]["bytes"], records[p.name]["sha256"])
-                   for p in plans]
-    unreadable = sorted(listing.unreadable + [u for p in plans for u in records[p.name]["unreadable"]])
-    stored = {int(k) for p in plans for k, n in records[p.name]["class_counts"].items() if n}
-    empty = [c["wnid"] for c in listing.classes if c["index"] not in stored]
-    manifest = Manifest(
-        split=split, classes=listing.classes, shards=shard_infos, total=sum(s.count for s in shard_infos),
-        tool_version=TOOL_VERSION, unreadable=unreadable, root=out, empty_classes=empty,
-        index_name=folder.index_name,
-        extra={"layout": layout, "seed": seed, "max_count": max_count, "source": str(src)},
-    )
-    if max_pixels != DEFAULT_MAX_PIXELS:
-        manifest.extra["max_pixels"] = max_pixels
-    # Chosen again now: a writer of another split into the same new folder may have taken index.json.
-    manifest.index_name = folder.index_name = _manifest_name(out, split, manifests_in(out))
-    try:
-        path = manifest.save(out, folder.index_name)
-    except OSError as err:
-        raise WriteFailure(_os_failure(out, err)) from None
-    finally:
-        folder.remove_temps()
-    return WriteResult(manifest, len(todo), len(plans) - len(todo), time.perf_counter() - t0, path, empty)
+        folder.release()  # the next writer of this split may start
 
 
 def _write_all(folder: OutFolder, plans: list[ShardPlan], workers: int, opts: WriteOptions,

@@ -39,14 +39,16 @@ class RunDirLocked(ConfigError):
     """Another live job holds the run directory."""
 
 
-class RunLock:
-    """An exclusive flock on ``RUN/.lock``; released on :meth:`release` or when the process dies."""
+class FileLock:
+    """An exclusive flock on ``path``, holding the holder's host, pid and start time; released on
+    :meth:`release` or when the process dies. A held lock raises ``error(refusal)`` with ``{holder}``
+    replaced by what the holder wrote."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_NAME
+    def __init__(self, path: Path, refusal: str, error: type[Exception]):
+        self.path, self.refusal, self.error = Path(path), refusal, error
         self.fd: int | None = None
 
-    def acquire(self) -> RunLock:
+    def acquire(self) -> FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -54,8 +56,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown holder"
             os.close(fd)
-            raise RunDirLocked(f"{self.path.parent}: in use by another job ({holder}); wait for it to end "
-                               f"or use another --run-dir") from None
+            raise self.error(self.refusal.replace("{holder}", holder)) from None
         # Rewritten in place: the lock belongs to this inode, a rename would lose it.
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
@@ -67,6 +68,14 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
+
+
+class RunLock(FileLock):
+    """The run directory's lock, ``RUN/.lock``, held by rank 0 for the run's life."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(Path(run_dir) / LOCK_NAME, f"{run_dir}: in use by another job ({{holder}}); wait for it to "
+                         "end or use another --run-dir", RunDirLocked)
 
 
 def probe(run_dir: Path) -> None:

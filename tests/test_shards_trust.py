@@ -110,6 +110,36 @@ def test_train_and_val_share_a_folder_with_distinct_manifests(small_src, tmp_pat
     assert json.loads((out / "index.json").read_text())["extra"]["seed"] == 1
 
 
+def test_a_second_writer_of_the_same_split_is_refused_until_the_first_dies(small_src, tmp_path, capsys):
+    """Two writers of one split would rename over each other's shards and records: the second is refused in
+    one line naming the first (host, pid), touching nothing; another split may write alongside; a killed
+    writer's lock goes with it."""
+    import signal
+    import sys
+
+    out = tmp_path / "out"
+    assert _write(small_src, out, "--split", "train", "--max-count", "4") == 0
+    before = _snapshot(out)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                               "from data_tools.writer import claim_out; "
+                               f"claim_out(Path({str(out)!r}), 'train'); print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert _write(small_src, out, "--split", "train", "--max-count", "4", "--seed", "1") == 2
+        line = _one_error_line(capsys)
+        assert "another mst-shards write of split 'train'" in line and f"pid {holder.pid}" in line, line
+        assert {k: v for k, v in _snapshot(out).items() if not k.endswith(".lock")} == \
+            {k: v for k, v in before.items() if not k.endswith(".lock")}
+        assert _write(small_src, out, "--split", "val", "--max-count", "5") == 0  # another split: no wait
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert _write(small_src, out, "--split", "train", "--max-count", "4", "--seed", "1") == 0
+    assert shards_main(["verify", str(out), "--split", "train"]) == 0
+
+
 def test_older_folder_without_records_is_still_ours(small_src, tmp_path):
     """A folder with only index.json and shards (no records): read as before, and a rerun may replace
     the shards its manifest lists."""
