@@ -234,6 +234,31 @@ def test_resume_is_exact_on_damaged_shards(damaged):
         assert all(torch.equal(a["params"], b["params"]) for a, b in zip(resumed, full[5:]))
 
 
+def test_resume_is_exact_after_a_batch_with_no_decodable_sample(tmp_path):
+    """A batch whose samples all fail to decode borrows a good one without reading on in the stream, so a
+    resume after it (skipping B samples per batch) sees the batches of the run that never stopped."""
+    src = tmp_path / "src"
+    sample_data.write_generated_imagefolder(src, classes=2, per_class=8, width=64, height=48)
+    bad = sample_data.undecodable_jpeg_bytes(sample_data.generated_image(9, 64, 48))
+    for i in range(16):
+        (src / "c01" / f"zz_bad{i:02d}.JPEG").write_bytes(bad)
+    write_shards(src, tmp_path / "shards", split="train", max_count=8, progress=False)
+    cfg = _cfg(workers=0)
+    whole_batches_bad = 0
+    for epoch in range(3):
+        loader = make_train_loader(str(tmp_path / "shards"), cfg, rank=0, world_size=1, micro_batch=2, epoch=epoch)
+        full = []
+        for b in loader:
+            full.append(b)
+            whole_batches_bad += len(loader.take_corrupt()) == 2
+        assert all("zz_bad" not in k for b in full for k in b["key"])
+        for k in (1, len(full) // 2, len(full) - 1):
+            resumed = _run(tmp_path / "shards", cfg, rank=0, world_size=1, micro_batch=2, epoch=epoch, skip_batches=k)
+            assert [b["key"] for b in resumed] == [b["key"] for b in full[k:]], (epoch, k)
+            assert all(torch.equal(a["params"], b["params"]) for a, b in zip(resumed, full[k:]))
+    assert whole_batches_bad >= 2  # the case under test happened
+
+
 def test_corrupt_policy_error_raises(damaged):
     cfg = _cfg(workers=0, data__corrupt_policy="error")
     with pytest.raises(CorruptDataError, match="zz_undecodable"):

@@ -30,6 +30,7 @@ alone, identically on every rank, before a byte is read:
 
 from __future__ import annotations
 
+import itertools
 import random
 import zlib
 from collections.abc import Callable, Iterator
@@ -242,8 +243,8 @@ def shard_samples(url: str, *, start: int = 0, stop: int | None = None, expected
 
 
 def _raw_stream(spec: StreamSpec) -> Iterator[tuple[int, dict]]:
-    """(pass, raw sample) forever: the shuffled units, re-read with a new shuffle when they run out
-    (only an epoch with a whole batch of corrupt samples ever needs a second pass)."""
+    """(pass, raw sample) forever: the shuffled units, re-read with a new shuffle when they run out (a
+    stream reads one pass: its batches take exactly B samples each)."""
     n_pass = 0
     while True:
         rng = random.Random(f"mst-shuffle:{spec.seed}:{spec.epoch}:{spec.rank}:{spec.stream}:{n_pass}")
@@ -275,6 +276,21 @@ class StreamBatches:
         out["label"] = label
         return out
 
+    def _borrow(self, local: int) -> tuple[dict, dict, str]:
+        """A good sample for batch ``local``, whose B samples all failed to decode: the first good one of
+        this stream's epoch order, read afresh. → (raw sample, item, seed suffix).
+
+        Reading on from the stream instead would shift every later batch by what it consumed, and a run
+        resumed after this batch (which skips exactly B samples per batch) would then see other batches
+        than the run that never stopped."""
+        spec = self.spec
+        extra = f":borrowed{local}"
+        for _, s in itertools.islice(_raw_stream(spec), sum(u.count for u in spec.units)):
+            item = self._decode(s, sample_seed(spec.seed, spec.epoch, s["__key__"], extra))
+            if item is not None:
+                return s, item, extra
+        raise CorruptDataError(f"stream {spec.stream} of rank {spec.rank}: no sample of its shards decodes")
+
     def __iter__(self) -> Iterator[dict]:
         spec = self.spec
         raw = _raw_stream(spec)
@@ -291,15 +307,9 @@ class StreamBatches:
                     corrupt.append(_corrupt_record(s))
                 items.append((s, item, extra))
             good = [i for i, (_, it, _) in enumerate(items) if it is not None]
-            while not good:  # a whole batch of corrupt samples: borrow the next good raw sample
-                n_pass, s = next(raw)
-                extra = f":pass{n_pass}:borrowed"
-                item = self._decode(s, sample_seed(spec.seed, spec.epoch, s["__key__"], extra))
-                if item is None:
-                    corrupt.append(_corrupt_record(s))
-                else:
-                    items.append((s, item, extra))
-                    good = [len(items) - 1]
+            if not good:
+                items.append(self._borrow(local))
+                good = [len(items) - 1]
             batch = []
             k = 0
             for slot, (s, item, _extra) in enumerate(items[:B]):
