@@ -430,7 +430,7 @@ def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool) 
             epoch, loader = loader_at(t.step)
             if len(loader) < d.grad_accum_steps:
                 raise RuntimeError(f"the loader of epoch {epoch} has no batch left at step {t.step} (plan mismatch)")
-            tick, tick_step = time.monotonic(), t.step
+            tick, tick_step, paused = time.monotonic(), t.step, 0.0  # paused: monitor and saves, not training
             for batches in _micro_batches(loader, d.grad_accum_steps):
                 health.arm(t.step + 1)
                 try:
@@ -450,16 +450,19 @@ def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool) 
                 if health.observe(t, stats, epoch=epoch, epoch_end=epoch_end, log_now=log_now):
                     t.corrupt = corrupt.sync()  # all ranks: the same steps
                     now = time.monotonic()
+                    paused += stats.get("monitor_s", 0.0)
                     stats.update(corrupt_samples=t.corrupt, peak_mem_mb=peak_memory_mb(t.device),
-                                 img_per_s=(t.step - tick_step) * d.global_batch / max(now - tick, 1e-9))
-                    tick, tick_step = now, t.step
+                                 img_per_s=(t.step - tick_step) * d.global_batch / max(now - tick - paused, 1e-9))
+                    tick, tick_step, paused = now, t.step, 0.0
                     log.log(t.step, epoch, stats)
                 log.progress(t.step, epoch, stats)
                 every = cfg.checkpoint.every_steps and t.step % cfg.checkpoint.every_steps == 0
                 at_epoch = epoch_end and cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0
                 if every or at_epoch or t.step == end or time_up or health.stop:
                     t.corrupt = corrupt.sync()  # the saved total covers every record in corrupt.jsonl
+                    saving = time.monotonic()
                     save(t, ckpt_dir, spe)
+                    paused += time.monotonic() - saving
                 if health.stop:
                     if t.rank == 0:
                         print(f"mst-ds: error: stopped at step {t.step} on a health alert (run.on_alert=stop; "
