@@ -19,9 +19,9 @@ There, file creation (one new file per image for ``cp -r``) can be the skew: on 
 (this machine's root file system) the inode allocator skips every inode deleted in the last 1–6
 minutes, one by one, on each creation: 17 µs per file on a quiet disk became 420 µs after a clean-up,
 which made ``cp -r`` look up to 10× slower than it is. So on a disk nothing is deleted until the end
-(about 11× the source's size at the peak),
-the runs start only when creating 1,000 files costs ≤ ``--quiet-create-us``, steadily (waiting up to 7
-minutes), and a run whose creation cost rose meanwhile says it is invalid instead of printing a ratio.
+(13× the source's size at the peak), the runs start only when creating 1,000 files costs
+≤ ``--quiet-create-us``, steadily (waiting up to 7 minutes), and a run whose creation cost rose
+meanwhile says it is invalid instead of printing a ratio.
 """
 
 from __future__ import annotations
