@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 from typing import NamedTuple
 
@@ -18,6 +19,8 @@ _JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
 _PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
 # Start-of-frame markers carry the size; C4 (DHT), C8 (JPG), CC (DAC) share the range but are not frames.
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_STANDALONE = frozenset((0x01, *range(0xD0, 0xD8)))  # markers without a length field
+_U16, _U16X2 = struct.Struct(">H"), struct.Struct(">HH")
 
 
 # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS): it warns above it and refuses twice it.
@@ -49,15 +52,14 @@ def _jpeg_info(data: bytes) -> ImageInfo:
         if marker == 0xFF:  # fill byte
             i += 1
             continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers
+        if marker in _STANDALONE:
             i += 2
             continue
-        seglen = int.from_bytes(data[i + 2:i + 4], "big")
+        (seglen,) = _U16.unpack_from(data, i + 2)
         if marker in _SOF:
             if i + 10 > n:
                 break
-            h = int.from_bytes(data[i + 5:i + 7], "big")
-            w = int.from_bytes(data[i + 7:i + 9], "big")
+            h, w = _U16X2.unpack_from(data, i + 5)
             ncomp = data[i + 9]
             if w == 0 or h == 0 or ncomp not in _JPEG_MODES:
                 raise Unreadable(f"bad JPEG frame header ({w}x{h}, {ncomp} components)")

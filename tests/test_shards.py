@@ -86,6 +86,26 @@ def test_rerun_keeps_finished_shards(nasty_folder, tmp_path):
     assert shards_main(["verify", str(tmp_path)]) == 0
 
 
+def test_rerun_rewrites_the_shard_of_a_changed_input_and_lists_a_fifo(tmp_path):
+    """Plain files are sized when read, not when listed: a rerun still notices an input whose bytes
+    changed and rewrites exactly its shard. A FIFO (which would block a reader) is listed, not read."""
+    src = tmp_path / "src"
+    sample_data.write_generated_imagefolder(src, classes=2, per_class=6, width=64, height=48)
+    os.mkfifo(src / "c00" / "zz_pipe.JPEG")
+    out = tmp_path / "out"
+    first = write_shards(src, out, split="train", max_count=3, progress=False)
+    assert any(u.startswith("c00/zz_pipe.JPEG: not a regular file") for u in first.manifest.unreadable)
+    changed = src / "c01" / "img_01_0002.JPEG"
+    changed.write_bytes(sample_data.jpeg_bytes(sample_data.generated_image(99, 80, 60)))
+    again = write_shards(src, out, split="train", max_count=3, progress=False)
+    assert (again.written, again.kept) == (1, len(first.manifest.shards) - 1)
+    holder = next(s.name for s in again.manifest.shards
+                  if any(x["__key__"] == "img_01_0002" for x in iter_tar_samples(str(out / s.name))))
+    rewritten = [s.name for s, t in zip(first.manifest.shards, again.manifest.shards) if s.sha256 != t.sha256]
+    assert rewritten == [holder]
+    assert write_shards(src, out, split="train", max_count=3, progress=False).written == 0
+
+
 def test_sigkill_midway_then_rerun(tmp_path):
     src = tmp_path / "src"
     sample_data.write_generated_imagefolder(src, classes=4, per_class=100, width=120, height=90)
