@@ -410,6 +410,28 @@ def test_tar_header_is_tarfiles(name, size):
     assert tar_header(name, size) == _tarinfo(name, size).tobuf(format=tarfile.GNU_FORMAT)
 
 
+def test_sample_metadata_is_json_dumps_sorted():
+    """KEY.json is written directly for speed; it must stay byte-identical to json.dumps(meta, sort_keys=True)
+    (existing shards, checksums and resumes depend on it), whatever the names hold."""
+    import random
+
+    from data_tools.sniff import ImageInfo
+    from data_tools.writer import Sample, sample_meta
+
+    rng = random.Random(0)
+    alphabet = 'abc/_-. "\\\t\n\x00\x1féü漢字😀'
+    for _ in range(2000):
+        source = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        wnid = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 10)))
+        s = Sample("k", rng.randint(0, 10**6), wnid, source, ("file", "x"), None)
+        info = ImageInfo(rng.choice(["jpeg", "png"]), "jpg", rng.choice(["RGB", "L", "CMYK", "P"]),
+                         rng.randint(1, 10**5), rng.randint(1, 10**5))
+        converted = rng.choice([None, "bmp", "gif"])
+        meta = {"wnid": wnid, "source": source, "class": s.label, "format": info.format, "mode": info.mode,
+                "width": info.width, "height": info.height, **({"converted_from": converted} if converted else {})}
+        assert sample_meta(s, info, converted) == json.dumps(meta, sort_keys=True).encode(), (source, wnid)
+
+
 def test_background_and_inline_writing_give_the_same_shard(small_src, tmp_path, monkeypatch):
     """Whether a second thread writes and hashes (a core to spare) or the reader does (every core runs a
     writer) changes nothing in the bytes, the checksum, or a full disk's error and leftovers."""
