@@ -253,6 +253,7 @@ import torch
 import deepspeed.comm as ds_comm
 from mst_ds import engine as eng
 rank, world = eng.init_distributed()
+torch.distributed.barrier()  # every rank has unlinked its own name (done right after start-up)
 path = eng.SHM_SEGMENT.format(uid=os.getuid(), addr=os.environ["MASTER_ADDR"], port=os.environ["MASTER_PORT"], rank=rank)
 mapped = [line.split(None, 5)[5].rstrip() for line in open("/proc/self/maps") if "deepspeed_allreduce_buffer" in line]
 x = torch.full((1000,), float(rank + 1))
