@@ -30,7 +30,6 @@ alone, identically on every rank, before a byte is read:
 
 from __future__ import annotations
 
-import itertools
 import random
 import zlib
 from collections.abc import Callable, Iterator
@@ -242,20 +241,12 @@ def shard_samples(url: str, *, start: int = 0, stop: int | None = None, expected
                                "(shard shorter than its manifest)")
 
 
-def _raw_stream(spec: StreamSpec) -> Iterator[tuple[int, dict]]:
-    """(pass, raw sample) forever: the shuffled units, re-read with a new shuffle when they run out (a
-    stream reads one pass: its batches take exactly B samples each)."""
-    n_pass = 0
-    while True:
-        rng = random.Random(f"mst-shuffle:{spec.seed}:{spec.epoch}:{spec.rank}:{spec.stream}:{n_pass}")
-        raw = (s for u in spec.units for s in shard_samples(spec.urls[u.shard], start=u.start, stop=u.stop))
-        yielded = 0
-        for s in seeded_shuffle(raw, spec.shuffle_buffer, rng):
-            yielded += 1
-            yield n_pass, s
-        if yielded == 0:
-            raise CorruptDataError(f"stream {spec.stream} of rank {spec.rank}: no readable samples in its shards")
-        n_pass += 1
+def _raw_stream(spec: StreamSpec) -> Iterator[dict]:
+    """The stream's raw samples in their seeded shuffled order: one pass over its units, which holds
+    exactly its batches' samples (a batch takes B of them, whatever fails to decode)."""
+    rng = random.Random(f"mst-shuffle:{spec.seed}:{spec.epoch}:{spec.rank}:{spec.stream}:0")
+    raw = (s for u in spec.units for s in shard_samples(spec.urls[u.shard], start=u.start, stop=u.stop))
+    yield from seeded_shuffle(raw, spec.shuffle_buffer, rng)
 
 
 class StreamBatches:
@@ -285,7 +276,7 @@ class StreamBatches:
         than the run that never stopped."""
         spec = self.spec
         extra = f":borrowed{local}"
-        for _, s in itertools.islice(_raw_stream(spec), sum(u.count for u in spec.units)):
+        for s in _raw_stream(spec):
             item = self._decode(s, sample_seed(spec.seed, spec.epoch, s["__key__"], extra))
             if item is not None:
                 return s, item, extra
@@ -300,12 +291,11 @@ class StreamBatches:
         for local in range(spec.skip, spec.n_batches):
             slots = [next(raw) for _ in range(B)]
             items, corrupt = [], []
-            for n_pass, s in slots:
-                extra = f":pass{n_pass}" if n_pass else ""
-                item = self._decode(s, sample_seed(spec.seed, spec.epoch, s["__key__"], extra))
+            for s in slots:
+                item = self._decode(s, sample_seed(spec.seed, spec.epoch, s["__key__"], ""))
                 if item is None:
                     corrupt.append(_corrupt_record(s))
-                items.append((s, item, extra))
+                items.append((s, item, ""))
             good = [i for i, (_, it, _) in enumerate(items) if it is not None]
             if not good:
                 items.append(self._borrow(local))
