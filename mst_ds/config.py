@@ -93,6 +93,7 @@ class ModelConfig(Section):
     drop_path_rate: float = Field(0.1, ge=0, lt=1, description="[D] stochastic depth of the student.")
     fused_attn: bool = Field(True, description="Fused SDPA in blocks other than the last (the last always runs the explicit path to return its attention). SPEC §8: off is faster on small CPU models.")
     pos_embed_interp: Literal["dino", "timm"] = Field("dino", description="[D] how the position embedding is resampled for a view whose token grid differs from the model's (local crops; eval at another size). dino (DINO's interpolate_pos_encoding, SPEC §9): plain bicubic with scale_factor = (new + 0.1) / old, no antialias. timm (dynamic_img_size's resample_abs_pos_embed): bicubic to the exact size with antialias — 0.82 relative difference from dino on a 6 × 6 grid at init.")
+    cls_token_init: Literal["dino", "timm"] = Field("dino", description="[D] dino: the class token starts as DINO's, truncated normal std 0.02 (SPEC §9). timm: timm's own init (std 1e-6), kept so runs made before the DINO-parity defaults (issue 19) reproduce bit for bit with pos_embed_interp: timm.")
     head: HeadConfig = Field(default_factory=HeadConfig)
 
 

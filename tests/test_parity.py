@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -261,3 +262,17 @@ def test_cls_token_is_initialised_as_dino():
     cls = Backbone.from_config(cfg.model).vit.cls_token.detach().flatten()
     assert cls.numel() == 384
     assert 0.017 < float(cls.std()) < 0.023 and float(cls.abs().max()) <= 2.0
+
+
+def test_cls_token_init_timm_keeps_timms_own_initialisation():
+    """cls_token_init=timm leaves every ViT tensor as timm made it, so runs from before the parity defaults
+    reproduce with pos_embed_interp=timm."""
+    cfg = load_config("small", ["model.cls_token_init=timm", "model.pos_embed_interp=timm"]).config
+    kwargs = {**cfg.model.timm_kwargs, "num_classes": 0, "dynamic_img_size": True,
+              "drop_path_rate": cfg.model.drop_path_rate}
+    torch.manual_seed(0)
+    ours = Backbone.from_config(cfg.model).vit.state_dict()
+    torch.manual_seed(0)
+    theirs = timm.create_model(cfg.model.arch, **kwargs).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert float(ours["cls_token"].abs().max()) < 1e-4  # timm's std 1e-6, not DINO's 0.02

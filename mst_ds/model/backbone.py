@@ -14,7 +14,7 @@ What this wrapper adds to timm (SPEC §1 steps 2–4):
 grid, and the position embedding is resampled to the view's grid either as DINO does (``dino``: plain
 bicubic, scale factor (new + 0.1) / old, no antialias) or by timm (``timm``: antialiased), per
 ``ModelConfig.pos_embed_interp``. The cls token is initialised as DINO's (truncated normal, std 0.02;
-timm: std 1e-6).
+timm: std 1e-6), per ``ModelConfig.cls_token_init``.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def dino_resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_gr
 class Backbone(nn.Module):
     """timm ViT + mask token. ``vit`` keeps timm's parameter names (``timm_state_dict`` exports them)."""
 
-    def __init__(self, vit: VisionTransformer, *, fused_attn: bool = True, pos_embed_interp: str = "dino") -> None:
+    def __init__(self, vit: VisionTransformer, *, fused_attn: bool = True, pos_embed_interp: str = "dino",
+                 cls_token_init: str = "dino") -> None:
         super().__init__()
         if not isinstance(vit, VisionTransformer) or not vit.has_class_token:
             raise ConfigError("model.arch: MST needs a timm VisionTransformer with a class token")
@@ -97,8 +98,8 @@ class Backbone(nn.Module):
                               "and no register tokens (DINO's layout); use timm")
         self.vit = vit
         self.pos_embed_interp = pos_embed_interp
-        # DINO: trunc_normal_(cls_token, std=.02) (SPEC §9); timm starts it at std 1e-6.
-        nn.init.trunc_normal_(vit.cls_token, std=0.02)
+        if cls_token_init == "dino":  # DINO: trunc_normal_(cls_token, std=.02) (SPEC §9); timm: std 1e-6
+            nn.init.trunc_normal_(vit.cls_token, std=0.02)
         self.embed_dim: int = vit.embed_dim
         self.num_heads: int = last.attn.num_heads
         self.patch_size: int = int(vit.patch_embed.patch_size[0])
@@ -120,7 +121,8 @@ class Backbone(nn.Module):
             )
         except (RuntimeError, TypeError, AssertionError) as err:
             raise ConfigError(f"model.arch: timm cannot build {cfg.arch!r} with {kwargs} ({err})") from None
-        return cls(vit, fused_attn=cfg.fused_attn, pos_embed_interp=cfg.pos_embed_interp)
+        return cls(vit, fused_attn=cfg.fused_attn, pos_embed_interp=cfg.pos_embed_interp,
+                   cls_token_init=cfg.cls_token_init)
 
     # ---------------------------------------------------------------------------------------------
     def num_patches(self, image_size: int) -> int:
