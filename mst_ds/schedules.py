@@ -2,7 +2,7 @@
 
 lr: linear warm-up from 0 to the peak lr over ``warmup_steps``, then cosine to ``optim.min_lr`` [S §7, D];
 weight decay: cosine 0.04 → 0.4 [D]; teacher momentum: cosine 0.996 → 1 [D]; teacher temperature:
-linear 0.04 → 0.07 over ``teacher_temp_warmup_steps`` then constant [D]; the head's last layer is frozen
+0.04 → 0.07 then constant [D], one value per epoch as DINO (``loss.teacher_temp_schedule``); the head's last layer is frozen
 for the first ``freeze_last_layer_steps`` [D], and its AdamW state restarts at the first free step
 (DINO's ``p.grad = None`` leaves no state behind, SPEC §9). Step counts come from :func:`mst_ds.config.derive`.
 
@@ -65,6 +65,8 @@ class Schedules:
     teacher_temp: float
     teacher_temp_warmup_steps: int
     freeze_last_layer_steps: int
+    epochs: int = 1
+    teacher_temp_warmup_epochs: int | None = None  # per_epoch schedule (DINO); None = per step
 
     @classmethod
     def from_config(cls, cfg: MSTConfig, derived: Derived) -> Schedules:
@@ -81,7 +83,23 @@ class Schedules:
             teacher_temp=cfg.loss.teacher_temp,
             teacher_temp_warmup_steps=derived.teacher_temp_warmup_steps,
             freeze_last_layer_steps=derived.freeze_last_layer_steps,
+            epochs=cfg.schedule.epochs,
+            teacher_temp_warmup_epochs=(int(cfg.loss.warmup_teacher_temp_epochs)
+                                        if cfg.loss.teacher_temp_schedule == "per_epoch" else None),
         )
+
+    def teacher_temp_at(self, step: int) -> float:
+        """DINO's per-epoch value (linspace(start, end, W)[epoch], then end) or linear per step. The epoch
+        of a step is floor(step · epochs / total_steps): the same stretch as every epoch-denominated knob."""
+        w = self.teacher_temp_warmup_epochs
+        if w is None:
+            return linear_warmup(step, self.teacher_temp_warmup_steps, self.warmup_teacher_temp, self.teacher_temp)
+        epoch = step * self.epochs // self.total_steps
+        if epoch >= w:
+            return self.teacher_temp
+        if w == 1:
+            return self.warmup_teacher_temp  # np.linspace(a, b, 1) = [a]
+        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * epoch / (w - 1)
 
     def at(self, step: int) -> ScheduleValues:
         """All schedule values at global optimizer step ``step`` (0-based)."""
@@ -89,7 +107,7 @@ class Schedules:
             lr=cosine_schedule(step, self.total_steps, self.peak_lr, self.min_lr, self.warmup_steps),
             weight_decay=cosine_schedule(step, self.total_steps, self.weight_decay, self.weight_decay_end),
             momentum=cosine_schedule(step, self.total_steps, self.momentum_teacher, self.momentum_teacher_end),
-            teacher_temp=linear_warmup(step, self.teacher_temp_warmup_steps, self.warmup_teacher_temp, self.teacher_temp),
+            teacher_temp=self.teacher_temp_at(step),
             last_layer_frozen=step < self.freeze_last_layer_steps,
             last_layer_released=0 < self.freeze_last_layer_steps == step,
         )

@@ -171,10 +171,12 @@ class Study:
             raise UsageError(f"row {row}: {err}") from None
 
     def runs(self) -> list[Run]:
-        """Every (row, seed), its config validated now — before anything is launched."""
+        """Every (row, seed), its config validated now — before anything is launched. Seed-major: every row
+        of seed 0, then of seed 1, …, so a study stopped early has whole seeds done and its rows compare
+        paired on the same seeds."""
         out = []
-        for row in self.rows:
-            for seed in self.seeds:
+        for seed in self.seeds:
+            for row in self.rows:
                 cfg = self.config(row, seed)
                 out.append(Run(row, seed, self.recipe(row), tuple(self.run_sets(row, seed)),
                                self.out / "runs" / f"{row}_seed{seed}", cfg.hash(), cfg.optim.batch_size))

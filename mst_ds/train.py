@@ -141,6 +141,8 @@ def train_step(t: Training, batches: list[dict[str, Any]]) -> dict[str, float]:
         t.engine.backward(loss)
         if micro == len(batches) - 1:
             norm0 = eng.grad_norm_stage0(t.engine)
+            if cfg.optim.clip_mode == "per_param" and cfg.optim.clip_grad > 0:
+                eng.clip_per_param(t.engine, cfg.optim.clip_grad)  # DINO's clip_gradients; DeepSpeed's is off
         t.engine.step()
         sums += local[:-1]
     if not t.engine.was_step_applied():

@@ -31,6 +31,24 @@ def test_paper_numbers_in_presets():
     assert load_config("mst_deit_s_300ep").config.schedule.epochs == 300
 
 
+def test_issue19_presets_loss_balance_and_small_scale():
+    """MST presets restore with mean_ln_k (§10's balance); `mean` is its own ablation row; `small` has 64
+    tokens per global view; the study's extra rows change exactly what they name."""
+    for name in ("mst_deit_s_100ep", "mst_deit_s_300ep", "small", "tiny"):
+        assert load_config(name).config.loss.restore_reduction == "mean_ln_k", name
+    assert load_config("ablation_restore_mean").config.loss.restore_reduction == "mean"
+    small = load_config("small").config
+    grid = small.augment.global_crop_size // small.model.timm_kwargs["patch_size"]
+    assert grid * grid >= 64 and 2 ** len(small.decoder.channels) == small.model.timm_kwargs["patch_size"]
+    rnd = load_config("ablation_random_masking").config
+    mst = load_config("mst_deit_s_100ep").config
+    assert rnd.mask.strategy == "random" and rnd.mask.prob == pytest.approx(mst.mask.ratio * mst.mask.prob)
+    assert (rnd.mask.replacement, rnd.loss.restore_target, rnd.decoder.enabled) == ("mask_token", "image", True)
+    lam0 = load_config("ablation_lambda2_0").config
+    assert lam0.mask.enabled and lam0.mask.strategy == "attention" and not lam0.decoder.enabled
+    assert lam0.loss.restore_weight == 0
+
+
 def test_dino_official_preset_is_dinos_own_vit_s16_recipe():
     """main_dino.py defaults / its README's vanilla ViT-S/16 run (SPEC §9), beside the controlled ablation."""
     cfg = load_config("dino_official_vits16_100ep").config

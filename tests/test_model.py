@@ -10,7 +10,7 @@ import timm
 import torch
 
 from mst_ds.config import ConfigError, DecoderConfig, HeadConfig, load_config
-from mst_ds.model import Backbone, DINOHead, GlobalImageDecoder, MSTModel, frozen_bn_statistics
+from mst_ds.model import Backbone, DINOHead, GlobalImageDecoder, MSTModel
 
 B = 4
 
@@ -132,19 +132,6 @@ def test_head_weight_norm_deepcopy_and_norm_last_layer():
     assert DINOHead(12, cfg.model_copy(update={"norm_last_layer": False})).last_layer.parametrizations.weight.original0.requires_grad
 
 
-def test_frozen_bn_statistics_keeps_running_stats():
-    head = DINOHead(12, HeadConfig(out_dim=32, hidden_dim=16, bottleneck_dim=8, use_bn=True)).train()
-    bn = head.mlp[1]
-    head(torch.randn(6, 12))
-    before = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
-    with frozen_bn_statistics(head):
-        head(torch.randn(6, 12) * 5 + 3)
-    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
-    assert torch.equal(bn.num_batches_tracked, before[2]) and bn.track_running_stats
-    head(torch.randn(6, 12))
-    assert not torch.equal(bn.running_mean, before[0])
-
-
 def test_decoder_shapes_and_stage_check():
     dec = GlobalImageDecoder(64, 8, DecoderConfig(channels=[32, 16, 16]))
     assert dec(torch.randn(2, 16, 64)).shape == (2, 3, 32, 32)
@@ -194,7 +181,7 @@ def test_forward_outputs_diagnostics_and_head_bn_updates_once_per_step():
     torch.testing.assert_close(out["loss"].detach(), out["dino_weighted"] + out["restore_weighted"])
     torch.testing.assert_close(out["restore_weighted"], 0.6 * out["restore"])
     assert 0 < out["mask_ratio"].item() < 0.3 and 0 < out["attn_entropy"].item() <= 1
-    # BN running statistics come from the global views only: one update per forward (locals frozen)
+    # one head call on every crop (DINO): one BN batch, one running-statistics update per forward
     assert bn.num_batches_tracked.item() == 1
     # center_norm is the center this forward used: it moves only at the optimizer step's update
     assert out["center_norm"].item() == 0
@@ -217,3 +204,50 @@ def test_dino_baseline_and_no_dino_ablation():
     assert out["dino"].item() > 0
     out["loss"].backward()  # the zero-weighted DINO branch stays in the graph: the head gets (zero) grads
     assert all(p.grad is not None for p in abl.head.parameters() if p.requires_grad)
+
+
+def _dino_reference(model: MSTModel, teacher, crops: list[torch.Tensor], temp_t: float) -> torch.Tensor:
+    """DINO's student side written from its published semantics (SPEC §9): MultiCropWrapper runs the
+    backbone once per resolution, concatenates every crop's CLS and calls the head ONCE (one BN batch);
+    DINOLoss chunks the outputs per crop and averages -q·log p over the (teacher i, student v ≠ i) pairs."""
+    ncrops, B = len(crops), crops[0].shape[0]
+    cls = torch.cat([model.backbone(torch.cat(crops[:2])).cls, model.backbone(torch.cat(crops[2:])).cls])
+    student_out = (model.head(cls) / 0.1).chunk(ncrops)
+    with torch.no_grad():
+        t = teacher.head(teacher.backbone(torch.cat(crops[:2])).cls)
+        q = torch.softmax((t - model.dino_loss.center) / temp_t, dim=-1).detach().chunk(2)
+    total, n = 0.0, 0
+    for iq, qi in enumerate(q):
+        for v in range(ncrops):
+            if v != iq:
+                total = total + torch.sum(-qi * torch.log_softmax(student_out[v], dim=-1), dim=-1).mean()
+                n += 1
+    assert student_out[0].shape[0] == B
+    return total / n
+
+
+def test_student_head_sees_every_crop_in_one_bn_batch_as_dino():
+    """Loss and head gradients equal DINO's one-call pattern; two calls (globals, locals) would not."""
+    cfg = tiny("mask.enabled=false", "decoder.enabled=false", "loss.restore_weight=0")
+    torch.manual_seed(0)
+    model = MSTModel.from_config(cfg).train()
+    teacher = model.make_teacher()
+    with torch.no_grad():  # a non-zero center, so centering is compared too
+        model.dino_loss.center.normal_(0, 0.1)
+    ref_model = copy.deepcopy(model)
+    crops = views(batch=6, n_local=4, seed=3)
+    out = model(crops, teacher, 0.04)
+    ref = _dino_reference(ref_model, teacher, crops, 0.04)
+    torch.testing.assert_close(out["dino"], ref.detach(), rtol=0, atol=1e-6)
+    out["loss"].backward()
+    ref.backward()
+    for (name, p), q in zip(model.head.named_parameters(), ref_model.head.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # the old pattern (a BN batch per view group) gives other logits: the comparison above can fail
+    with torch.no_grad():
+        cls_g = model.backbone(torch.cat(crops[:2])).cls
+        cls_l = model.backbone(torch.cat(crops[2:])).cls
+        one = model.head(torch.cat([cls_g, cls_l]))
+        two = torch.cat([model.head(cls_g), model.head(cls_l)])
+    assert (one - two).abs().max() > 1e-3

@@ -114,3 +114,16 @@ def test_alerts_file_name_is_the_one_health_writes():
     from mst_ds.health import ALERTS_FILE as written
 
     assert ALERTS_FILE == written
+
+
+def test_report_summarises_the_loss_share_over_the_run(tmp_path):
+    run = _fake_run(tmp_path, "r", 0, 40.0, 50.0)
+    with open(run / "metrics.jsonl", "a") as f:
+        for step, share in ((10, 0.4), (20, 0.3), (30, float("nan")), (40, 0.2)):
+            f.write("\n" + json.dumps({"step": step, "restore_loss_share": share}))
+    out = tmp_path / "rep"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    m = json.loads((out / "report.json").read_text())["metrics"]
+    assert m["restore_loss_share_first"]["mean"] == 0.4 and m["restore_loss_share_last"]["mean"] == 0.2
+    assert abs(m["restore_loss_share_mean"]["mean"] - 0.3) < 1e-12  # the NaN step is not counted
+    assert "| restore_loss_share_mean | 0.30 ± n/a | 1 |" in (out / "report.md").read_text()

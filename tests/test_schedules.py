@@ -24,8 +24,9 @@ def test_paper_schedule_milestones():
     assert s.at(d.warmup_steps // 2).lr == pytest.approx(1e-3, rel=1e-3)
     assert vl.lr == pytest.approx(1e-6) and vl.weight_decay == pytest.approx(0.4) and vl.momentum == pytest.approx(1.0)
     assert vl.teacher_temp == pytest.approx(0.07)
-    # teacher temperature: linear over 30 epochs, then constant
-    assert s.at(d.teacher_temp_warmup_steps // 2).teacher_temp == pytest.approx(0.055, rel=1e-3)
+    # teacher temperature: DINO's linspace(0.04, 0.07, 30) per epoch (step 18,765 is in epoch 15), then constant
+    assert s.at(d.teacher_temp_warmup_steps // 2).teacher_temp == pytest.approx(0.04 + 0.03 * 15 / 29, rel=1e-12)
+    assert s.at(d.steps_per_epoch * 29).teacher_temp == pytest.approx(0.07)  # DINO's last warm-up epoch
     assert s.at(d.teacher_temp_warmup_steps).teacher_temp == pytest.approx(0.07)
     # last layer frozen during epoch 0 exactly
     assert s.at(d.steps_per_epoch - 1).last_layer_frozen and not s.at(d.steps_per_epoch).last_layer_frozen

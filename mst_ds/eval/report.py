@@ -62,14 +62,24 @@ def run_metrics(run_dir: Path) -> dict[str, float]:
     return metrics
 
 
+# Logged shares summarised over the whole run: the loss balance is a property of the trajectory, not
+# of one step (§10's "roughly equally weighted" at λ2 = 0.6).
+SHARES = ("restore_loss_share", "restore_grad_share")
+
+
 def health_metrics(run_dir: Path) -> dict[str, float]:
-    """The online k-NN's last value (metrics.jsonl) and the number of alerts (alerts.jsonl), if present."""
+    """From metrics.jsonl: the online k-NN's last value and, per logged share, its first, mean over the
+    logged steps and last value; from alerts.jsonl: the number of alerts (each when present)."""
     out: dict[str, float] = {}
     if (run_dir / "metrics.jsonl").is_file():
-        knn = [r["monitor_knn_top1"] for r in read_jsonl(run_dir / "metrics.jsonl")
-               if isinstance(r.get("monitor_knn_top1"), int | float)]
+        recs = read_jsonl(run_dir / "metrics.jsonl")
+        knn = [r["monitor_knn_top1"] for r in recs if isinstance(r.get("monitor_knn_top1"), int | float)]
         if knn:
             out["online_knn_top1_last"] = float(knn[-1])
+        for key in SHARES:
+            vals = [float(r[key]) for r in recs if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+            if vals:
+                out |= {f"{key}_first": vals[0], f"{key}_mean": sum(vals) / len(vals), f"{key}_last": vals[-1]}
     if (run_dir / ALERTS_FILE).is_file():
         out["alerts"] = float(len(read_jsonl(run_dir / ALERTS_FILE)))
     return out

@@ -3,7 +3,7 @@ and the student/teacher pair that runs Algorithm 1."""
 
 from mst_ds.model.backbone import Backbone, BackboneOutput
 from mst_ds.model.decoder import GlobalImageDecoder
-from mst_ds.model.heads import DINOHead, frozen_bn_statistics
+from mst_ds.model.heads import DINOHead
 from mst_ds.model.mst import MSTModel, Teacher, TeacherOutput, attention_entropy
 
 __all__ = [
@@ -15,5 +15,4 @@ __all__ = [
     "Teacher",
     "TeacherOutput",
     "attention_entropy",
-    "frozen_bn_statistics",
 ]

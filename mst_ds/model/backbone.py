@@ -10,8 +10,11 @@ What this wrapper adds to timm (SPEC §1 steps 2–4):
   fused attention when ``ModelConfig.fused_attn``;
 * the final-norm CLS of the last n blocks (DINO's ``get_intermediate_layers``) for the linear probe.
 
-224- and 96-pixel views go through one model: ``dynamic_img_size=True`` makes timm interpolate the
-position embeddings to the view's token grid.
+224- and 96-pixel views go through one model: ``dynamic_img_size=True`` lets the patch embedding take any
+grid, and the position embedding is resampled to the view's grid either as DINO does (``dino``: plain
+bicubic, scale factor (new + 0.1) / old, no antialias) or by timm (``timm``: antialiased), per
+``ModelConfig.pos_embed_interp``. The cls token is initialised as DINO's (truncated normal, std 0.02;
+timm: std 1e-6), per ``ModelConfig.cls_token_init``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
@@ -61,10 +65,26 @@ def _block_with_cls_attention(blk: Block, x: Tensor, num_prefix_tokens: int) -> 
     return x, cls_attn
 
 
+def dino_resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int]) -> Tensor:
+    """DINO's ``interpolate_pos_encoding``: (1, 1 + h0·w0, D) → (1, 1 + h·w, D), the cls entry unchanged.
+
+    Unchanged on the model's own grid; otherwise plain bicubic (no antialias) with scale_factor =
+    (new + 0.1) / old — the offset makes the floor of the output size land on ``new``."""
+    if tuple(new_grid) == tuple(old_grid):
+        return pos_embed
+    (h, w), (h0, w0), dim = new_grid, old_grid, pos_embed.shape[-1]
+    patch = pos_embed[:, 1:].reshape(1, h0, w0, dim).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, scale_factor=((h + 0.1) / h0, (w + 0.1) / w0), mode="bicubic")
+    if patch.shape[-2:] != (h, w):
+        raise ValueError(f"position embedding resampled to {tuple(patch.shape[-2:])}, expected {(h, w)}")
+    return torch.cat([pos_embed[:, :1], patch.permute(0, 2, 3, 1).reshape(1, h * w, dim)], dim=1)
+
+
 class Backbone(nn.Module):
     """timm ViT + mask token. ``vit`` keeps timm's parameter names (``timm_state_dict`` exports them)."""
 
-    def __init__(self, vit: VisionTransformer, *, fused_attn: bool = True) -> None:
+    def __init__(self, vit: VisionTransformer, *, fused_attn: bool = True, pos_embed_interp: str = "dino",
+                 cls_token_init: str = "dino") -> None:
         super().__init__()
         if not isinstance(vit, VisionTransformer) or not vit.has_class_token:
             raise ConfigError("model.arch: MST needs a timm VisionTransformer with a class token")
@@ -73,7 +93,13 @@ class Backbone(nn.Module):
             raise ConfigError(
                 f"model.arch: the last block is {type(last).__name__}; MST reads attention from a standard timm Block"
             )
+        if pos_embed_interp == "dino" and (vit.no_embed_class or vit.reg_token is not None or vit.pos_embed is None):
+            raise ConfigError("model.pos_embed_interp: dino needs a ViT whose position embedding covers the cls token "
+                              "and no register tokens (DINO's layout); use timm")
         self.vit = vit
+        self.pos_embed_interp = pos_embed_interp
+        if cls_token_init == "dino":  # DINO: trunc_normal_(cls_token, std=.02) (SPEC §9); timm: std 1e-6
+            nn.init.trunc_normal_(vit.cls_token, std=0.02)
         self.embed_dim: int = vit.embed_dim
         self.num_heads: int = last.attn.num_heads
         self.patch_size: int = int(vit.patch_embed.patch_size[0])
@@ -95,7 +121,8 @@ class Backbone(nn.Module):
             )
         except (RuntimeError, TypeError, AssertionError) as err:
             raise ConfigError(f"model.arch: timm cannot build {cfg.arch!r} with {kwargs} ({err})") from None
-        return cls(vit, fused_attn=cfg.fused_attn)
+        return cls(vit, fused_attn=cfg.fused_attn, pos_embed_interp=cfg.pos_embed_interp,
+                   cls_token_init=cfg.cls_token_init)
 
     # ---------------------------------------------------------------------------------------------
     def num_patches(self, image_size: int) -> int:
@@ -125,9 +152,17 @@ class Backbone(nn.Module):
         if mask is not None:
             tokens = torch.where(mask.to(tokens.device)[..., None], self.mask_token.to(tokens.dtype), tokens)
         x = tokens.reshape(grid)
-        x = self.vit._pos_embed(x)  # prefix tokens + (interpolated) position embedding
+        x = self._pos_embed(x) if self.pos_embed_interp == "dino" else self.vit._pos_embed(x)
         x = self.vit.patch_drop(x)
         return self.vit.norm_pre(x)
+
+    def _pos_embed(self, x: Tensor) -> Tensor:
+        """DINO's ``prepare_tokens`` after the patch embedding: (B, h, w, D) → (B, 1 + h·w, D), the cls token
+        prepended and DINO's resampled position embedding added (timm's ``_pos_embed`` layout otherwise)."""
+        B, h, w, D = x.shape
+        vit = self.vit
+        x = torch.cat([vit.cls_token.expand(B, -1, -1), x.reshape(B, h * w, D)], dim=1)
+        return vit.pos_drop(x + dino_resample_pos_embed(vit.pos_embed, (h, w), tuple(vit.patch_embed.grid_size)))
 
     def forward(self, x: Tensor, mask: Tensor | None = None, random_replace: Tensor | None = None, *,
                 random_source: Tensor | None = None, return_attn: bool = False,

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrizations
 
 from mst_ds.config import HeadConfig
@@ -56,23 +52,3 @@ class DINOHead(nn.Module):
         x = self.mlp(x.to(self.last_layer.parametrizations.weight.original1.dtype))
         x = nn.functional.normalize(x, dim=-1, p=2)
         return self.last_layer(x)
-
-
-@contextlib.contextmanager
-def frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
-    """Inside the block, BN layers of ``module`` normalise with the batch's statistics but do not
-    update their running statistics (nor ``num_batches_tracked``).
-
-    Why: the supplement updates BN running statistics from the global views only [S §3]; the student
-    head also sees local-view CLS tokens, which go through it in a separate call inside this block.
-    ``track_running_stats=False`` in training mode is torch's own "use batch stats, do not track" path
-    (BatchNorm and SyncBatchNorm both honour it); the flag is restored on exit.
-    """
-    bns = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    for m in bns:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in bns:
-            m.track_running_stats = True
