@@ -145,7 +145,10 @@ def damage(tag_dir: Path) -> str | None:
 
     Raises UnsafeCheckpoint for a file that unpickles only with code execution (an error, not damage:
     it is never loaded, and never silently skipped either)."""
-    for rel, size in read_meta(tag_dir).get("files", {}).items():
+    why = marker_problem(tag_dir)
+    if why is not None:
+        return why
+    for rel, size in read_meta(tag_dir)["files"].items():
         f = tag_dir / rel
         if not f.is_file():
             return f"{rel} is missing"
@@ -166,42 +169,87 @@ def damage(tag_dir: Path) -> str | None:
 # Finding checkpoints
 # --------------------------------------------------------------------------------------------------
 def is_complete(tag_dir: Path) -> bool:
+    """The tag carries a marker (which may still be malformed: see :func:`marker_problem`)."""
     return (tag_dir / COMPLETE).is_file()
 
 
+def step_of(tag: str) -> int:
+    """The step a tag name says (``step00000120`` → 120): the order of tags, whatever a marker claims."""
+    return int(tag[4:12])
+
+
+# What every reader of a marker relies on, and its type (bool is not an int here).
+_META_TYPES: dict[str, type | tuple[type, ...]] = {"step": int, "samples": int, "world_size": int,
+                                                   "zero_stage": int, "config_hash": str, "files": dict}
+
+
+def marker_problem(tag_dir: Path) -> str | None:
+    """Why ``complete.json`` of a tag cannot be trusted (not JSON, not an object, a key missing or of
+    the wrong type, a step other than the tag's), else None. Such a tag is damaged, like a torn file."""
+    try:
+        meta = json.loads((tag_dir / COMPLETE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return f"{COMPLETE} cannot be read ({type(err).__name__})"
+    if not isinstance(meta, dict):
+        return f"{COMPLETE} is not a JSON object"
+    for key, kind in _META_TYPES.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            return f"{COMPLETE} has no valid {key!r}"
+    if not all(isinstance(k, str) and isinstance(v, int) for k, v in meta["files"].items()):
+        return f"{COMPLETE} has no valid 'files'"
+    if TAG_RE.fullmatch(tag_dir.name) and meta["step"] != step_of(tag_dir.name):
+        return f"{COMPLETE} says step {meta['step']}, the tag is step {step_of(tag_dir.name)}"
+    return None
+
+
 def read_meta(tag_dir: Path) -> dict[str, Any]:
+    """The marker of a tag that passed :func:`marker_problem` (a malformed one: UsageError, one line)."""
+    why = marker_problem(tag_dir)
+    if why is not None:
+        raise UsageError(f"{tag_dir}: damaged checkpoint ({why})")
     return json.loads((tag_dir / COMPLETE).read_text())
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Complete checkpoint tags this module wrote, oldest first (by step)."""
+    """Tags this module wrote that carry a marker, oldest first (by the step in the name)."""
     if not ckpt_dir.is_dir():
         return []
     tags = [p.name for p in ckpt_dir.iterdir()
             if p.is_dir() and TAG_RE.fullmatch(p.name) and not p.name.endswith(UNIVERSAL_SUFFIX) and is_complete(p)]
-    return sorted(tags, key=lambda t: read_meta(ckpt_dir / t)["step"])
+    return sorted(tags, key=step_of)
+
+
+def _latest_named(ckpt_dir: Path) -> str | None:
+    """The tag ``latest`` names, if that tag carries a marker."""
+    latest = ckpt_dir / LATEST
+    if latest.is_file():
+        tag = latest.read_text(errors="replace").strip()
+        if TAG_RE.fullmatch(tag) and not tag.endswith(UNIVERSAL_SUFFIX) and is_complete(ckpt_dir / tag):
+            return tag
+    return None
+
+
+def _trajectory(ckpt_dir: Path) -> list[str]:
+    """Marked tags of the trajectory the run is on, newest first: from the one ``latest`` names down
+    (a ``latest`` pointed back at an older tag is a rollback: the newer tags are not on it), or from
+    the newest marked tag when ``latest`` names none."""
+    tags = complete_tags(ckpt_dir)
+    top = _latest_named(ckpt_dir)
+    if top is not None:
+        tags = [t for t in tags if step_of(t) <= step_of(top)]
+    return tags[::-1]
 
 
 def newest_complete(ckpt_dir: Path) -> str | None:
-    """The tag ``latest`` names if that checkpoint is complete, else the newest complete one."""
-    latest = ckpt_dir / LATEST
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if tag and TAG_RE.fullmatch(tag) and is_complete(ckpt_dir / tag):
-            return tag
-    tags = complete_tags(ckpt_dir)
-    return tags[-1] if tags else None
+    """The newest tag of the run's trajectory (see :func:`_trajectory`) whose marker is sound."""
+    return next((t for t in _trajectory(ckpt_dir) if marker_problem(ckpt_dir / t) is None), None)
 
 
 def newest_intact(ckpt_dir: Path) -> tuple[str | None, list[tuple[str, str]]]:
-    """(newest complete tag whose files check out, [(newer damaged tag, why)...]), newest first."""
-    newest = newest_complete(ckpt_dir)
-    tags = [t for t in reversed(complete_tags(ckpt_dir))]
-    if newest in tags:  # `latest` first, then the rest newest first
-        tags.remove(newest)
-        tags.insert(0, newest)
+    """(newest tag of the trajectory whose marker and files check out, [(newer damaged tag, why)...]),
+    newest first."""
     damaged: list[tuple[str, str]] = []
-    for tag in tags:
+    for tag in _trajectory(ckpt_dir):
         why = damage(ckpt_dir / tag)
         if why is None:
             return tag, damaged
@@ -351,11 +399,11 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (and their universal twins), and
     leftovers of killed saves. Only directories this module wrote: a tag name with its marker, or a tag
     name holding nothing but checkpoint files (the run lock rules out a save in progress elsewhere)."""
-    keep = set(complete_tags(ckpt_dir)[-keep_last:])
+    keep = set([t for t in complete_tags(ckpt_dir) if marker_problem(ckpt_dir / t) is None][-keep_last:])
     for p in ckpt_dir.iterdir():
         if not (p.is_dir() and TAG_RE.fullmatch(p.name)) or p.name.removesuffix(UNIVERSAL_SUFFIX) in keep:
             continue
-        if is_complete(p) or _looks_ours(p):
+        if (is_complete(p) and marker_problem(p) is None) or _looks_ours(p):
             shutil.rmtree(p, ignore_errors=True)
 
 

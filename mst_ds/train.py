@@ -225,7 +225,7 @@ def _data_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def _written_config(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
     """The resolved config a checkpoint was written with: its meta, else the run's config files."""
-    if "config" in meta:
+    if isinstance(meta.get("config"), dict):
         return meta["config"]
     for path in (run_dir / f"config.{meta['config_hash']}.yaml", run_dir / "config.yaml"):
         if path.is_file():
@@ -240,17 +240,20 @@ def find_resume(cfg: MSTConfig, ckpt_dir: Path, data_id: dict[str, Any] | None =
     """(tag, meta) of the checkpoint to resume from, or (None, None). Refuses a different config or
     other training data (unless checkpoint.allow_config_change). With ``check_files``, a damaged
     newest checkpoint is renamed aside (TAG.damaged) and the newest intact one is used, saying so."""
-    tag = ckpt.newest_complete(ckpt_dir)
-    if tag is None:
+    if not ckpt.complete_tags(ckpt_dir):
         return None, None
     if not cfg.checkpoint.resume:
         raise ConfigError(f"checkpoint.resume: {ckpt_dir} holds checkpoints and resume is off; use a new --run-dir")
-    if check_files:
+    if not check_files:  # the pre-flight: markers only (reading every file is the ranks' work)
+        tag, damaged = ckpt.newest_complete(ckpt_dir), [(t, ckpt.marker_problem(ckpt_dir / t) or "")
+                                                         for t in ckpt.complete_tags(ckpt_dir)[-1:]]
+    else:
         tag, damaged = ckpt.newest_intact(ckpt_dir)
-        if tag is None:
-            bad, why = damaged[0]
-            raise ConfigError(f"checkpoint: no intact checkpoint in {ckpt_dir} ({bad}: {why}); move the damaged "
-                              f"ones away to start over, or use a new --run-dir")
+    if tag is None:
+        bad, why = damaged[0]
+        raise ConfigError(f"checkpoint: no intact checkpoint in {ckpt_dir} ({bad}: {why}); move the damaged "
+                          f"ones away to start over, or use a new --run-dir")
+    if check_files:
         for bad, why in damaged:
             aside = ckpt.set_aside(ckpt_dir, bad)
             print(f"mst-ds: warning: checkpoint {bad} is damaged ({why}); moved it to {aside}, resuming from {tag}",
@@ -263,7 +266,8 @@ def find_resume(cfg: MSTConfig, ckpt_dir: Path, data_id: dict[str, Any] | None =
             f"config {meta['config_hash']}, this run is {cfg.hash()}")
         raise ConfigError(f"checkpoint: {ckpt_dir / tag} was written with other settings ({what}); use a new "
                           f"--run-dir or --set checkpoint.allow_config_change=true")
-    if data_id is not None and "data" in meta and meta["data"]["digest"] != data_id["digest"] and not allow:
+    if data_id is not None and isinstance(meta.get("data"), dict) and meta["data"].get("digest") != data_id["digest"] \
+            and not allow:
         raise ConfigError(f"data.train: {cfg.data.train} is not the data {tag} was trained on "
                           f"({_data_difference(meta['data'], data_id)}); use a new --run-dir, or --set "
                           f"checkpoint.allow_config_change=true to continue on it")
