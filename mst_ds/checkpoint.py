@@ -9,6 +9,11 @@ Layout::
                                         resolved config, training-data identity, every file's size)
     RUN/checkpoints/latest              tag of the newest complete checkpoint (atomic rename)
 
+``latest`` names the newest step of the trajectory the run is on. Pointing it back at an older complete
+tag is a rollback: the run resumes there and moves the newer tags aside as ``TAG.superseded`` (kept,
+never deleted); a tag of the step being saved that still exists is moved aside the same way, so ``latest``
+always advances with the run.
+
 A checkpoint is complete before ``latest`` points to it: DeepSpeed's own ``latest`` is disabled
 (``save_latest=False``, it is written in place, not atomically) and ``complete.json`` + ``latest`` are
 written by rank 0 after a barrier. A kill at any moment leaves ``latest`` on a complete checkpoint.
@@ -257,12 +262,21 @@ def newest_intact(ckpt_dir: Path) -> tuple[str | None, list[tuple[str, str]]]:
     return None, damaged
 
 
-def set_aside(ckpt_dir: Path, tag: str) -> str:
-    """Rename a damaged tag to ``TAG.damaged[-N]`` (kept for inspection, never deleted) → new name."""
-    n, name = 0, f"{tag}.damaged"
+def newer_than(ckpt_dir: Path, tag: str) -> list[str]:
+    """Marked tags (universal twins included) of steps after ``tag``'s; a killed save's unmarked leftover
+    is not one (the save of its step removes it)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir()
+                  if p.is_dir() and TAG_RE.fullmatch(p.name) and step_of(p.name) > step_of(tag) and is_complete(p))
+
+
+def set_aside(ckpt_dir: Path, tag: str, why: str = "damaged") -> str:
+    """Rename a tag to ``TAG.WHY[-N]`` (kept for inspection, never deleted) → new name."""
+    n, name = 0, f"{tag}.{why}"
     while (ckpt_dir / name).exists():
         n += 1
-        name = f"{tag}.damaged-{n}"
+        name = f"{tag}.{why}-{n}"
     os.replace(ckpt_dir / tag, ckpt_dir / name)
     return name
 
@@ -328,9 +342,12 @@ def save(engine, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], met
     """
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
-    if is_complete(tag_dir):
-        return tag  # never rewrite (and so never endanger) a complete checkpoint
-    if rank == 0 and tag_dir.exists():
+    if rank == 0 and is_complete(tag_dir):
+        # A tag of this step from another trajectory (a rollback's newer tags are moved aside when
+        # the run resumes; this catches any other): kept aside, never rewritten, and `latest` names
+        # the step this run is saving.
+        set_aside(ckpt_dir, tag, "superseded")
+    elif rank == 0 and tag_dir.exists():
         remove_leftover(tag_dir)  # a leftover of a save that was killed half-way
     _barrier()
     error = None

@@ -271,7 +271,19 @@ def find_resume(cfg: MSTConfig, ckpt_dir: Path, data_id: dict[str, Any] | None =
         raise ConfigError(f"data.train: {cfg.data.train} is not the data {tag} was trained on "
                           f"({_data_difference(meta['data'], data_id)}); use a new --run-dir, or --set "
                           f"checkpoint.allow_config_change=true to continue on it")
+    if check_files:
+        supersede_newer(ckpt_dir, tag)
     return tag, meta
+
+
+def supersede_newer(ckpt_dir: Path, tag: str) -> None:
+    """A resume from ``tag`` while newer tags exist is a rollback (``latest`` was pointed back): the
+    newer tags belong to an abandoned trajectory. They are renamed ``TAG.superseded`` (kept, never
+    deleted), so that every tag left, and ``latest``, is on the trajectory the run continues."""
+    for newer in ckpt.newer_than(ckpt_dir, tag):
+        aside = ckpt.set_aside(ckpt_dir, newer, "superseded")
+        print(f"mst-ds: warning: {newer} is newer than {tag}, where this run resumes ({ckpt.LATEST} names an "
+              f"older step: a rollback); moved it to {aside}", file=sys.stderr, flush=True)
 
 
 def check(cfg: MSTConfig, run_dir: Path, *, probe_lock: bool = True) -> None:
