@@ -216,24 +216,53 @@ def _check_out_dir(out: Path) -> None:
         raise UsageError(f"--out {out}: not empty and not a study folder (no {SPEC}); choose a new folder")
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
 def _is_done(run: Run) -> bool:
     marker = run.run_dir / DONE
     if not marker.is_file():
         return False
-    done = json.loads(marker.read_text())
-    if done.get("config_hash") != run.config_hash:
-        raise UsageError(f"{run.run_dir}: finished with config {done.get('config_hash')}, this study asks for "
+    done = _read_json(marker)
+    if not isinstance(done, dict) or done.get("config_hash") != run.config_hash:
+        found = done.get("config_hash") if isinstance(done, dict) else "unreadable"
+        raise UsageError(f"{run.run_dir}: finished with config {found}, this study asks for "
                          f"{run.config_hash} (another --set/--steps/--base?); use a new --out")
     return True
 
 
-def _trained_steps(run: Run) -> int:
-    """Optimizer steps of the run's newest complete checkpoint (0 without one)."""
+def _newest_meta(run: Run) -> dict[str, Any] | None:
+    """The marker of the run's newest complete checkpoint, if any."""
     from mst_ds import checkpoint as ckpt
 
     ckpt_dir = run.run_dir / ckpt.CKPT_SUBDIR
     tag = ckpt.newest_complete(ckpt_dir) if ckpt_dir.is_dir() else None
-    return 0 if tag is None else int(ckpt.read_meta(ckpt_dir / tag)["samples"]) // run.global_batch
+    return None if tag is None else ckpt.read_meta(ckpt_dir / tag)
+
+
+def _trained_steps(run: Run) -> int:
+    """Optimizer steps of the run's newest complete checkpoint (0 without one)."""
+    meta = _newest_meta(run)
+    return 0 if meta is None else meta["samples"] // run.global_batch
+
+
+def accept(study: Study, runs: list[Run], train_id: dict[str, Any]) -> None:
+    """Refuse, in one line and before anything is written, a rerun into OUT whose runs cannot be
+    kept: a finished run with another config, or a run trained on other data than ``--train``
+    (compared by the manifest's fingerprint, as resume does: moved shards are the same data)."""
+    from mst_ds.data.manifest import fingerprint_difference
+
+    for run in runs:
+        _is_done(run)
+        meta = _newest_meta(run)
+        data = meta.get("data") if meta is not None else None
+        if isinstance(data, dict) and data.get("digest") != train_id["digest"]:
+            raise UsageError(f"--train {study.train}: {run.run_dir} was trained on other data "
+                             f"({fingerprint_difference(data, train_id)}); use a new --out")
 
 
 def _stream(cmd: list[str], log: Path, env: dict[str, str]) -> int:
@@ -276,7 +305,10 @@ def train_run(study: Study, run: Run, index: str) -> None:
     print(f"{index} {run.name}: trained {steps} steps in {wall:.0f} s", flush=True)
 
 
-def evaluate_run(study: Study, run: Run, index: str) -> None:
+def evaluate_run(study: Study, run: Run, index: str, data: dict[str, Any]) -> None:
+    """``mst-ds knn`` (and ``linear``) of a trained run; a result is kept only while the identity of
+    its bank and query (``data``: {"train", "val"} of :func:`mst_ds.eval.features.data_identity`) is
+    what it records."""
     from mst_ds.cli import main as mst_ds
 
     common = ["--ckpt", str(run.run_dir), "--train", study.train, "--val", study.val, "--out",
@@ -285,9 +317,11 @@ def evaluate_run(study: Study, run: Run, index: str) -> None:
     if study.linear:
         todo.append(("linear_cls.json", ["linear", "--probe", "cls", *common]))
     for result, argv in todo:
-        if (run.run_dir / "eval" / result).is_file():
+        kept = _read_json(run.run_dir / "eval" / result)
+        if isinstance(kept, dict) and kept.get("data") == data:
             continue
-        print(f"{index} {run.name}: mst-ds {argv[0]}", flush=True)
+        why = " (its bank or query was other data: redone)" if kept is not None else ""
+        print(f"{index} {run.name}: mst-ds {argv[0]}{why}", flush=True)
         rc = mst_ds(argv)
         if rc != 0:
             raise RunFailure(f"{run.name}: mst-ds {argv[0]} failed (exit {rc})")
@@ -436,13 +470,16 @@ def write_table(study: Study, runs: list[Run]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Command
 # --------------------------------------------------------------------------------------------------
-def _check_data(*paths: str) -> None:
+def _check_data(train: str, val: str) -> dict[str, Any]:
+    """{"train", "val"} → each one's identity (what evaluations record); missing or bad data: one line."""
     from mst_ds.data.manifest import Manifest
+    from mst_ds.eval.features import data_identity
 
-    for flag, p in zip(("--train", "--val"), paths):
+    for flag, p in (("--train", train), ("--val", val)):
         if not p:
             raise UsageError(f"{flag}: required for a study")
-        Manifest.load(p)
+    Manifest.load(train)  # training reads shards (the k-NN bank and --val may also be ImageFolders)
+    return {"train": data_identity(train), "val": data_identity(val)}
 
 
 def run(args) -> int:
@@ -450,16 +487,17 @@ def run(args) -> int:
         args.cpu = 1 if not _has_gpu() else None
     study = study_from_args(args)
     _check_out_dir(study.out)
-    _check_data(study.train, study.val)
-    study.out.mkdir(parents=True, exist_ok=True)
+    data = _check_data(study.train, study.val)
+    runs = study.runs()
+    accept(study, runs, data["train"])
+    study.out.mkdir(parents=True, exist_ok=True)  # the rerun is accepted: only now is anything written
     atomic.write_json(study.out / SPEC, study.spec())
     study.write_recipes()
-    runs = study.runs()
     print(f"study: {len(study.rows)} rows × {len(study.seeds)} seeds = {len(runs)} runs → {study.out}", flush=True)
     for i, r in enumerate(runs, 1):
         index = f"[{i}/{len(runs)}]"
         train_run(study, r, index)
-        evaluate_run(study, r, index)
+        evaluate_run(study, r, index, data)
     write_table(study, runs)
     print((study.out / "table.md").read_text(), end="")
     print(f"wrote {study.out / 'table.md'}, {study.out / 'table.json'}, {study.out / 'table.png'}")

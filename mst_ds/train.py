@@ -17,8 +17,6 @@ step N; ``kill_in_save@N`` SIGKILLs the process in the middle of saving the chec
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -36,6 +34,7 @@ from mst_ds import atomic, job
 from mst_ds import checkpoint as ckpt
 from mst_ds import engine as eng
 from mst_ds.config import ConfigError, Derived, MSTConfig, config_diff, config_from_file, load_config
+from mst_ds.data.manifest import Manifest, fingerprint_difference
 from mst_ds.data.reader import derive_for_training
 from mst_ds.ema import EMATeacher
 from mst_ds.health import RunHealth
@@ -208,19 +207,8 @@ def _broadcast(obj: Any) -> Any:
 
 
 def data_identity(cfg: MSTConfig) -> dict[str, Any]:
-    """What the training data is, independent of where it lies: the manifest's shards (name, count,
-    size, sha256, in order — the order is part of the trajectory) and classes → digest + counts."""
-    from mst_ds.data.manifest import Manifest
-
-    m = Manifest.load(cfg.data.train)
-    content = {"shards": [[s.name, s.count, s.bytes, s.sha256] for s in m.shards], "classes": m.classes}
-    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-    return {"digest": digest, "samples": m.total, "shards": len(m.shards), "classes": m.num_classes}
-
-
-def _data_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
-    parts = [f"{old[k]} → {new[k]} {k}" for k in ("samples", "shards", "classes") if old.get(k) != new.get(k)]
-    return ", ".join(parts) or "same counts, other shard contents or class names"
+    """The training data's fingerprint (:meth:`Manifest.fingerprint`), recorded in every checkpoint."""
+    return Manifest.load(cfg.data.train).fingerprint()
 
 
 def _written_config(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -269,7 +257,7 @@ def find_resume(cfg: MSTConfig, ckpt_dir: Path, data_id: dict[str, Any] | None =
     if data_id is not None and isinstance(meta.get("data"), dict) and meta["data"].get("digest") != data_id["digest"] \
             and not allow:
         raise ConfigError(f"data.train: {cfg.data.train} is not the data {tag} was trained on "
-                          f"({_data_difference(meta['data'], data_id)}); use a new --run-dir, or --set "
+                          f"({fingerprint_difference(meta['data'], data_id)}); use a new --run-dir, or --set "
                           f"checkpoint.allow_config_change=true to continue on it")
     if check_files:
         supersede_newer(ckpt_dir, tag)

@@ -109,6 +109,14 @@ class Manifest:
             return [root.rstrip("/") + "/" + s.name for s in self.shards]
         return [str(Path(root) / s.name) for s in self.shards]
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What the data is, independent of where it lies: the shards (name, count, size, sha256, in
+        order — the order is part of a training trajectory) and the classes → digest + counts. Runs and
+        evaluations record it; moved shards keep it, other shards or classes change it."""
+        content = {"shards": [[s.name, s.count, s.bytes, s.sha256] for s in self.shards], "classes": self.classes}
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        return {"digest": digest, "samples": self.total, "shards": len(self.shards), "classes": self.num_classes}
+
     # -- (de)serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -198,6 +206,12 @@ class Manifest:
         full.total = sum(s.count for s in picked)
         full.shard_urls = urls
         return full
+
+
+def fingerprint_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """How two :meth:`Manifest.fingerprint` values differ, in words (for a one-line refusal)."""
+    parts = [f"{old.get(k)} → {new.get(k)} {k}" for k in ("samples", "shards", "classes") if old.get(k) != new.get(k)]
+    return ", ".join(parts) or "same counts, other shard contents or class names"
 
 
 # ------------------------------------------------------------------------------------------------

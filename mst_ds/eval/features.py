@@ -31,7 +31,7 @@ from torch import Tensor
 from mst_ds import atomic
 from mst_ds import checkpoint as ckpt_mod
 from mst_ds.config import MSTConfig, RunFailure, UsageError, load_config
-from mst_ds.data.manifest import is_shard_dir, manifest_path
+from mst_ds.data.manifest import Manifest, is_shard_dir
 from mst_ds.model.backbone import Backbone, BackboneOutput
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -319,17 +319,16 @@ def match_classes(train_classes: list[str], val_classes: list[str], val_labels: 
 
 
 def data_identity(source: str) -> dict[str, Any]:
-    """A cheap fingerprint of a data source: adding/removing files changes a class folder's mtime;
-    a shard set is identified by its manifest."""
+    """What a data source is — the feature cache's key and what every result records of its bank and
+    query: shards by their manifest's fingerprint (shard names, counts, sizes, checksums and classes;
+    the same as a checkpoint records, so moved shards keep it), an ImageFolder cheaply by its path and
+    its class folders' mtimes (adding/removing files changes a folder's mtime)."""
     p = Path(source)
     if p.is_dir() and not is_shard_dir(p):
         subdirs = sorted(d for d in p.iterdir() if d.is_dir())
         return {"folder": str(p.resolve()), "classes": len(subdirs),
                 "mtimes": hashlib.sha256("".join(f"{d.name}:{d.stat().st_mtime_ns};" for d in subdirs).encode()).hexdigest()[:16]}
-    index = manifest_path(p) if p.is_dir() else p
-    if index.is_file():
-        return {"manifest": str(index.resolve()), "sha256": hashlib.sha256(index.read_bytes()).hexdigest()[:16]}
-    return {"source": source}
+    return Manifest.load(source).fingerprint()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,8 +492,10 @@ class EvalContext:
 
     def __init__(self, cfg: MSTConfig, *, ckpt: str | None, which: str, out_dir: Path, dist_info: Dist,
                  batch_size: int, num_workers: int, cache: bool, preset: str,
-                 unknown_classes: str = "error") -> None:
+                 unknown_classes: str = "error", sources: dict[str, str] | None = None) -> None:
         self.cfg, self.ckpt, self.which = cfg, ckpt, which
+        # {"train": bank / probe-training data, "val": query data}: results record what they are
+        self.data = {name: data_identity(src) for name, src in (sources or {}).items()}
         self.out_dir, self.dist = out_dir, dist_info
         self.batch_size, self.num_workers, self.cache = batch_size, num_workers, cache
         self.preset = preset
@@ -522,7 +523,8 @@ class EvalContext:
                    batch_size=args.batch_size or 128,
                    num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
                    cache=not getattr(args, "no_cache", False), preset=preset,
-                   unknown_classes=getattr(args, "unknown_classes", "error"))
+                   unknown_classes=getattr(args, "unknown_classes", "error"),
+                   sources={"train": args.train, "val": args.val})
 
     @property
     def is_main(self) -> bool:
@@ -538,7 +540,7 @@ class EvalContext:
     def describe(self) -> dict[str, Any]:
         return {"ckpt": self.ckpt or RANDOM, "which": self.which, "preset": self.preset,
                 "model": model_identity(self.ckpt, self.cfg, self.which), "seed": self.cfg.run.seed,
-                "image_size": self.cfg.eval.image_size, "world_size": self.dist.world_size}
+                "image_size": self.cfg.eval.image_size, "world_size": self.dist.world_size, "data": self.data}
 
     def cache_path(self, source: str, spec: FeatureSpec, transform_name: str) -> Path:
         key = {"model": model_identity(self.ckpt, self.cfg, self.which), "data": data_identity(source),
