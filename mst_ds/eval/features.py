@@ -23,14 +23,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, Field, ValidationError
 from torch import Tensor
 
 from mst_ds import atomic
 from mst_ds import checkpoint as ckpt_mod
-from mst_ds.config import MSTConfig, RunFailure, UsageError, load_config
+from mst_ds.config import MSTConfig, RunFailure, UsageError, format_validation_error, load_config
 from mst_ds.data.manifest import Manifest, is_shard_dir
 from mst_ds.model.backbone import Backbone, BackboneOutput
 
@@ -46,8 +47,31 @@ def is_random(ckpt: str | None) -> bool:
     return ckpt is None or str(ckpt) == RANDOM
 
 
+class ExportSource(BaseModel):
+    """Where an export came from (informative, except ``which``: the network it holds)."""
+
+    checkpoint: str | None = None
+    which: Literal["teacher", "student"] | None = None
+    step: int | None = None
+    config_hash: str | None = None
+
+
+class ExportMeta(BaseModel):
+    """The ``mst_ds`` metadata of an export: the timm model description, its source, and
+    ``eval_settings`` (dotted config keys → values, checked again as config when used). Written by
+    ``mst-ds export`` through this model and read back through it: a file a user is handed is one
+    line if its metadata is anything else."""
+
+    architecture: str | None = None
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    source: ExportSource = Field(default_factory=ExportSource)
+    patch_size: int | None = None
+    eval_settings: dict[str, Any] = Field(default_factory=dict)
+
+
 def safetensors_model_meta(path: Path) -> dict[str, Any] | None:
-    """The timm model description ``mst-ds export`` stores in the file's metadata, if any."""
+    """The timm model description ``mst-ds export`` stores in the file's metadata (validated by
+    :class:`ExportMeta`), if any."""
     from safetensors import safe_open
 
     try:
@@ -55,10 +79,13 @@ def safetensors_model_meta(path: Path) -> dict[str, Any] | None:
             meta = f.metadata() or {}
     except Exception as err:  # not a safetensors file at all
         raise UsageError(f"{path}: not a readable .safetensors file ({type(err).__name__})") from None
+    if "mst_ds" not in meta:
+        return None
     try:
-        return json.loads(meta["mst_ds"]) if "mst_ds" in meta else None
-    except json.JSONDecodeError:
-        raise UsageError(f"{path}: unreadable mst_ds metadata (not JSON)") from None
+        return ExportMeta.model_validate_json(meta["mst_ds"]).model_dump(mode="json")
+    except ValidationError as err:
+        raise UsageError(f"{path}: mst_ds metadata not as mst-ds export writes it "
+                         f"({format_validation_error(err)})") from None
 
 
 def export_keys() -> list[str]:
@@ -91,8 +118,8 @@ def _export_config(path: Path, preset: str | None, sets: list[str] | tuple[str, 
     from mst_ds.config import parse_set
 
     meta = safetensors_model_meta(path) or {}
-    stored: dict[str, Any] = dict(meta.get("eval_settings") or {})
-    if not stored and "architecture" in meta:  # an export of an older version: the network only
+    stored: dict[str, Any] = dict(meta.get("eval_settings", {}))
+    if not stored and meta.get("architecture"):  # an export of an older version: the network only
         stored = {"model.arch": meta["architecture"],
                   "model.timm_kwargs": {k: v for k, v in meta.get("model_args", {}).items()
                                         if k not in ("num_classes", "dynamic_img_size")}}
@@ -136,7 +163,7 @@ def export_which(ckpt: str | None, which: str) -> str:
     """The network an export holds (its metadata says; asking for the other one is an error)."""
     if is_random(ckpt) or Path(ckpt).suffix != ".safetensors":
         return which
-    stored = ((safetensors_model_meta(Path(ckpt)) or {}).get("source") or {}).get("which")
+    stored = (safetensors_model_meta(Path(ckpt)) or {}).get("source", {}).get("which")
     if stored is None:
         return which
     if which == "student" and stored != "student":
