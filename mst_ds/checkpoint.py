@@ -537,7 +537,32 @@ def run_config(path: str | Path, sets: list[str] | tuple[str, ...] = ()):
     return load_config(str(run_dir / "config.yaml"), sets).config
 
 
-def export_backbone(path: str | Path, out: str | Path, which: str = "teacher") -> dict[str, Any]:
+def _earlier_export(out: Path) -> bool:
+    """``out`` and ``out.json`` are an earlier ``mst-ds export``: the sidecar repeats the file's metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(out), framework="pt") as f:
+            stored = json.loads((f.metadata() or {})["mst_ds"])
+        return stored == json.loads(out.with_suffix(".json").read_text())
+    except Exception:  # unreadable, foreign, no metadata, no sidecar: not ours
+        return False
+
+
+def check_export_out(out: Path, force: bool) -> None:
+    """Refuse (one line) an ``--out`` that names a directory, or whose file or ``.json`` sidecar exists
+    and is not an earlier export (``--force`` replaces it)."""
+    sidecar = out.with_suffix(".json")
+    for p in (out, sidecar):
+        if p.is_dir():
+            raise UsageError(f"--out {out}: {p} is a directory")
+    existing = [p for p in (out, sidecar) if p.exists()]
+    if existing and not force and not _earlier_export(out):
+        raise UsageError(f"--out {out}: {existing[0]} exists and is not an earlier export (it would be "
+                         "overwritten); choose another name, or --force to replace it")
+
+
+def export_backbone(path: str | Path, out: str | Path, which: str = "teacher", *, force: bool = False) -> dict[str, Any]:
     """Write the backbone as timm-keyed safetensors + ``OUT.json`` → the timm model config written.
 
     Load it with ``timm.create_model(cfg["architecture"], pretrained=True,
@@ -547,9 +572,11 @@ def export_backbone(path: str | Path, out: str | Path, which: str = "teacher") -
     """
     from safetensors.torch import save_file
 
-    from mst_ds.eval.features import export_settings
+    from mst_ds.eval.features import ExportMeta, export_settings
     from mst_ds.model.backbone import Backbone
 
+    out = Path(out)
+    check_export_out(out, force)
     ckpt_dir, tag = resolve(path)
     cfg = run_config(ckpt_dir)
     teacher, student = load_teacher_student(ckpt_dir / tag)
@@ -558,18 +585,21 @@ def export_backbone(path: str | Path, out: str | Path, which: str = "teacher") -
     prefix = "backbone."
     backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     tensors = {k: v.contiguous() for k, v in backbone.timm_state_dict().items()}
-    model_cfg = {
+    model_cfg = ExportMeta.model_validate({
         "architecture": cfg.model.arch,
         "model_args": {**cfg.model.timm_kwargs, "num_classes": 0, "dynamic_img_size": True},
         "source": {"checkpoint": str(ckpt_dir / tag), "which": which, "step": read_meta(ckpt_dir / tag)["step"],
                    "config_hash": cfg.hash()},
         "patch_size": backbone.patch_size,
         "eval_settings": export_settings(cfg),
-    }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"mst_ds": json.dumps(model_cfg)})
-    out.with_suffix(".json").write_text(json.dumps(model_cfg, indent=1) + "\n")
+    }).model_dump(mode="json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_path(out) as tmp:
+            save_file(tensors, str(tmp), metadata={"mst_ds": json.dumps(model_cfg)})
+        _atomic_write(out.with_suffix(".json"), json.dumps(model_cfg, indent=1) + "\n")
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot write ({err.strerror or err})") from None
     return model_cfg
 
 
@@ -577,7 +607,7 @@ def run(args) -> int:
     """``mst-ds export CKPT --out FILE.safetensors [--which teacher|student]``."""
     if not str(args.out).endswith(".safetensors"):
         raise UsageError(f"--out {args.out}: expected a .safetensors file name")
-    model_cfg = export_backbone(args.ckpt, args.out, args.which)
+    model_cfg = export_backbone(args.ckpt, args.out, args.which, force=args.force)
     args_txt = ", ".join(f"{k}={v!r}" for k, v in model_cfg["model_args"].items())
     print(f"wrote {args.out} ({args.which}, step {model_cfg['source']['step']}); load with\n"
           f"  timm.create_model({model_cfg['architecture']!r}, pretrained=True, "
