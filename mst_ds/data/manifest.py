@@ -228,7 +228,7 @@ def manifests_in(directory: str | Path) -> dict[str, Path]:
         try:
             data = json.loads(path.read_text())
             split = data["split"] if isinstance(data, dict) and isinstance(data.get("shards"), list) else None
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, RecursionError):  # a deeply nested file: not a manifest
             continue
         if isinstance(split, str) and split not in found:
             found[split] = path
@@ -362,6 +362,8 @@ def _load_index(source: str, *, split: str | None = None, check_names: bool = Tr
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ManifestError(f"{source}: manifest is not valid JSON ({err})") from None
+    except RecursionError:
+        raise ManifestError(f"{source}: not a shard manifest (nested deeper than Python's JSON reader goes)") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{source}: not a shard manifest")
     return Manifest.from_dict(data, root, check_names=check_names, index_name=index_name)

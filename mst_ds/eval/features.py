@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 from torch import Tensor
 
-from mst_ds import atomic
+from mst_ds import atomic, job
 from mst_ds import checkpoint as ckpt_mod
 from mst_ds.config import MSTConfig, RunFailure, UsageError, format_validation_error, load_config
 from mst_ds.data.manifest import Manifest, is_shard_dir
@@ -38,6 +38,7 @@ from mst_ds.model.backbone import Backbone, BackboneOutput
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 RANDOM = "random"
 GATHER_ROWS = 65536  # rows per all_gather round: bounds the extra memory of the exchange
+OUT_LOCK = ".mst-ds-eval.lock"  # in --out while an evaluation writes there
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,7 +520,9 @@ class EvalContext:
 
     def __init__(self, cfg: MSTConfig, *, ckpt: str | None, which: str, out_dir: Path, dist_info: Dist,
                  batch_size: int, num_workers: int, cache: bool, preset: str,
-                 unknown_classes: str = "error", sources: dict[str, str] | None = None) -> None:
+                 unknown_classes: str = "error", sources: dict[str, str] | None = None,
+                 lock: job.FileLock | None = None) -> None:
+        self.lock = lock
         self.cfg, self.ckpt, self.which = cfg, ckpt, which
         # {"train": bank / probe-training data, "val": query data}: results record what they are
         self.data = {name: data_identity(src) for name, src in (sources or {}).items()}
@@ -544,14 +547,25 @@ class EvalContext:
                 open_manifest(source)  # every listed shard present, before any rank starts
         dist_info = init_dist()
         out = Path(args.out) if args.out else default_out_dir(ckpt, preset)
+        lock = None
         if dist_info.is_main:
             out.mkdir(parents=True, exist_ok=True)
+            # Two evaluations into one folder would overwrite each other's result: the second is refused.
+            lock = job.FileLock(out / OUT_LOCK, f"--out {out}: in use by another evaluation ({{holder}}); wait for "
+                                "it to end or use another --out", UsageError).acquire()
         return cls(cfg, ckpt=ckpt, which=which, out_dir=out, dist_info=dist_info,
                    batch_size=args.batch_size or 128,
                    num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
                    cache=not getattr(args, "no_cache", False), preset=preset,
                    unknown_classes=getattr(args, "unknown_classes", "error"),
-                   sources={"train": args.train, "val": args.val})
+                   sources={"train": args.train, "val": args.val}, lock=lock)
+
+    def __enter__(self) -> EvalContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def is_main(self) -> bool:
@@ -590,9 +604,15 @@ class EvalContext:
         loader, classes = open_eval_data(source, transform=transform, batch_size=self.batch_size,
                                          num_workers=self.num_workers, rank=self.dist.rank,
                                          world_size=self.dist.world_size)
-        feats, labels = extract_features(backbone, loader, n_last_blocks=spec.n_last_blocks, avgpool=spec.avgpool,
-                                         device=self.dist.device, dist_info=self.dist,
-                                         description=f"{split} features")
+        feats, labels, keys = extract_features(backbone, loader, n_last_blocks=spec.n_last_blocks,
+                                               avgpool=spec.avgpool, device=self.dist.device, dist_info=self.dist,
+                                               description=f"{split} features", return_keys=True)
+        # Sorted by key: a repeated sample (a shard listed twice, a key written twice) would be
+        # counted twice in the bank or the score; `mst-shards verify` reports it as damage.
+        repeated = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
+        if repeated is not None:
+            raise UsageError(f"{source}: sample key {repeated} occurs {keys.count(repeated)} times (a shard listed "
+                             "twice or a duplicated sample; `mst-shards verify` lists them)")
         corrupt = self._corrupt_total(loader.corrupt, source)
         if labels.numel() == 0:
             raise UsageError(f"{source}: no readable images")
