@@ -361,13 +361,16 @@ def compare(values: dict[int, float], ref: dict[int, float]) -> dict[str, Any]:
     return {"diff": diff, "se": clean(se), "p": clean(p), "test": test}
 
 
-def table(study: Study, runs: list[Run]) -> dict[str, Any]:
-    """The study's numbers, aggregated with ``mst-ds report``'s code from each run's result files."""
+def table(study: Study, runs: list[Run], failed: dict[str, str] | None = None) -> dict[str, Any]:
+    """The study's numbers, aggregated with ``mst-ds report``'s code from each run's result files;
+    ``failed`` runs (name → why) are left out of the numbers and listed per row."""
     from mst_ds.eval.report import aggregate, read_jsonl, run_metrics
 
+    failed = failed or {}
     rows: dict[str, Any] = {}
     for row in study.rows:
-        mine = [r for r in runs if r.row == row]
+        mine = [r for r in runs if r.row == row and r.name not in failed]
+        lost = {str(r.seed): failed[r.name] for r in runs if r.row == row and r.name in failed}
         per_run = {str(r.seed): run_metrics(r.run_dir) for r in mine}
         agg = aggregate(per_run)
         done = [json.loads((r.run_dir / DONE).read_text()) for r in mine]
@@ -381,9 +384,11 @@ def table(study: Study, runs: list[Run]) -> dict[str, Any]:
                     last[str(r.seed)] = float(recs[-1][key])
             if last:
                 health[key] = aggregate({s: {key: v} for s, v in last.items()})[key]
-        rows[row] = {"metrics": agg, "steps": max(d["steps"] for d in done), "wall_s": [d["wall_s"] for d in done],
-                     "health": health, "runs": [str(r.run_dir) for r in mine]}
-    headline = _headline(rows[study.reference]["metrics"])
+        rows[row] = {"metrics": agg, "steps": max((d["steps"] for d in done), default=None),
+                     "wall_s": [d["wall_s"] for d in done], "health": health, "runs": [str(r.run_dir) for r in mine],
+                     "n": len(mine), "failed": lost}
+    # The reference row's k-NN metric; another row's if every reference run failed.
+    headline = next((h for h in (_headline(rows[r]["metrics"]) for r in [study.reference, *rows]) if h), None)
     linear = "linear_cls_top1"
     for row, entry in rows.items():
         for metric in (headline, linear):
@@ -415,21 +420,24 @@ def markdown(result: dict[str, Any]) -> str:
              + (f", base {spec['base']}" if spec["base"] else "") + ")", "",
              f"k-NN: `{headline}` (top-1 %, mean ± standard error over seeds); reference row: `{spec['reference']}`; "
              "Δ = row − reference ± its standard error, p from a t-test (paired by seed where the seeds match, "
-             "else Welch).", ""]
-    cols = ["row", "k-NN top-1", "Δ k-NN", "p"] + (["linear top-1", "Δ linear"] if has_linear else []) \
+             "else Welch); n = runs in the numbers, failed runs named and left out.", ""]
+    cols = ["row", "n", "k-NN top-1", "Δ k-NN", "p"] + (["linear top-1", "Δ linear"] if has_linear else []) \
         + ["steps", "wall s / run"] + health_keys
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row, r in result["rows"].items():
         vs = r.get("vs_reference", {})
         d = vs.get(headline)
-        cells = [f"`{row}`", _pm(r["metrics"].get(headline)),
+        n = f"{r['n']} of {r['n'] + len(r['failed'])}" + (
+            f" (failed: seed {', '.join(r['failed'])})" if r["failed"] else "")
+        cells = [f"`{row}`", n, _pm(r["metrics"].get(headline)),
                  "ref" if row == spec["reference"] else _delta(d),
                  "" if d is None or d["p"] is None else f"{d['p']:.3f}"]
         if has_linear:
             dl = vs.get("linear_cls_top1")
             cells += [_pm(r["metrics"].get("linear_cls_top1")),
                       "ref" if row == spec["reference"] else _delta(dl)]
-        cells += [str(r["steps"]), f"{sum(r['wall_s']) / len(r['wall_s']):.0f}"]
+        cells += ["—" if r["steps"] is None else str(r["steps"]),
+                  f"{sum(r['wall_s']) / len(r['wall_s']):.0f}" if r["wall_s"] else "—"]
         cells += [_pm(r["health"].get(k), 3) for k in health_keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -442,7 +450,9 @@ def figure(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     headline = result["headline"]
-    names = list(result["rows"])
+    names = [n for n in result["rows"] if headline in result["rows"][n]["metrics"]]
+    if not names:
+        return
     means = [result["rows"][n]["metrics"][headline]["mean"] for n in names]
     ses = [result["rows"][n]["metrics"][headline]["se"] or 0.0 for n in names]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.8))
@@ -459,8 +469,8 @@ def figure(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_table(study: Study, runs: list[Run]) -> dict[str, Any]:
-    result = table(study, runs)
+def write_table(study: Study, runs: list[Run], failed: dict[str, str] | None = None) -> dict[str, Any]:
+    result = table(study, runs, failed)
     atomic.write_json(study.out / "table.json", result)
     atomic.write_text(study.out / "table.md", markdown(result))
     figure(result, study.out / "table.png")
@@ -494,13 +504,21 @@ def run(args) -> int:
     atomic.write_json(study.out / SPEC, study.spec())
     study.write_recipes()
     print(f"study: {len(study.rows)} rows × {len(study.seeds)} seeds = {len(runs)} runs → {study.out}", flush=True)
+    failed: dict[str, str] = {}  # run name → why; the other runs go on
     for i, r in enumerate(runs, 1):
         index = f"[{i}/{len(runs)}]"
-        train_run(study, r, index)
-        evaluate_run(study, r, index, data)
-    write_table(study, runs)
+        try:
+            train_run(study, r, index)
+            evaluate_run(study, r, index, data)
+        except RunFailure as err:
+            failed[r.name] = str(err)
+            print(f"{index} {r.name}: FAILED ({err}); going on with the other runs", file=sys.stderr, flush=True)
+    write_table(study, runs, failed)
     print((study.out / "table.md").read_text(), end="")
     print(f"wrote {study.out / 'table.md'}, {study.out / 'table.json'}, {study.out / 'table.png'}")
+    if failed:
+        raise RunFailure(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); the table leaves them out "
+                         "(n per row); rerun the same command to retry them")
     return 0
 
 

@@ -188,3 +188,29 @@ def test_a_rerun_on_other_data_redoes_evaluations_or_is_refused(digits_splits, d
         assert (out / "recipes" / "dino_deit_s_100ep.yaml").read_bytes() == recipe
         assert not (out / "recipes" / "ablation_typo.yaml").exists()
 
+
+@pytest.mark.slow
+def test_a_failed_run_is_recorded_and_skipped_and_the_exit_code_says_so(digits_splits, deepspeed_cpu, tmp_path):
+    """Issue 20 (12): one run that cannot train (its run directory held by another job) does not stop the
+    others; the table has n per row and names the failed run; the exit code is 1."""
+    from mst_ds import job
+
+    train, val = digits_splits
+    out = tmp_path / "study"
+    holder = job.RunLock(out / "runs" / "dino_deit_s_100ep_seed0").acquire()
+    (out / st.SPEC).write_text("{}")  # a study folder (the lock file alone would make it a foreign one)
+    try:
+        res = _run(_study_cmd(out, train, val, rows="mst_vs_dino"))
+    finally:
+        holder.release()
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("mst-ds: error: 1 of 2 runs failed (dino_deit_s_100ep_seed0)"), res.stderr
+    assert "mst_deit_s_100ep_seed0: trained 4 steps" in res.stdout  # the next run went on
+    table = json.loads((out / "table.json").read_text())
+    dino, mst = table["rows"]["dino_deit_s_100ep"], table["rows"]["mst_deit_s_100ep"]
+    assert (dino["n"], list(dino["failed"]), dino["metrics"]) == (0, ["0"], {})
+    assert "in use by another job" in dino["failed"]["0"] or "training failed" in dino["failed"]["0"]
+    assert mst["n"] == 1 and mst["failed"] == {} and table["headline"] in mst["metrics"]
+    md = (out / "table.md").read_text()
+    assert "| `dino_deit_s_100ep` | 0 of 1 (failed: seed 0) |" in md and "| `mst_deit_s_100ep` | 1 of 1 |" in md
