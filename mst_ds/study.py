@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from mst_ds import atomic
+from mst_ds import atomic, job
 from mst_ds.config import ConfigError, MSTConfig, RunFailure, UsageError, _flatten, _recipe_chain, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,6 +287,7 @@ def train_run(study: Study, run: Run, index: str) -> None:
     cmd = ["bash", str(REPO / "launch.sh"), *study.launcher, "--preset", run.preset]
     for s in run.sets:
         cmd += ["--set", s]
+    cmd = job.tied_command(cmd)  # launch.sh dies with the study (kill -9 included), and its ranks with it
     env = {**study.env, "PATH": f"{Path(sys.executable).parent}:{study.env.get('PATH', '')}"}
     log = study.out / "logs" / f"{run.name}.train.log"
     t0 = time.time()

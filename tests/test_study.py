@@ -189,6 +189,50 @@ def test_a_rerun_on_other_data_redoes_evaluations_or_is_refused(digits_splits, d
         assert not (out / "recipes" / "ablation_typo.yaml").exists()
 
 
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_study_takes_its_training_down(digits_splits, deepspeed_cpu, tmp_path):
+    """Issue 20 (11): the launches of a SIGKILLed study die with it (launch.sh, the DeepSpeed launcher,
+    the ranks), as ranks die with launch.sh; nothing trains on unattended, holding the run's lock."""
+    import signal
+    import time
+
+    train, val = digits_splits
+    out = tmp_path / "study"
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    study = subprocess.Popen(_study_cmd(out, train, val, steps=400), cwd=ROOT, env={**base, "DS_ACCELERATOR": "cpu"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not [p for p in _processes_naming(str(out)) if p != study.pid and
+                   "--local_rank" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]:
+            assert time.monotonic() < deadline and study.poll() is None, "no rank started"
+            time.sleep(0.5)
+        time.sleep(2)
+        study.kill()
+        study.wait()
+        deadline = time.monotonic() + 30
+        while _processes_naming(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _processes_naming(str(out)) == []
+    finally:
+        for pid in _processes_naming(str(out)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
 @pytest.mark.slow
 def test_a_failed_run_is_recorded_and_skipped_and_the_exit_code_says_so(digits_splits, deepspeed_cpu, tmp_path):
     """Issue 20 (12): one run that cannot train (its run directory held by another job) does not stop the
