@@ -556,6 +556,10 @@ def check_export_out(out: Path, force: bool) -> None:
     for p in (out, sidecar):
         if p.is_dir():
             raise UsageError(f"--out {out}: {p} is a directory")
+    place = next(p for p in out.absolute().parents if p.exists())  # the folder that holds or will hold it
+    if not place.is_dir() or not os.access(place, os.W_OK | os.X_OK):
+        why = "not a directory" if not place.is_dir() else "permission denied"
+        raise UsageError(f"--out {out}: cannot write ({place}: {why})")
     existing = [p for p in (out, sidecar) if p.exists()]
     if existing and not force and not _earlier_export(out):
         raise UsageError(f"--out {out}: {existing[0]} exists and is not an earlier export (it would be "

@@ -55,6 +55,7 @@ def test_export_never_overwrites_a_file_it_did_not_write(trained_run, tmp_path, 
     other = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(1)}, str(other))  # someone else's weights
     before = other.read_bytes()
+    capsys.readouterr()
     assert main(["export", str(trained_run), "--out", str(other)]) == 2
     assert "other.safetensors" in _one_line(capsys)
     assert other.read_bytes() == before
