@@ -159,7 +159,14 @@ def die_with_launcher(poll_s: float = 1.0) -> None:
     if not sys.platform.startswith("linux"):
         return
     _kill_me_with_parent()
-    watched = {pid: _start_time(pid) for pid in launcher_chain()}
+    top = int(os.environ.get(LAUNCHER_ENV, "0") or 0)
+    chain = launcher_chain()
+    if top and top not in chain and _start_time(top) is None:
+        # launch.sh died while this rank was starting (before it could watch it): it is an orphan already.
+        print(f"mst-ds: error: the launcher (pid {top}) is gone; stopping this rank (pid {os.getpid()})",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    watched = {pid: _start_time(pid) for pid in chain}
 
     def watch() -> None:
         while True:
