@@ -9,6 +9,11 @@ Layout::
                                         resolved config, training-data identity, every file's size)
     RUN/checkpoints/latest              tag of the newest complete checkpoint (atomic rename)
 
+``latest`` names the newest step of the trajectory the run is on. Pointing it back at an older complete
+tag is a rollback: the run resumes there and moves the newer tags aside as ``TAG.superseded`` (kept,
+never deleted); a tag of the step being saved that still exists is moved aside the same way, so ``latest``
+always advances with the run.
+
 A checkpoint is complete before ``latest`` points to it: DeepSpeed's own ``latest`` is disabled
 (``save_latest=False``, it is written in place, not atomically) and ``complete.json`` + ``latest`` are
 written by rank 0 after a barrier. A kill at any moment leaves ``latest`` on a complete checkpoint.
@@ -145,7 +150,10 @@ def damage(tag_dir: Path) -> str | None:
 
     Raises UnsafeCheckpoint for a file that unpickles only with code execution (an error, not damage:
     it is never loaded, and never silently skipped either)."""
-    for rel, size in read_meta(tag_dir).get("files", {}).items():
+    why = marker_problem(tag_dir)
+    if why is not None:
+        return why
+    for rel, size in read_meta(tag_dir)["files"].items():
         f = tag_dir / rel
         if not f.is_file():
             return f"{rel} is missing"
@@ -166,42 +174,87 @@ def damage(tag_dir: Path) -> str | None:
 # Finding checkpoints
 # --------------------------------------------------------------------------------------------------
 def is_complete(tag_dir: Path) -> bool:
+    """The tag carries a marker (which may still be malformed: see :func:`marker_problem`)."""
     return (tag_dir / COMPLETE).is_file()
 
 
+def step_of(tag: str) -> int:
+    """The step a tag name says (``step00000120`` → 120): the order of tags, whatever a marker claims."""
+    return int(tag[4:12])
+
+
+# What every reader of a marker relies on, and its type (bool is not an int here).
+_META_TYPES: dict[str, type | tuple[type, ...]] = {"step": int, "samples": int, "world_size": int,
+                                                   "zero_stage": int, "config_hash": str, "files": dict}
+
+
+def marker_problem(tag_dir: Path) -> str | None:
+    """Why ``complete.json`` of a tag cannot be trusted (not JSON, not an object, a key missing or of
+    the wrong type, a step other than the tag's), else None. Such a tag is damaged, like a torn file."""
+    try:
+        meta = json.loads((tag_dir / COMPLETE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return f"{COMPLETE} cannot be read ({type(err).__name__})"
+    if not isinstance(meta, dict):
+        return f"{COMPLETE} is not a JSON object"
+    for key, kind in _META_TYPES.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            return f"{COMPLETE} has no valid {key!r}"
+    if not all(isinstance(k, str) and isinstance(v, int) for k, v in meta["files"].items()):
+        return f"{COMPLETE} has no valid 'files'"
+    if TAG_RE.fullmatch(tag_dir.name) and meta["step"] != step_of(tag_dir.name):
+        return f"{COMPLETE} says step {meta['step']}, the tag is step {step_of(tag_dir.name)}"
+    return None
+
+
 def read_meta(tag_dir: Path) -> dict[str, Any]:
+    """The marker of a tag that passed :func:`marker_problem` (a malformed one: UsageError, one line)."""
+    why = marker_problem(tag_dir)
+    if why is not None:
+        raise UsageError(f"{tag_dir}: damaged checkpoint ({why})")
     return json.loads((tag_dir / COMPLETE).read_text())
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Complete checkpoint tags this module wrote, oldest first (by step)."""
+    """Tags this module wrote that carry a marker, oldest first (by the step in the name)."""
     if not ckpt_dir.is_dir():
         return []
     tags = [p.name for p in ckpt_dir.iterdir()
             if p.is_dir() and TAG_RE.fullmatch(p.name) and not p.name.endswith(UNIVERSAL_SUFFIX) and is_complete(p)]
-    return sorted(tags, key=lambda t: read_meta(ckpt_dir / t)["step"])
+    return sorted(tags, key=step_of)
+
+
+def _latest_named(ckpt_dir: Path) -> str | None:
+    """The tag ``latest`` names, if that tag carries a marker."""
+    latest = ckpt_dir / LATEST
+    if latest.is_file():
+        tag = latest.read_text(errors="replace").strip()
+        if TAG_RE.fullmatch(tag) and not tag.endswith(UNIVERSAL_SUFFIX) and is_complete(ckpt_dir / tag):
+            return tag
+    return None
+
+
+def _trajectory(ckpt_dir: Path) -> list[str]:
+    """Marked tags of the trajectory the run is on, newest first: from the one ``latest`` names down
+    (a ``latest`` pointed back at an older tag is a rollback: the newer tags are not on it), or from
+    the newest marked tag when ``latest`` names none."""
+    tags = complete_tags(ckpt_dir)
+    top = _latest_named(ckpt_dir)
+    if top is not None:
+        tags = [t for t in tags if step_of(t) <= step_of(top)]
+    return tags[::-1]
 
 
 def newest_complete(ckpt_dir: Path) -> str | None:
-    """The tag ``latest`` names if that checkpoint is complete, else the newest complete one."""
-    latest = ckpt_dir / LATEST
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if tag and TAG_RE.fullmatch(tag) and is_complete(ckpt_dir / tag):
-            return tag
-    tags = complete_tags(ckpt_dir)
-    return tags[-1] if tags else None
+    """The newest tag of the run's trajectory (see :func:`_trajectory`) whose marker is sound."""
+    return next((t for t in _trajectory(ckpt_dir) if marker_problem(ckpt_dir / t) is None), None)
 
 
 def newest_intact(ckpt_dir: Path) -> tuple[str | None, list[tuple[str, str]]]:
-    """(newest complete tag whose files check out, [(newer damaged tag, why)...]), newest first."""
-    newest = newest_complete(ckpt_dir)
-    tags = [t for t in reversed(complete_tags(ckpt_dir))]
-    if newest in tags:  # `latest` first, then the rest newest first
-        tags.remove(newest)
-        tags.insert(0, newest)
+    """(newest tag of the trajectory whose marker and files check out, [(newer damaged tag, why)...]),
+    newest first."""
     damaged: list[tuple[str, str]] = []
-    for tag in tags:
+    for tag in _trajectory(ckpt_dir):
         why = damage(ckpt_dir / tag)
         if why is None:
             return tag, damaged
@@ -209,12 +262,21 @@ def newest_intact(ckpt_dir: Path) -> tuple[str | None, list[tuple[str, str]]]:
     return None, damaged
 
 
-def set_aside(ckpt_dir: Path, tag: str) -> str:
-    """Rename a damaged tag to ``TAG.damaged[-N]`` (kept for inspection, never deleted) → new name."""
-    n, name = 0, f"{tag}.damaged"
+def newer_than(ckpt_dir: Path, tag: str) -> list[str]:
+    """Marked tags (universal twins included) of steps after ``tag``'s; a killed save's unmarked leftover
+    is not one (the save of its step removes it)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir()
+                  if p.is_dir() and TAG_RE.fullmatch(p.name) and step_of(p.name) > step_of(tag) and is_complete(p))
+
+
+def set_aside(ckpt_dir: Path, tag: str, why: str = "damaged") -> str:
+    """Rename a tag to ``TAG.WHY[-N]`` (kept for inspection, never deleted) → new name."""
+    n, name = 0, f"{tag}.{why}"
     while (ckpt_dir / name).exists():
         n += 1
-        name = f"{tag}.damaged-{n}"
+        name = f"{tag}.{why}-{n}"
     os.replace(ckpt_dir / tag, ckpt_dir / name)
     return name
 
@@ -280,9 +342,12 @@ def save(engine, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], met
     """
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
-    if is_complete(tag_dir):
-        return tag  # never rewrite (and so never endanger) a complete checkpoint
-    if rank == 0 and tag_dir.exists():
+    if rank == 0 and is_complete(tag_dir):
+        # A tag of this step from another trajectory (a rollback's newer tags are moved aside when
+        # the run resumes; this catches any other): kept aside, never rewritten, and `latest` names
+        # the step this run is saving.
+        set_aside(ckpt_dir, tag, "superseded")
+    elif rank == 0 and tag_dir.exists():
         remove_leftover(tag_dir)  # a leftover of a save that was killed half-way
     _barrier()
     error = None
@@ -351,11 +416,11 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (and their universal twins), and
     leftovers of killed saves. Only directories this module wrote: a tag name with its marker, or a tag
     name holding nothing but checkpoint files (the run lock rules out a save in progress elsewhere)."""
-    keep = set(complete_tags(ckpt_dir)[-keep_last:])
+    keep = set([t for t in complete_tags(ckpt_dir) if marker_problem(ckpt_dir / t) is None][-keep_last:])
     for p in ckpt_dir.iterdir():
         if not (p.is_dir() and TAG_RE.fullmatch(p.name)) or p.name.removesuffix(UNIVERSAL_SUFFIX) in keep:
             continue
-        if is_complete(p) or _looks_ours(p):
+        if (is_complete(p) and marker_problem(p) is None) or _looks_ours(p):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -472,7 +537,36 @@ def run_config(path: str | Path, sets: list[str] | tuple[str, ...] = ()):
     return load_config(str(run_dir / "config.yaml"), sets).config
 
 
-def export_backbone(path: str | Path, out: str | Path, which: str = "teacher") -> dict[str, Any]:
+def _earlier_export(out: Path) -> bool:
+    """``out`` and ``out.json`` are an earlier ``mst-ds export``: the sidecar repeats the file's metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(out), framework="pt") as f:
+            stored = json.loads((f.metadata() or {})["mst_ds"])
+        return stored == json.loads(out.with_suffix(".json").read_text())
+    except Exception:  # unreadable, foreign, no metadata, no sidecar: not ours
+        return False
+
+
+def check_export_out(out: Path, force: bool) -> None:
+    """Refuse (one line) an ``--out`` that names a directory, or whose file or ``.json`` sidecar exists
+    and is not an earlier export (``--force`` replaces it)."""
+    sidecar = out.with_suffix(".json")
+    for p in (out, sidecar):
+        if p.is_dir():
+            raise UsageError(f"--out {out}: {p} is a directory")
+    place = next(p for p in out.absolute().parents if p.exists())  # the folder that holds or will hold it
+    if not place.is_dir() or not os.access(place, os.W_OK | os.X_OK):
+        why = "not a directory" if not place.is_dir() else "permission denied"
+        raise UsageError(f"--out {out}: cannot write ({place}: {why})")
+    existing = [p for p in (out, sidecar) if p.exists()]
+    if existing and not force and not _earlier_export(out):
+        raise UsageError(f"--out {out}: {existing[0]} exists and is not an earlier export (it would be "
+                         "overwritten); choose another name, or --force to replace it")
+
+
+def export_backbone(path: str | Path, out: str | Path, which: str = "teacher", *, force: bool = False) -> dict[str, Any]:
     """Write the backbone as timm-keyed safetensors + ``OUT.json`` → the timm model config written.
 
     Load it with ``timm.create_model(cfg["architecture"], pretrained=True,
@@ -482,9 +576,11 @@ def export_backbone(path: str | Path, out: str | Path, which: str = "teacher") -
     """
     from safetensors.torch import save_file
 
-    from mst_ds.eval.features import export_settings
+    from mst_ds.eval.features import ExportMeta, export_settings
     from mst_ds.model.backbone import Backbone
 
+    out = Path(out)
+    check_export_out(out, force)
     ckpt_dir, tag = resolve(path)
     cfg = run_config(ckpt_dir)
     teacher, student = load_teacher_student(ckpt_dir / tag)
@@ -493,18 +589,21 @@ def export_backbone(path: str | Path, out: str | Path, which: str = "teacher") -
     prefix = "backbone."
     backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     tensors = {k: v.contiguous() for k, v in backbone.timm_state_dict().items()}
-    model_cfg = {
+    model_cfg = ExportMeta.model_validate({
         "architecture": cfg.model.arch,
         "model_args": {**cfg.model.timm_kwargs, "num_classes": 0, "dynamic_img_size": True},
         "source": {"checkpoint": str(ckpt_dir / tag), "which": which, "step": read_meta(ckpt_dir / tag)["step"],
                    "config_hash": cfg.hash()},
         "patch_size": backbone.patch_size,
         "eval_settings": export_settings(cfg),
-    }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"mst_ds": json.dumps(model_cfg)})
-    out.with_suffix(".json").write_text(json.dumps(model_cfg, indent=1) + "\n")
+    }).model_dump(mode="json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_path(out) as tmp:
+            save_file(tensors, str(tmp), metadata={"mst_ds": json.dumps(model_cfg)})
+        _atomic_write(out.with_suffix(".json"), json.dumps(model_cfg, indent=1) + "\n")
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot write ({err.strerror or err})") from None
     return model_cfg
 
 
@@ -512,7 +611,7 @@ def run(args) -> int:
     """``mst-ds export CKPT --out FILE.safetensors [--which teacher|student]``."""
     if not str(args.out).endswith(".safetensors"):
         raise UsageError(f"--out {args.out}: expected a .safetensors file name")
-    model_cfg = export_backbone(args.ckpt, args.out, args.which)
+    model_cfg = export_backbone(args.ckpt, args.out, args.which, force=args.force)
     args_txt = ", ".join(f"{k}={v!r}" for k, v in model_cfg["model_args"].items())
     print(f"wrote {args.out} ({args.which}, step {model_cfg['source']['step']}); load with\n"
           f"  timm.create_model({model_cfg['architecture']!r}, pretrained=True, "

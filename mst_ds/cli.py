@@ -117,7 +117,8 @@ def _train(p):
 @command("export", "mst_ds.checkpoint", "export a checkpoint's backbone as timm safetensors")
 def _export(p):
     p.add_argument("ckpt", help="checkpoint tag directory or run directory (newest complete checkpoint)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True, help="output .safetensors file (and its .json sidecar)")
+    p.add_argument("--force", action="store_true", help="replace --out and its .json even if they are not an earlier export")
     _add_which(p)
 
 

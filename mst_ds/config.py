@@ -394,7 +394,7 @@ class LoadedConfig:
     sources: dict[str, str]  # dotted key → "default" | "preset:NAME" | "file:PATH" | "--set"
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
     e = err.errors()[0]
     loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
     msg = e["msg"]
@@ -411,7 +411,7 @@ def build_config(raw: Mapping[str, Any]) -> MSTConfig:
     try:
         return MSTConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+        raise ConfigError(format_validation_error(err)) from None
 
 
 def load_config(preset: str = "mst_deit_s_100ep", sets: Iterable[str] = (), overrides: Mapping[str, Any] | None = None) -> LoadedConfig:

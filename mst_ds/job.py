@@ -11,6 +11,9 @@
   process named by ``MST_DS_LAUNCHER_PID`` (set by launch.sh) is gone: the DeepSpeed runner and its
   per-node ``launch.py`` are separate processes, and a SIGKILL of the runner or launch.sh leaves
   ``launch.py`` — the ranks' parent — alive.
+* **A study's launches die with the study.** ``mst-ds study`` starts each launch.sh through
+  :func:`tied_command` (``python -m mst_ds.job tied``: parent-death signal, then exec), so a ``kill -9``
+  of the study kills launch.sh, whose ranks then stop through the watchdog above.
 * **DeepSpeed's CPU comm op** is JIT-built into ``~/.cache/torch_extensions`` on first use;
   :func:`build_comm_op` builds it once under a lock before any rank starts (launch.sh's check step).
 """
@@ -134,15 +137,36 @@ def launcher_chain() -> list[int]:
     return chain if not top or top in chain else chain[:1]
 
 
-def die_with_launcher(poll_s: float = 1.0) -> None:
-    """SIGKILL this process when its launcher dies (Linux; a no-op elsewhere)."""
+def _kill_me_with_parent() -> None:
+    """Ask the kernel for SIGKILL when the parent dies (Linux; kept across exec; a no-op elsewhere)."""
     if not sys.platform.startswith("linux"):
         return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-    watched = {pid: _start_time(pid) for pid in launcher_chain()}
+
+
+def tied_command(argv: list[str]) -> list[str]:
+    """``argv`` run so that it dies (SIGKILL) with this process: a study's launches are killed with it
+    (``kill -9`` included), as ranks die with launch.sh. Through :func:`main`'s ``tied``, which sets the
+    parent-death signal and then execs ``argv`` — no code runs in the child between fork and exec."""
+    return [sys.executable, "-m", "mst_ds.job", "tied", str(os.getpid()), "--", *argv]
+
+
+def die_with_launcher(poll_s: float = 1.0) -> None:
+    """SIGKILL this process when its launcher dies (Linux; a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    _kill_me_with_parent()
+    top = int(os.environ.get(LAUNCHER_ENV, "0") or 0)
+    chain = launcher_chain()
+    if top and top not in chain and _start_time(top) is None:
+        # launch.sh died while this rank was starting (before it could watch it): it is an orphan already.
+        print(f"mst-ds: error: the launcher (pid {top}) is gone; stopping this rank (pid {os.getpid()})",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    watched = {pid: _start_time(pid) for pid in chain}
 
     def watch() -> None:
         while True:
@@ -175,3 +199,20 @@ def build_comm_op() -> None:
     with open(Path(root) / ".mst_ds_build.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         builder.load(verbose=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mst_ds.job tied PARENT_PID -- COMMAND...`` (for :func:`tied_command`, not a user
+    command): exec COMMAND with SIGKILL as its parent-death signal, unless PARENT_PID is already gone."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 4 or argv[0] != "tied" or argv[2] != "--" or not argv[1].isdigit():
+        print("usage: python -m mst_ds.job tied PARENT_PID -- COMMAND...", file=sys.stderr)
+        return 2
+    _kill_me_with_parent()
+    if os.getppid() != int(argv[1]):  # the parent died before the signal was asked for
+        return 1
+    os.execvp(argv[3], argv[3:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from mst_ds import atomic
+from mst_ds import atomic, job
 from mst_ds.config import ConfigError, MSTConfig, RunFailure, UsageError, _flatten, _recipe_chain, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -218,24 +218,53 @@ def _check_out_dir(out: Path) -> None:
         raise UsageError(f"--out {out}: not empty and not a study folder (no {SPEC}); choose a new folder")
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
 def _is_done(run: Run) -> bool:
     marker = run.run_dir / DONE
     if not marker.is_file():
         return False
-    done = json.loads(marker.read_text())
-    if done.get("config_hash") != run.config_hash:
-        raise UsageError(f"{run.run_dir}: finished with config {done.get('config_hash')}, this study asks for "
+    done = _read_json(marker)
+    if not isinstance(done, dict) or done.get("config_hash") != run.config_hash:
+        found = done.get("config_hash") if isinstance(done, dict) else "unreadable"
+        raise UsageError(f"{run.run_dir}: finished with config {found}, this study asks for "
                          f"{run.config_hash} (another --set/--steps/--base?); use a new --out")
     return True
 
 
-def _trained_steps(run: Run) -> int:
-    """Optimizer steps of the run's newest complete checkpoint (0 without one)."""
+def _newest_meta(run: Run) -> dict[str, Any] | None:
+    """The marker of the run's newest complete checkpoint, if any."""
     from mst_ds import checkpoint as ckpt
 
     ckpt_dir = run.run_dir / ckpt.CKPT_SUBDIR
     tag = ckpt.newest_complete(ckpt_dir) if ckpt_dir.is_dir() else None
-    return 0 if tag is None else int(ckpt.read_meta(ckpt_dir / tag)["samples"]) // run.global_batch
+    return None if tag is None else ckpt.read_meta(ckpt_dir / tag)
+
+
+def _trained_steps(run: Run) -> int:
+    """Optimizer steps of the run's newest complete checkpoint (0 without one)."""
+    meta = _newest_meta(run)
+    return 0 if meta is None else meta["samples"] // run.global_batch
+
+
+def accept(study: Study, runs: list[Run], train_id: dict[str, Any]) -> None:
+    """Refuse, in one line and before anything is written, a rerun into OUT whose runs cannot be
+    kept: a finished run with another config, or a run trained on other data than ``--train``
+    (compared by the manifest's fingerprint, as resume does: moved shards are the same data)."""
+    from mst_ds.data.manifest import fingerprint_difference
+
+    for run in runs:
+        _is_done(run)
+        meta = _newest_meta(run)
+        data = meta.get("data") if meta is not None else None
+        if isinstance(data, dict) and data.get("digest") != train_id["digest"]:
+            raise UsageError(f"--train {study.train}: {run.run_dir} was trained on other data "
+                             f"({fingerprint_difference(data, train_id)}); use a new --out")
 
 
 def _stream(cmd: list[str], log: Path, env: dict[str, str]) -> int:
@@ -260,6 +289,7 @@ def train_run(study: Study, run: Run, index: str) -> None:
     cmd = ["bash", str(REPO / "launch.sh"), *study.launcher, "--preset", run.preset]
     for s in run.sets:
         cmd += ["--set", s]
+    cmd = job.tied_command(cmd)  # launch.sh dies with the study (kill -9 included), and its ranks with it
     env = {**study.env, "PATH": f"{Path(sys.executable).parent}:{study.env.get('PATH', '')}"}
     log = study.out / "logs" / f"{run.name}.train.log"
     t0 = time.time()
@@ -278,7 +308,10 @@ def train_run(study: Study, run: Run, index: str) -> None:
     print(f"{index} {run.name}: trained {steps} steps in {wall:.0f} s", flush=True)
 
 
-def evaluate_run(study: Study, run: Run, index: str) -> None:
+def evaluate_run(study: Study, run: Run, index: str, data: dict[str, Any]) -> None:
+    """``mst-ds knn`` (and ``linear``) of a trained run; a result is kept only while the identity of
+    its bank and query (``data``: {"train", "val"} of :func:`mst_ds.eval.features.data_identity`) is
+    what it records."""
     from mst_ds.cli import main as mst_ds
 
     common = ["--ckpt", str(run.run_dir), "--train", study.train, "--val", study.val, "--out",
@@ -287,9 +320,11 @@ def evaluate_run(study: Study, run: Run, index: str) -> None:
     if study.linear:
         todo.append(("linear_cls.json", ["linear", "--probe", "cls", *common]))
     for result, argv in todo:
-        if (run.run_dir / "eval" / result).is_file():
+        kept = _read_json(run.run_dir / "eval" / result)
+        if isinstance(kept, dict) and kept.get("data") == data:
             continue
-        print(f"{index} {run.name}: mst-ds {argv[0]}", flush=True)
+        why = " (its bank or query was other data: redone)" if kept is not None else ""
+        print(f"{index} {run.name}: mst-ds {argv[0]}{why}", flush=True)
         rc = mst_ds(argv)
         if rc != 0:
             raise RunFailure(f"{run.name}: mst-ds {argv[0]} failed (exit {rc})")
@@ -329,13 +364,16 @@ def compare(values: dict[int, float], ref: dict[int, float]) -> dict[str, Any]:
     return {"diff": diff, "se": clean(se), "p": clean(p), "test": test}
 
 
-def table(study: Study, runs: list[Run]) -> dict[str, Any]:
-    """The study's numbers, aggregated with ``mst-ds report``'s code from each run's result files."""
+def table(study: Study, runs: list[Run], failed: dict[str, str] | None = None) -> dict[str, Any]:
+    """The study's numbers, aggregated with ``mst-ds report``'s code from each run's result files;
+    ``failed`` runs (name → why) are left out of the numbers and listed per row."""
     from mst_ds.eval.report import aggregate, read_jsonl, run_metrics
 
+    failed = failed or {}
     rows: dict[str, Any] = {}
     for row in study.rows:
-        mine = [r for r in runs if r.row == row]
+        mine = [r for r in runs if r.row == row and r.name not in failed]
+        lost = {str(r.seed): failed[r.name] for r in runs if r.row == row and r.name in failed}
         per_run = {str(r.seed): run_metrics(r.run_dir) for r in mine}
         agg = aggregate(per_run)
         done = [json.loads((r.run_dir / DONE).read_text()) for r in mine]
@@ -349,9 +387,11 @@ def table(study: Study, runs: list[Run]) -> dict[str, Any]:
                     last[str(r.seed)] = float(recs[-1][key])
             if last:
                 health[key] = aggregate({s: {key: v} for s, v in last.items()})[key]
-        rows[row] = {"metrics": agg, "steps": max(d["steps"] for d in done), "wall_s": [d["wall_s"] for d in done],
-                     "health": health, "runs": [str(r.run_dir) for r in mine]}
-    headline = _headline(rows[study.reference]["metrics"])
+        rows[row] = {"metrics": agg, "steps": max((d["steps"] for d in done), default=None),
+                     "wall_s": [d["wall_s"] for d in done], "health": health, "runs": [str(r.run_dir) for r in mine],
+                     "n": len(mine), "failed": lost}
+    # The reference row's k-NN metric; another row's if every reference run failed.
+    headline = next((h for h in (_headline(rows[r]["metrics"]) for r in [study.reference, *rows]) if h), None)
     linear = "linear_cls_top1"
     for row, entry in rows.items():
         for metric in (headline, linear):
@@ -383,21 +423,24 @@ def markdown(result: dict[str, Any]) -> str:
              + (f", base {spec['base']}" if spec["base"] else "") + ")", "",
              f"k-NN: `{headline}` (top-1 %, mean ± standard error over seeds); reference row: `{spec['reference']}`; "
              "Δ = row − reference ± its standard error, p from a t-test (paired by seed where the seeds match, "
-             "else Welch).", ""]
-    cols = ["row", "k-NN top-1", "Δ k-NN", "p"] + (["linear top-1", "Δ linear"] if has_linear else []) \
+             "else Welch); n = runs in the numbers, failed runs named and left out.", ""]
+    cols = ["row", "n", "k-NN top-1", "Δ k-NN", "p"] + (["linear top-1", "Δ linear"] if has_linear else []) \
         + ["steps", "wall s / run"] + health_keys
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row, r in result["rows"].items():
         vs = r.get("vs_reference", {})
         d = vs.get(headline)
-        cells = [f"`{row}`", _pm(r["metrics"].get(headline)),
+        n = f"{r['n']} of {r['n'] + len(r['failed'])}" + (
+            f" (failed: seed {', '.join(r['failed'])})" if r["failed"] else "")
+        cells = [f"`{row}`", n, _pm(r["metrics"].get(headline)),
                  "ref" if row == spec["reference"] else _delta(d),
                  "" if d is None or d["p"] is None else f"{d['p']:.3f}"]
         if has_linear:
             dl = vs.get("linear_cls_top1")
             cells += [_pm(r["metrics"].get("linear_cls_top1")),
                       "ref" if row == spec["reference"] else _delta(dl)]
-        cells += [str(r["steps"]), f"{sum(r['wall_s']) / len(r['wall_s']):.0f}"]
+        cells += ["—" if r["steps"] is None else str(r["steps"]),
+                  f"{sum(r['wall_s']) / len(r['wall_s']):.0f}" if r["wall_s"] else "—"]
         cells += [_pm(r["health"].get(k), 3) for k in health_keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -410,7 +453,9 @@ def figure(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     headline = result["headline"]
-    names = list(result["rows"])
+    names = [n for n in result["rows"] if headline in result["rows"][n]["metrics"]]
+    if not names:
+        return
     means = [result["rows"][n]["metrics"][headline]["mean"] for n in names]
     ses = [result["rows"][n]["metrics"][headline]["se"] or 0.0 for n in names]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.8))
@@ -427,8 +472,8 @@ def figure(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_table(study: Study, runs: list[Run]) -> dict[str, Any]:
-    result = table(study, runs)
+def write_table(study: Study, runs: list[Run], failed: dict[str, str] | None = None) -> dict[str, Any]:
+    result = table(study, runs, failed)
     atomic.write_json(study.out / "table.json", result)
     atomic.write_text(study.out / "table.md", markdown(result))
     figure(result, study.out / "table.png")
@@ -438,13 +483,16 @@ def write_table(study: Study, runs: list[Run]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Command
 # --------------------------------------------------------------------------------------------------
-def _check_data(*paths: str) -> None:
+def _check_data(train: str, val: str) -> dict[str, Any]:
+    """{"train", "val"} → each one's identity (what evaluations record); missing or bad data: one line."""
     from mst_ds.data.manifest import Manifest
+    from mst_ds.eval.features import data_identity
 
-    for flag, p in zip(("--train", "--val"), paths):
+    for flag, p in (("--train", train), ("--val", val)):
         if not p:
             raise UsageError(f"{flag}: required for a study")
-        Manifest.load(p)
+    Manifest.load(train)  # training reads shards (the k-NN bank and --val may also be ImageFolders)
+    return {"train": data_identity(train), "val": data_identity(val)}
 
 
 def run(args) -> int:
@@ -452,19 +500,28 @@ def run(args) -> int:
         args.cpu = 1 if not _has_gpu() else None
     study = study_from_args(args)
     _check_out_dir(study.out)
-    _check_data(study.train, study.val)
-    study.out.mkdir(parents=True, exist_ok=True)
+    data = _check_data(study.train, study.val)
+    runs = study.runs()
+    accept(study, runs, data["train"])
+    study.out.mkdir(parents=True, exist_ok=True)  # the rerun is accepted: only now is anything written
     atomic.write_json(study.out / SPEC, study.spec())
     study.write_recipes()
-    runs = study.runs()
     print(f"study: {len(study.rows)} rows × {len(study.seeds)} seeds = {len(runs)} runs → {study.out}", flush=True)
+    failed: dict[str, str] = {}  # run name → why; the other runs go on
     for i, r in enumerate(runs, 1):
         index = f"[{i}/{len(runs)}]"
-        train_run(study, r, index)
-        evaluate_run(study, r, index)
-    write_table(study, runs)
+        try:
+            train_run(study, r, index)
+            evaluate_run(study, r, index, data)
+        except RunFailure as err:
+            failed[r.name] = str(err)
+            print(f"{index} {r.name}: FAILED ({err}); going on with the other runs", file=sys.stderr, flush=True)
+    write_table(study, runs, failed)
     print((study.out / "table.md").read_text(), end="")
     print(f"wrote {study.out / 'table.md'}, {study.out / 'table.json'}, {study.out / 'table.png'}")
+    if failed:
+        raise RunFailure(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); the table leaves them out "
+                         "(n per row); rerun the same command to retry them")
     return 0
 
 

@@ -17,8 +17,6 @@ step N; ``kill_in_save@N`` SIGKILLs the process in the middle of saving the chec
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -36,6 +34,7 @@ from mst_ds import atomic, job
 from mst_ds import checkpoint as ckpt
 from mst_ds import engine as eng
 from mst_ds.config import ConfigError, Derived, MSTConfig, config_diff, config_from_file, load_config
+from mst_ds.data.manifest import Manifest, fingerprint_difference
 from mst_ds.data.reader import derive_for_training
 from mst_ds.ema import EMATeacher
 from mst_ds.health import RunHealth
@@ -210,24 +209,13 @@ def _broadcast(obj: Any) -> Any:
 
 
 def data_identity(cfg: MSTConfig) -> dict[str, Any]:
-    """What the training data is, independent of where it lies: the manifest's shards (name, count,
-    size, sha256, in order — the order is part of the trajectory) and classes → digest + counts."""
-    from mst_ds.data.manifest import Manifest
-
-    m = Manifest.load(cfg.data.train)
-    content = {"shards": [[s.name, s.count, s.bytes, s.sha256] for s in m.shards], "classes": m.classes}
-    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-    return {"digest": digest, "samples": m.total, "shards": len(m.shards), "classes": m.num_classes}
-
-
-def _data_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
-    parts = [f"{old[k]} → {new[k]} {k}" for k in ("samples", "shards", "classes") if old.get(k) != new.get(k)]
-    return ", ".join(parts) or "same counts, other shard contents or class names"
+    """The training data's fingerprint (:meth:`Manifest.fingerprint`), recorded in every checkpoint."""
+    return Manifest.load(cfg.data.train).fingerprint()
 
 
 def _written_config(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
     """The resolved config a checkpoint was written with: its meta, else the run's config files."""
-    if "config" in meta:
+    if isinstance(meta.get("config"), dict):
         return meta["config"]
     for path in (run_dir / f"config.{meta['config_hash']}.yaml", run_dir / "config.yaml"):
         if path.is_file():
@@ -242,17 +230,20 @@ def find_resume(cfg: MSTConfig, ckpt_dir: Path, data_id: dict[str, Any] | None =
     """(tag, meta) of the checkpoint to resume from, or (None, None). Refuses a different config or
     other training data (unless checkpoint.allow_config_change). With ``check_files``, a damaged
     newest checkpoint is renamed aside (TAG.damaged) and the newest intact one is used, saying so."""
-    tag = ckpt.newest_complete(ckpt_dir)
-    if tag is None:
+    if not ckpt.complete_tags(ckpt_dir):
         return None, None
     if not cfg.checkpoint.resume:
         raise ConfigError(f"checkpoint.resume: {ckpt_dir} holds checkpoints and resume is off; use a new --run-dir")
-    if check_files:
+    if not check_files:  # the pre-flight: markers only (reading every file is the ranks' work)
+        tag, damaged = ckpt.newest_complete(ckpt_dir), [(t, ckpt.marker_problem(ckpt_dir / t) or "")
+                                                         for t in ckpt.complete_tags(ckpt_dir)[-1:]]
+    else:
         tag, damaged = ckpt.newest_intact(ckpt_dir)
-        if tag is None:
-            bad, why = damaged[0]
-            raise ConfigError(f"checkpoint: no intact checkpoint in {ckpt_dir} ({bad}: {why}); move the damaged "
-                              f"ones away to start over, or use a new --run-dir")
+    if tag is None:
+        bad, why = damaged[0]
+        raise ConfigError(f"checkpoint: no intact checkpoint in {ckpt_dir} ({bad}: {why}); move the damaged "
+                          f"ones away to start over, or use a new --run-dir")
+    if check_files:
         for bad, why in damaged:
             aside = ckpt.set_aside(ckpt_dir, bad)
             print(f"mst-ds: warning: checkpoint {bad} is damaged ({why}); moved it to {aside}, resuming from {tag}",
@@ -265,11 +256,24 @@ def find_resume(cfg: MSTConfig, ckpt_dir: Path, data_id: dict[str, Any] | None =
             f"config {meta['config_hash']}, this run is {cfg.hash()}")
         raise ConfigError(f"checkpoint: {ckpt_dir / tag} was written with other settings ({what}); use a new "
                           f"--run-dir or --set checkpoint.allow_config_change=true")
-    if data_id is not None and "data" in meta and meta["data"]["digest"] != data_id["digest"] and not allow:
+    if data_id is not None and isinstance(meta.get("data"), dict) and meta["data"].get("digest") != data_id["digest"] \
+            and not allow:
         raise ConfigError(f"data.train: {cfg.data.train} is not the data {tag} was trained on "
-                          f"({_data_difference(meta['data'], data_id)}); use a new --run-dir, or --set "
+                          f"({fingerprint_difference(meta['data'], data_id)}); use a new --run-dir, or --set "
                           f"checkpoint.allow_config_change=true to continue on it")
+    if check_files:
+        supersede_newer(ckpt_dir, tag)
     return tag, meta
+
+
+def supersede_newer(ckpt_dir: Path, tag: str) -> None:
+    """A resume from ``tag`` while newer tags exist is a rollback (``latest`` was pointed back): the
+    newer tags belong to an abandoned trajectory. They are renamed ``TAG.superseded`` (kept, never
+    deleted), so that every tag left, and ``latest``, is on the trajectory the run continues."""
+    for newer in ckpt.newer_than(ckpt_dir, tag):
+        aside = ckpt.set_aside(ckpt_dir, newer, "superseded")
+        print(f"mst-ds: warning: {newer} is newer than {tag}, where this run resumes ({ckpt.LATEST} names an "
+              f"older step: a rollback); moved it to {aside}", file=sys.stderr, flush=True)
 
 
 def check(cfg: MSTConfig, run_dir: Path, *, probe_lock: bool = True) -> None:

@@ -18,7 +18,8 @@ def test_latest_never_points_to_an_incomplete_checkpoint(tmp_path):
         tag = d / ckpt.tag_for(step)
         tag.mkdir(parents=True)
         if complete:
-            (tag / ckpt.COMPLETE).write_text(json.dumps({"step": step}))
+            (tag / ckpt.COMPLETE).write_text(json.dumps({"step": step, "samples": step, "world_size": 1,
+                                                         "zero_stage": 0, "config_hash": "h", "files": {}}))
     (d / "latest").write_text(ckpt.tag_for(6))  # e.g. a DeepSpeed-written latest of a killed save
     assert ckpt.newest_complete(d) == ckpt.tag_for(4)
     (d / "latest").write_text(ckpt.tag_for(2))

@@ -85,14 +85,18 @@ def test_launch_sh_validates_once_before_the_ranks(tmp_path, digits_shards):
 # --------------------------------------------------------------------------------------------------
 # Case 7: pruning deletes only what this code wrote
 # --------------------------------------------------------------------------------------------------
+def _marker(step: int) -> dict:
+    return {"step": step, "samples": step, "world_size": 1, "zero_stage": 0, "config_hash": "h", "files": {}}
+
+
 def test_prune_leaves_folders_it_did_not_write(tmp_path):
     d = tmp_path / "checkpoints"
     for step in (2, 4, 6):
         (d / ckpt.tag_for(step)).mkdir(parents=True)
         (d / ckpt.tag_for(step) / "mp_rank_00_model_states.pt").write_bytes(b"x")
-        (d / ckpt.tag_for(step) / ckpt.COMPLETE).write_text(json.dumps({"step": step}))
+        (d / ckpt.tag_for(step) / ckpt.COMPLETE).write_text(json.dumps(_marker(step)))
     (d / "step00000002_universal").mkdir()  # the universal twin of a pruned tag: ours
-    (d / "step00000002_universal" / ckpt.COMPLETE).write_text(json.dumps({"step": 2}))
+    (d / "step00000002_universal" / ckpt.COMPLETE).write_text(json.dumps(_marker(2)))
     (d / "step00000005").mkdir()  # leftover of a killed save: only checkpoint files → ours
     (d / "step00000005" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
     foreign = {"my_notes": "a.txt", "best": ckpt.COMPLETE, "step00000001": "notes.txt", "step2": "x.pt"}

@@ -109,6 +109,14 @@ class Manifest:
             return [root.rstrip("/") + "/" + s.name for s in self.shards]
         return [str(Path(root) / s.name) for s in self.shards]
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What the data is, independent of where it lies: the shards (name, count, size, sha256, in
+        order — the order is part of a training trajectory) and the classes → digest + counts. Runs and
+        evaluations record it; moved shards keep it, other shards or classes change it."""
+        content = {"shards": [[s.name, s.count, s.bytes, s.sha256] for s in self.shards], "classes": self.classes}
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        return {"digest": digest, "samples": self.total, "shards": len(self.shards), "classes": self.num_classes}
+
     # -- (de)serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -200,6 +208,12 @@ class Manifest:
         return full
 
 
+def fingerprint_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """How two :meth:`Manifest.fingerprint` values differ, in words (for a one-line refusal)."""
+    parts = [f"{old.get(k)} → {new.get(k)} {k}" for k in ("samples", "shards", "classes") if old.get(k) != new.get(k)]
+    return ", ".join(parts) or "same counts, other shard contents or class names"
+
+
 # ------------------------------------------------------------------------------------------------
 # Manifests in a folder
 # ------------------------------------------------------------------------------------------------
@@ -214,7 +228,7 @@ def manifests_in(directory: str | Path) -> dict[str, Path]:
         try:
             data = json.loads(path.read_text())
             split = data["split"] if isinstance(data, dict) and isinstance(data.get("shards"), list) else None
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, RecursionError):  # a deeply nested file: not a manifest
             continue
         if isinstance(split, str) and split not in found:
             found[split] = path
@@ -348,6 +362,8 @@ def _load_index(source: str, *, split: str | None = None, check_names: bool = Tr
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ManifestError(f"{source}: manifest is not valid JSON ({err})") from None
+    except RecursionError:
+        raise ManifestError(f"{source}: not a shard manifest (nested deeper than Python's JSON reader goes)") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{source}: not a shard manifest")
     return Manifest.from_dict(data, root, check_names=check_names, index_name=index_name)

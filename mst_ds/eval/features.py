@@ -23,20 +23,22 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, Field, ValidationError
 from torch import Tensor
 
-from mst_ds import atomic
+from mst_ds import atomic, job
 from mst_ds import checkpoint as ckpt_mod
-from mst_ds.config import MSTConfig, RunFailure, UsageError, load_config
-from mst_ds.data.manifest import is_shard_dir, manifest_path
+from mst_ds.config import MSTConfig, RunFailure, UsageError, format_validation_error, load_config
+from mst_ds.data.manifest import Manifest, is_shard_dir
 from mst_ds.model.backbone import Backbone, BackboneOutput
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 RANDOM = "random"
 GATHER_ROWS = 65536  # rows per all_gather round: bounds the extra memory of the exchange
+OUT_LOCK = ".mst-ds-eval.lock"  # in --out while an evaluation writes there
 
 
 # --------------------------------------------------------------------------------------------------
@@ -46,8 +48,31 @@ def is_random(ckpt: str | None) -> bool:
     return ckpt is None or str(ckpt) == RANDOM
 
 
+class ExportSource(BaseModel):
+    """Where an export came from (informative, except ``which``: the network it holds)."""
+
+    checkpoint: str | None = None
+    which: Literal["teacher", "student"] | None = None
+    step: int | None = None
+    config_hash: str | None = None
+
+
+class ExportMeta(BaseModel):
+    """The ``mst_ds`` metadata of an export: the timm model description, its source, and
+    ``eval_settings`` (dotted config keys → values, checked again as config when used). Written by
+    ``mst-ds export`` through this model and read back through it: a file a user is handed is one
+    line if its metadata is anything else."""
+
+    architecture: str | None = None
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    source: ExportSource = Field(default_factory=ExportSource)
+    patch_size: int | None = None
+    eval_settings: dict[str, Any] = Field(default_factory=dict)
+
+
 def safetensors_model_meta(path: Path) -> dict[str, Any] | None:
-    """The timm model description ``mst-ds export`` stores in the file's metadata, if any."""
+    """The timm model description ``mst-ds export`` stores in the file's metadata (validated by
+    :class:`ExportMeta`), if any."""
     from safetensors import safe_open
 
     try:
@@ -55,10 +80,13 @@ def safetensors_model_meta(path: Path) -> dict[str, Any] | None:
             meta = f.metadata() or {}
     except Exception as err:  # not a safetensors file at all
         raise UsageError(f"{path}: not a readable .safetensors file ({type(err).__name__})") from None
+    if "mst_ds" not in meta:
+        return None
     try:
-        return json.loads(meta["mst_ds"]) if "mst_ds" in meta else None
-    except json.JSONDecodeError:
-        raise UsageError(f"{path}: unreadable mst_ds metadata (not JSON)") from None
+        return ExportMeta.model_validate_json(meta["mst_ds"]).model_dump(mode="json")
+    except ValidationError as err:
+        raise UsageError(f"{path}: mst_ds metadata not as mst-ds export writes it "
+                         f"({format_validation_error(err)})") from None
 
 
 def export_keys() -> list[str]:
@@ -91,8 +119,8 @@ def _export_config(path: Path, preset: str | None, sets: list[str] | tuple[str, 
     from mst_ds.config import parse_set
 
     meta = safetensors_model_meta(path) or {}
-    stored: dict[str, Any] = dict(meta.get("eval_settings") or {})
-    if not stored and "architecture" in meta:  # an export of an older version: the network only
+    stored: dict[str, Any] = dict(meta.get("eval_settings", {}))
+    if not stored and meta.get("architecture"):  # an export of an older version: the network only
         stored = {"model.arch": meta["architecture"],
                   "model.timm_kwargs": {k: v for k, v in meta.get("model_args", {}).items()
                                         if k not in ("num_classes", "dynamic_img_size")}}
@@ -136,7 +164,7 @@ def export_which(ckpt: str | None, which: str) -> str:
     """The network an export holds (its metadata says; asking for the other one is an error)."""
     if is_random(ckpt) or Path(ckpt).suffix != ".safetensors":
         return which
-    stored = ((safetensors_model_meta(Path(ckpt)) or {}).get("source") or {}).get("which")
+    stored = (safetensors_model_meta(Path(ckpt)) or {}).get("source", {}).get("which")
     if stored is None:
         return which
     if which == "student" and stored != "student":
@@ -319,17 +347,16 @@ def match_classes(train_classes: list[str], val_classes: list[str], val_labels: 
 
 
 def data_identity(source: str) -> dict[str, Any]:
-    """A cheap fingerprint of a data source: adding/removing files changes a class folder's mtime;
-    a shard set is identified by its manifest."""
+    """What a data source is — the feature cache's key and what every result records of its bank and
+    query: shards by their manifest's fingerprint (shard names, counts, sizes, checksums and classes;
+    the same as a checkpoint records, so moved shards keep it), an ImageFolder cheaply by its path and
+    its class folders' mtimes (adding/removing files changes a folder's mtime)."""
     p = Path(source)
     if p.is_dir() and not is_shard_dir(p):
         subdirs = sorted(d for d in p.iterdir() if d.is_dir())
         return {"folder": str(p.resolve()), "classes": len(subdirs),
                 "mtimes": hashlib.sha256("".join(f"{d.name}:{d.stat().st_mtime_ns};" for d in subdirs).encode()).hexdigest()[:16]}
-    index = manifest_path(p) if p.is_dir() else p
-    if index.is_file():
-        return {"manifest": str(index.resolve()), "sha256": hashlib.sha256(index.read_bytes()).hexdigest()[:16]}
-    return {"source": source}
+    return Manifest.load(source).fingerprint()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,8 +520,12 @@ class EvalContext:
 
     def __init__(self, cfg: MSTConfig, *, ckpt: str | None, which: str, out_dir: Path, dist_info: Dist,
                  batch_size: int, num_workers: int, cache: bool, preset: str,
-                 unknown_classes: str = "error") -> None:
+                 unknown_classes: str = "error", sources: dict[str, str] | None = None,
+                 lock: job.FileLock | None = None) -> None:
+        self.lock = lock
         self.cfg, self.ckpt, self.which = cfg, ckpt, which
+        # {"train": bank / probe-training data, "val": query data}: results record what they are
+        self.data = {name: data_identity(src) for name, src in (sources or {}).items()}
         self.out_dir, self.dist = out_dir, dist_info
         self.batch_size, self.num_workers, self.cache = batch_size, num_workers, cache
         self.preset = preset
@@ -516,13 +547,25 @@ class EvalContext:
                 open_manifest(source)  # every listed shard present, before any rank starts
         dist_info = init_dist()
         out = Path(args.out) if args.out else default_out_dir(ckpt, preset)
+        lock = None
         if dist_info.is_main:
             out.mkdir(parents=True, exist_ok=True)
+            # Two evaluations into one folder would overwrite each other's result: the second is refused.
+            lock = job.FileLock(out / OUT_LOCK, f"--out {out}: in use by another evaluation ({{holder}}); wait for "
+                                "it to end or use another --out", UsageError).acquire()
         return cls(cfg, ckpt=ckpt, which=which, out_dir=out, dist_info=dist_info,
                    batch_size=args.batch_size or 128,
                    num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
                    cache=not getattr(args, "no_cache", False), preset=preset,
-                   unknown_classes=getattr(args, "unknown_classes", "error"))
+                   unknown_classes=getattr(args, "unknown_classes", "error"),
+                   sources={"train": args.train, "val": args.val}, lock=lock)
+
+    def __enter__(self) -> EvalContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def is_main(self) -> bool:
@@ -538,7 +581,7 @@ class EvalContext:
     def describe(self) -> dict[str, Any]:
         return {"ckpt": self.ckpt or RANDOM, "which": self.which, "preset": self.preset,
                 "model": model_identity(self.ckpt, self.cfg, self.which), "seed": self.cfg.run.seed,
-                "image_size": self.cfg.eval.image_size, "world_size": self.dist.world_size}
+                "image_size": self.cfg.eval.image_size, "world_size": self.dist.world_size, "data": self.data}
 
     def cache_path(self, source: str, spec: FeatureSpec, transform_name: str) -> Path:
         key = {"model": model_identity(self.ckpt, self.cfg, self.which), "data": data_identity(source),
@@ -561,9 +604,15 @@ class EvalContext:
         loader, classes = open_eval_data(source, transform=transform, batch_size=self.batch_size,
                                          num_workers=self.num_workers, rank=self.dist.rank,
                                          world_size=self.dist.world_size)
-        feats, labels = extract_features(backbone, loader, n_last_blocks=spec.n_last_blocks, avgpool=spec.avgpool,
-                                         device=self.dist.device, dist_info=self.dist,
-                                         description=f"{split} features")
+        feats, labels, keys = extract_features(backbone, loader, n_last_blocks=spec.n_last_blocks,
+                                               avgpool=spec.avgpool, device=self.dist.device, dist_info=self.dist,
+                                               description=f"{split} features", return_keys=True)
+        # Sorted by key: a repeated sample (a shard listed twice, a key written twice) would be
+        # counted twice in the bank or the score; `mst-shards verify` reports it as damage.
+        repeated = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
+        if repeated is not None:
+            raise UsageError(f"{source}: sample key {repeated} occurs {keys.count(repeated)} times (a shard listed "
+                             "twice or a duplicated sample; `mst-shards verify` lists them)")
         corrupt = self._corrupt_total(loader.corrupt, source)
         if labels.numel() == 0:
             raise UsageError(f"{source}: no readable images")

@@ -251,7 +251,13 @@ def print_table(result: KNNResult, title: str) -> None:
 def run(args) -> int:
     from mst_ds.eval import features as fx
 
-    ctx = fx.EvalContext.from_args(args)
+    with fx.EvalContext.from_args(args) as ctx:  # holds --out for the command's life
+        return _knn(args, ctx)
+
+
+def _knn(args, ctx) -> int:
+    from mst_ds.eval import features as fx
+
     ks = parse_ks(args.k, ctx.cfg.eval.knn_k)
     temperature = args.temperature if args.temperature is not None else ctx.cfg.eval.knn_temperature
     if temperature <= 0 or not math.isfinite(temperature):

@@ -242,7 +242,13 @@ def _settings(args, cfg, dim: int, num_classes: int, lrs: list[float], global_ba
 def run(args) -> int:
     from mst_ds.eval import features as fx
 
-    ctx = fx.EvalContext.from_args(args)
+    with fx.EvalContext.from_args(args) as ctx:  # holds --out for the command's life
+        return _linear(args, ctx)
+
+
+def _linear(args, ctx) -> int:
+    from mst_ds.eval import features as fx
+
     cfg = ctx.cfg
     avgpool = cfg.eval.avgpool_patch_tokens if args.avgpool is None else bool(args.avgpool)
     spec = fx.FeatureSpec(n_last_blocks=cfg.eval.n_last_blocks if args.probe == "dino" else 1, avgpool=avgpool)
