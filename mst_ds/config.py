@@ -43,7 +43,9 @@ class RunFailure(RuntimeError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # No NaN or infinity anywhere: an infinite lr, temperature or warm-up length is never meant, and
+    # would fail only after every rank has started (or train on NaN).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +214,7 @@ class EvalConfig(Section):
 class RunConfig(Section):
     name: str = Field("mst", description="Run name (directory under output_dir).")
     output_dir: str = Field("runs", description="Where run directories go.")
-    seed: int = Field(0, ge=0, description="[S §1] same seed for comparisons.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="[S §1] same seed for comparisons (torch's generators take 64 bits).")
     log_every: int = Field(10, gt=0, description="Metrics every N steps.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (CPU demo budget); schedules still span the full run unless schedule_steps is set.")
     schedule_steps: int | None = Field(None, gt=0, description="Stretch schedules over this many steps instead of epochs × steps_per_epoch (CPU budgets).")
