@@ -9,7 +9,9 @@
 #                     pdsh/ssh, or, with --no_ssh, run this same command on every node with its --node_rank
 #   --nodes/--gpus-per-node   how much of the hostfile to use (default: all of it)
 #   Inside a SLURM allocation (sbatch/salloc) without --hostfile, the allocation's nodes are the hostfile.
-# Everything after `--` goes to the DeepSpeed launcher unchanged. The launcher appends --local_rank=N to
+# SIGTERM/SIGUSR1 to the job (its process group, or every process as SLURM signals a job step): the ranks
+# finish their step, save it and exit; this script then exits 75 (requeue). Everything after `--` goes to
+# the DeepSpeed launcher unchanged. The launcher appends --local_rank=N to
 # the training command; `mst-ds train` accepts it. ROCm (Sugon DCU) vs CUDA is detected from torch and
 # the matching RCCL/NCCL environment is set (override any variable by exporting it first).
 set -euo pipefail
@@ -38,8 +40,17 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ -n "$preset" ]] || die "--preset is required"
+# A stop signal is recorded here (bash runs the trap once the foreground command has ended) and the
+# launcher chain outlives it: DeepSpeed's runner (no handler) ignores SIGTERM and SIGUSR1 and waits for
+# launch.py, launch.py ignores SIGUSR1 (SIGTERM it forwards to the ranks and waits 30 s for them), and
+# the ranks set their own handlers (mst_ds/job.py StopSignals).
+stop_signal=""
+trap 'stop_signal=TERM' TERM
+trap 'stop_signal=USR1' USR1
 [[ -z "$hostfile" || -f "$hostfile" ]] || die "--hostfile $hostfile: no such file"
 [[ -z "$cpu" || "$cpu" =~ ^[1-9][0-9]*$ ]] || die "--cpu $cpu: expected a positive process count"
+# mktemp needs it after the pre-flight: say so now, not after minutes of checks.
+[[ -z "${TMPDIR:-}" || ( -d "$TMPDIR" && -w "$TMPDIR" ) ]] || die "TMPDIR=$TMPDIR: no such writable directory"
 
 # Stay in the caller's directory: relative --hostfile, --run-dir and --set paths mean what they say.
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -113,6 +124,11 @@ for ((i = 0; i < ${#launcher[@]}; i++)); do [[ "${launcher[i]}" == --node_rank ]
 check=(python -m mst_ds.cli train --check --preset "$preset" "${sets[@]}")
 [[ -n "$run_dir" ]] && check+=(--run-dir "$run_dir")
 MST_DS_NODE_RANK="$node_rank" "${check[@]}" || { rc=$?; rm -f ${slurm_hostfile:+"$slurm_hostfile"}; exit "$rc"; }
+if [[ -n "$stop_signal" ]]; then
+  rm -f ${slurm_hostfile:+"$slurm_hostfile"}
+  echo "launch.sh: SIG$stop_signal before the ranks started; exiting 75 (requeue)" >&2
+  exit 75
+fi
 export MST_DS_LAUNCHER_PID=$$  # ranks watch this shell and die with it (mst_ds/job.py)
 
 # The launcher forwards only NCCL/PYTHON/UCX/... variables to other nodes (pdsh); the rest of the
@@ -133,7 +149,13 @@ cmd+=("${launcher[@]}" --module mst_ds.cli train --preset "$preset" "${sets[@]}"
 [[ -n "$run_dir" ]] && cmd+=(--run-dir "$run_dir")
 echo "launch.sh: DS_ACCELERATOR=$DS_ACCELERATOR ${cmd[*]}" >&2
 set +e
-"${cmd[@]}"
+(trap '' TERM USR1; exec "${cmd[@]}")
 rc=$?
 rm -f "$envfile" ${slurm_hostfile:+"$slurm_hostfile"}
+if [[ -n "$stop_signal" && $rc -ne 0 ]]; then
+  # launch.py exits 1 after forwarding a SIGTERM, whatever its ranks said: they saved their last step
+  # (or, if that save failed, `latest` still names the previous complete checkpoint).
+  echo "launch.sh: stopped by SIG$stop_signal; the newest complete checkpoint is the resume point (exit 75)" >&2
+  exit 75
+fi
 exit "$rc"

@@ -18,14 +18,17 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
 from mst_ds.config import UsageError
 
-# All tasks of a job must agree on the rendezvous port without talking to each other: it is derived
-# from the job id. Below the Linux ephemeral range (32768+), away from the well-known ports.
+# All tasks of a job must agree on the rendezvous port without talking to each other: it is a port SLURM
+# reserved for the step (srun --resv-ports), else derived from the job id. Below the Linux ephemeral
+# range (32768+), away from the well-known ports. Ids PORT_SPAN apart share a port: the job that comes
+# second finds it taken on its first node and stops in one line (port_in_use), before any rendezvous.
 PORT_BASE, PORT_SPAN = 12000, 20000
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -136,9 +139,20 @@ def port_for_job(job_id: str | int) -> int:
 
 def is_srun_task(env: Mapping[str, str]) -> bool:
     """A task started by ``srun`` (a job step), not the batch script or an ``salloc`` shell, and not a
-    process some launcher already gave a rank."""
-    return ("RANK" not in env and "WORLD_SIZE" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env
-            and "SLURM_STEP_ID" in env)
+    process some launcher already gave a rank. Its other variables are checked by
+    :func:`torch_env_from_slurm` (a task without SLURM_NTASKS is refused, never a world of one)."""
+    return "RANK" not in env and "WORLD_SIZE" not in env and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env
+
+
+def port_in_use(port: int) -> bool:
+    """Whether a listening socket holds ``port`` on this host (a TIME_WAIT leftover does not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's TCPStore binds
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
 
 
 def torch_env_from_slurm(env: Mapping[str, str]) -> dict[str, str]:
@@ -164,9 +178,13 @@ def torch_env_from_slurm(env: Mapping[str, str]) -> dict[str, str]:
             raise UsageError("srun task without SLURM_JOB_NODELIST: cannot find the master node")
         out["MASTER_ADDR"] = hostnames(nodelist)[0]
     if "MASTER_PORT" not in env:
-        if "SLURM_JOB_ID" not in env:
+        reserved = re.match(r"^(\d+)", env.get("SLURM_STEP_RESV_PORTS", ""))
+        if reserved:
+            out["MASTER_PORT"] = reserved.group(1)
+        elif "SLURM_JOB_ID" not in env:
             raise UsageError("srun task without SLURM_JOB_ID: set MASTER_PORT")
-        out["MASTER_PORT"] = str(port_for_job(env["SLURM_JOB_ID"]))
+        else:
+            out["MASTER_PORT"] = str(port_for_job(env["SLURM_JOB_ID"]))
     return out
 
 

@@ -24,6 +24,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PRESET_DIR = Path(__file__).parent / "configs"
+# YAML aliases may repeat a section or two; a document whose aliases expand to more values than this is
+# refused (an "alias bomb": 9 references per level for 9 levels is 387 M values from 1 kB of text).
+MAX_YAML_VALUES = 100_000
 
 
 class ConfigError(ValueError):
@@ -40,7 +43,9 @@ class RunFailure(RuntimeError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # No NaN or infinity anywhere: an infinite lr, temperature or warm-up length is never meant, and
+    # would fail only after every rank has started (or train on NaN).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,7 +227,7 @@ class EvalConfig(Section):
 class RunConfig(Section):
     name: str = Field("mst", description="Run name (directory under output_dir).")
     output_dir: str = Field("runs", description="Where run directories go.")
-    seed: int = Field(0, ge=0, description="[S §1] same seed for comparisons.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="[S §1] same seed for comparisons (torch's generators take 64 bits).")
     log_every: int = Field(10, gt=0, description="Metrics every N steps.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (CPU demo budget); schedules still span the full run unless schedule_steps is set.")
     schedule_steps: int | None = Field(None, gt=0, description="Stretch schedules over this many steps instead of epochs × steps_per_epoch (CPU budgets).")
@@ -308,11 +313,48 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def _expanded_size(node: yaml.Node, memo: dict[int, int], open_: set[int]) -> int:
+    """Values ``node`` stands for once every alias is expanded (aliased nodes are shared, so this visits
+    each node once); a recursive alias raises."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in open_:
+        raise ConfigError("a YAML alias refers to its own anchor (a recursive structure)")
+    open_.add(key)
+    children = (node.value if isinstance(node, yaml.SequenceNode)
+                else [x for pair in node.value for x in pair] if isinstance(node, yaml.MappingNode) else [])
+    size = 1 + sum(_expanded_size(child, memo, open_) for child in children)
+    open_.discard(key)
+    if size > MAX_YAML_VALUES:
+        raise ConfigError(f"YAML aliases expand to more than {MAX_YAML_VALUES:,} values (an alias bomb?); refusing it")
+    memo[key] = size
+    return size
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that measures the composed document before building it (see MAX_YAML_VALUES)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _expanded_size(node, {}, set())
+        return super().construct_document(node)
+
+
+def safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with aliases bounded: ConfigError (one line) for a bomb or a recursive alias."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise ConfigError("YAML nested too deeply") from None
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -382,9 +424,11 @@ def parse_set(item: str) -> tuple[str, Any]:
     if "." not in key:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except ConfigError as err:
+        raise ConfigError(f"--set {key}: {err}") from None
     return key, value
 
 

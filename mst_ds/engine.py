@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mst_ds.config import ConfigError, Derived, MSTConfig
+from mst_ds import cluster
+from mst_ds.config import ConfigError, Derived, MSTConfig, UsageError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -65,8 +66,6 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
-    from mst_ds import cluster
-
     if cluster.is_srun_task(os.environ):
         os.environ.update(cluster.torch_env_from_slurm(os.environ))
     if "RANK" not in os.environ:
@@ -74,12 +73,25 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
+        _check_rendezvous_port()
         cpu = accelerator_name() == "cpu"
         deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
         if cpu:
             dist.barrier()  # every rank has now mapped every rank's all-reduce segment
             release_shm_name(dist.get_rank())
     return dist.get_rank(), dist.get_world_size()
+
+
+def _check_rendezvous_port() -> None:
+    """Rank 0 hosts the rendezvous store on MASTER_PORT: if something already listens there (another job
+    whose port came out the same, a leftover process), stop in one line instead of an EADDRINUSE
+    traceback. torchrun's agent hosts the store itself (TORCHELASTIC_USE_AGENT_STORE): nothing to check."""
+    if os.environ.get("RANK") != "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    port = int(os.environ.get("MASTER_PORT") or 0)
+    if port and cluster.port_in_use(port):
+        raise UsageError(f"MASTER_PORT {port} is in use on this node (another job's rendezvous, or a leftover "
+                         f"process): set MASTER_PORT to a free port")
 
 
 SHM_SEGMENT = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"

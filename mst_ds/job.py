@@ -14,6 +14,11 @@
 * **A study's launches die with the study.** ``mst-ds study`` starts each launch.sh through
   :func:`tied_command` (``python -m mst_ds.job tied``: parent-death signal, then exec), so a ``kill -9``
   of the study kills launch.sh, whose ranks then stop through the watchdog above.
+* **Preemption.** SIGTERM (SLURM's preemption, ``scancel``, the time limit) and SIGUSR1 (the templates'
+  ``--signal``) only set a flag (:class:`StopSignals`); the training loop votes on it at every step in
+  the all-reduce it already does, so every rank finishes the same step, saves it and exits
+  :data:`EXIT_STOPPED`. A second SIGTERM exits at once (the kernel's default action); ``latest`` is only
+  ever replaced atomically, so it still names a complete checkpoint.
 * **DeepSpeed's CPU comm op** is JIT-built into ``~/.cache/torch_extensions`` on first use;
   :func:`build_comm_op` builds it once under a lock before any rank starts (launch.sh's check step).
 """
@@ -34,6 +39,13 @@ from typing import NoReturn
 from mst_ds.config import ConfigError, RunFailure
 
 LOCK_NAME = ".lock"
+# Exit code of a run stopped by SIGTERM/SIGUSR1 with a checkpoint of its last step (sysexits'
+# EX_TEMPFAIL: try again); the sbatch templates and launch.sh requeue on it.
+EXIT_STOPPED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# A copy of the same request arriving this soon after the first is not a second request: DeepSpeed's
+# launch.py re-sends to its ranks the SIGTERM its process group has just received.
+DUPLICATE_S = 2.0
 LAUNCHER_ENV = "MST_DS_LAUNCHER_PID"
 _PR_SET_PDEATHSIG = 1
 
@@ -79,6 +91,42 @@ class RunLock(FileLock):
     def __init__(self, run_dir: Path):
         super().__init__(Path(run_dir) / LOCK_NAME, f"{run_dir}: in use by another job ({{holder}}); wait for it to "
                          "end or use another --run-dir", RunDirLocked)
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 → a request to stop after the current step (the handler only records it).
+
+    ``requested``: the first signal's name, or None. ``agreed``: set by the training loop once the
+    ranks' vote says some rank was asked to stop (every rank sees the same vote, so all stop together).
+    A later SIGTERM (after :data:`DUPLICATE_S`) restores the default action and re-raises: the process
+    ends at once, as before this class existed."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.agreed = False
+        self._at = 0.0
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> StopSignals:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested is None:
+            self.requested, self._at = signal.Signals(signum).name, time.monotonic()
+        elif signum == signal.SIGTERM and time.monotonic() - self._at > DUPLICATE_S:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    def vote(self) -> float:
+        """This rank's vote for the step's all-reduce: 1.0 if a stop signal arrived."""
+        return 1.0 if self.requested else 0.0
 
 
 def probe(run_dir: Path) -> None:
@@ -154,8 +202,12 @@ def tied_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "mst_ds.job", "tied", str(os.getpid()), "--", *argv]
 
 
-def die_with_launcher(poll_s: float = 1.0) -> None:
-    """SIGKILL this process when its launcher dies (Linux; a no-op elsewhere)."""
+def die_with_launcher(stop: StopSignals | None = None, poll_s: float = 1.0) -> None:
+    """SIGKILL this process when its launcher dies (Linux; a no-op elsewhere).
+
+    Once a stop signal has arrived the watchdog lets the rank finish its step and save: the same signal
+    may have ended a launcher above the parent (DeepSpeed's runner has no handler); the parent's own
+    death still kills the rank (parent-death signal), and DeepSpeed's launch.py waits for its ranks."""
     if not sys.platform.startswith("linux"):
         return
     _kill_me_with_parent()
@@ -171,6 +223,8 @@ def die_with_launcher(poll_s: float = 1.0) -> None:
     def watch() -> None:
         while True:
             for pid, started in watched.items():
+                if stop is not None and stop.requested:
+                    break
                 if started is None or _start_time(pid) != started:
                     print(f"mst-ds: error: the launcher (pid {pid}) is gone; stopping this rank "
                           f"(pid {os.getpid()})", file=sys.stderr, flush=True)

@@ -40,7 +40,8 @@ from mst_ds.ema import EMATeacher
 from mst_ds.health import RunHealth
 from mst_ds.metrics import MODEL_SCALARS, MetricsLogger, peak_memory_mb
 
-# Scalars all-reduced (averaged over ranks) at every micro-batch; the last slot flags a non-finite loss.
+# Scalars all-reduced (averaged over ranks) at every micro-batch; two more slots flag a non-finite loss
+# and a stop signal (SIGTERM/SIGUSR1) on some rank.
 _STAT_KEYS = MODEL_SCALARS
 
 
@@ -98,12 +99,13 @@ def _all_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _stat_vector(loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(len(_STAT_KEYS) + 1,) float64 on the loss's device (NCCL reduces device tensors only):
-    the logged scalars, then 1.0 if this rank's loss is not finite."""
+def _stat_vector(loss: torch.Tensor, losses: dict[str, torch.Tensor], stop_vote: float) -> torch.Tensor:
+    """(len(_STAT_KEYS) + 2,) float64 on the loss's device (NCCL reduces device tensors only):
+    the logged scalars, then 1.0 if this rank's loss is not finite, then this rank's stop vote."""
     values = [loss.detach()] + [losses[k].detach() for k in _STAT_KEYS[1:]]
     flag = (~torch.isfinite(loss.detach())).to(loss.device)
-    return torch.stack([v.to(loss.device, torch.float64).reshape(()) for v in values] + [flag.double()])
+    vote = torch.tensor(stop_vote, dtype=torch.float64, device=loss.device)
+    return torch.stack([v.to(loss.device, torch.float64).reshape(()) for v in values] + [flag.double(), vote])
 
 
 def _grad_norm(engine) -> float:
@@ -111,11 +113,12 @@ def _grad_norm(engine) -> float:
     return float(g) if g is not None else float("nan")
 
 
-def train_step(t: Training, batches: list[dict[str, Any]]) -> dict[str, float]:
+def train_step(t: Training, batches: list[dict[str, Any]], stop: job.StopSignals | None = None) -> dict[str, float]:
     """One optimizer step of Algorithm 1 over ``grad_accum_steps`` micro-batches → logged scalars.
 
     batches: micro-batches of dict(global=[uint8 (B,3,G,G)]*2, local=[uint8 (B,3,L,L)]*n).
     Raises NonFiniteLoss (all ranks together) when a loss is NaN/Inf and nan_policy is "stop".
+    ``stop``: its vote rides in the step's all-reduce; ``stop.agreed`` is set on every rank alike.
     """
     cfg, step = t.cfg, t.step
     s = t.schedules.at(step)
@@ -128,11 +131,14 @@ def train_step(t: Training, batches: list[dict[str, Any]]) -> dict[str, float]:
         views = t.photometric(u8, step_generator(cfg.run.seed, step, micro, t.rank, 0))
         losses = t.engine(views, t.teacher, s.teacher_temp, step_generator(cfg.run.seed, step, micro, t.rank, 1))
         loss = losses["loss"] * float("nan") if (t.rank == 0 and _fault("nan", step + 1)) else losses["loss"]
-        local = _all_mean(_stat_vector(loss, losses))  # one small collective; also the non-finite vote
-        if local[-1] > 0:  # some rank saw a non-finite loss: every rank decides the same
+        # One small collective: the logged scalars, the non-finite vote and the stop vote.
+        local = _all_mean(_stat_vector(loss, losses, stop.vote() if stop is not None else 0.0))
+        if stop is not None and local[-1] > 0:
+            stop.agreed = True
+        if local[-2] > 0:  # some rank saw a non-finite loss: every rank decides the same
             if cfg.engine.nan_policy == "stop":
                 raise NonFiniteLoss(f"non-finite loss at step {step + 1} (micro-batch {micro}) on "
-                                    f"{round(float(local[-1]) * t.world)} rank(s)")
+                                    f"{round(float(local[-2]) * t.world)} rank(s)")
             t.nonfinite += 1  # skip: no backward, no step, no EMA (grad_accum_steps is 1, checked)
             dino_loss.discard_pending_center()
             t.step += 1
@@ -143,7 +149,7 @@ def train_step(t: Training, batches: list[dict[str, Any]]) -> dict[str, float]:
             if cfg.optim.clip_mode == "per_param" and cfg.optim.clip_grad > 0:
                 eng.clip_per_param(t.engine, cfg.optim.clip_grad)  # DINO's clip_gradients; DeepSpeed's is off
         t.engine.step()
-        sums += local[:-1]
+        sums += local[:-2]
     if not t.engine.was_step_applied():
         t.skipped += 1  # fp16 overflow: DeepSpeed skipped the update and lowered the loss scale
     dino_loss.update_center()  # once per optimizer step, from the whole global batch (DINO)
@@ -160,13 +166,21 @@ def train_step(t: Training, batches: list[dict[str, Any]]) -> dict[str, float]:
 # Setup
 # --------------------------------------------------------------------------------------------------
 def check_training_data(cfg: MSTConfig) -> None:
-    """Fail on a missing or unreadable manifest, or a missing shard, before paying for DeepSpeed's start
-    (one line, exit 2)."""
+    """Fail on a missing or unreadable manifest, a missing shard, or missing monitor data, before paying
+    for DeepSpeed's start (one line, exit 2)."""
     from mst_ds.data.reader import open_manifest
+    from mst_ds.eval.features import check_labelled
 
     if not cfg.data.train:
         raise ConfigError("data.train: no training shards given (write them with `mst-shards write`, then --set data.train=DIR)")
     open_manifest(cfg.data.train)
+    for field in ("bank", "query"):
+        source = getattr(cfg.eval.monitor, field)
+        if source is not None:
+            try:
+                check_labelled(source)
+            except ConfigError as err:
+                raise ConfigError(f"eval.monitor.{field}: {err}") from None
 
 
 def git_sha() -> str:
@@ -397,17 +411,18 @@ def _micro_batches(loader, accum: int):
             group = []
 
 
-def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True) -> int:
-    """Train (or resume) to the end of the schedule / max_steps → exit code (0 ok, 1 non-finite loss)."""
+def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True, stop: job.StopSignals | None = None) -> int:
+    """Train (or resume) to the end of the schedule / max_steps → exit code (0 ok, 1 non-finite loss,
+    job.EXIT_STOPPED stopped by ``stop``'s signals with a checkpoint of the last step)."""
     run_dir = Path(run_dir)
     lock = job.RunLock(run_dir)
     try:
-        return _train(cfg, run_dir, lock, progress=progress)
+        return _train(cfg, run_dir, lock, progress=progress, stop=stop or job.StopSignals())
     finally:
         lock.release()
 
 
-def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool) -> int:
+def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool, stop: job.StopSignals) -> int:
     from mst_ds.data.corrupt import CorruptLog
     from mst_ds.data.reader import make_train_loader
 
@@ -440,7 +455,7 @@ def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool) 
             for batches in _micro_batches(loader, d.grad_accum_steps):
                 health.arm(t.step + 1)
                 try:
-                    stats = train_step(t, batches)
+                    stats = train_step(t, batches, stop)
                 except NonFiniteLoss as err:
                     health.nonfinite(t.step + 1)
                     if t.rank == 0:
@@ -464,7 +479,7 @@ def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool) 
                 log.progress(t.step, epoch, stats)
                 every = cfg.checkpoint.every_steps and t.step % cfg.checkpoint.every_steps == 0
                 at_epoch = epoch_end and cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0
-                if every or at_epoch or t.step == end or time_up or health.stop:
+                if every or at_epoch or t.step == end or time_up or health.stop or stop.agreed:
                     t.corrupt = corrupt.sync()  # the saved total covers every record in corrupt.jsonl
                     saving = time.monotonic()
                     save(t, ckpt_dir, spe)
@@ -476,6 +491,12 @@ def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool) 
                     return 1
                 if time_up:
                     return 0
+                if stop.agreed and t.step < end:
+                    if t.rank == 0:
+                        print(f"mst-ds: stopped by {stop.requested or 'a stop signal on another rank'} after step "
+                              f"{t.step}; checkpoint {ckpt.tag_for(t.step)} saved, relaunch to resume "
+                              f"(exit {job.EXIT_STOPPED})", file=sys.stderr, flush=True)
+                    return job.EXIT_STOPPED
                 if t.step >= end or epoch_end:
                     break
     finally:
@@ -493,6 +514,7 @@ def run(args) -> int:
         check(cfg, run_dir, probe_lock=os.environ.get("MST_DS_NODE_RANK", "0") == "0")
         return 0
     check_training_data(cfg)
+    stop = job.StopSignals().install()  # SIGTERM/SIGUSR1: finish the step, save it, exit EXIT_STOPPED
     if "LOCAL_RANK" in os.environ:  # started by a launcher: die with it, never train on as an orphan
-        job.die_with_launcher()
-    return train(cfg, run_dir)
+        job.die_with_launcher(stop)
+    return train(cfg, run_dir, stop=stop)

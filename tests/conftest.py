@@ -43,13 +43,14 @@ TRAIN_SETS = ["optim.batch_size=8", "data.num_workers=0", "run.log_every=1", "ch
               "checkpoint.keep_last=2", "run.schedule_steps=40"]
 
 
-def train_in_process(run_dir: Path, shards: Path, *sets: str) -> int:
-    """`mst-ds train --preset tiny` in this process (world of one) on the digits shards."""
+def train_in_process(run_dir: Path, shards: Path, *sets: str, **kwargs) -> int:
+    """`mst-ds train --preset tiny` in this process (world of one) on the digits shards (``kwargs`` go to
+    :func:`mst_ds.train.train`)."""
     from mst_ds.config import load_config
     from mst_ds.train import train
 
     cfg = load_config("tiny", [*TRAIN_SETS, f"data.train={shards}", *sets]).config
-    return train(cfg, run_dir, progress=False)
+    return train(cfg, run_dir, progress=False, **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -120,3 +120,49 @@ def test_config_error_is_a_value_error_with_one_line():
     with pytest.raises(ConfigError) as err:
         load_config("tiny", ["optim.batch_size=-1"])
     assert "\n" not in str(err.value) and "optim.batch_size" in str(err.value)
+
+
+# Issue 20, defect 5: a YAML alias bomb (each level 9 references to the one before: 9^7 ≈ 4.8 M leaves once
+# expanded by deepcopy, validation or the hash; a few more levels exhaust memory) must be one line, at
+# once, wherever a config can come from.
+_BOMB_LEVELS = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(6)]
+_BOMB_FLOW = "{" + ", ".join(_BOMB_LEVELS) + "}"
+
+
+def _run_limited(argv: list[str], cwd) -> tuple[int, str]:
+    """`python -m mst_ds.cli ARGV`, stopped after 60 s (the unfixed code expanded the bomb)."""
+    import subprocess
+    import sys
+
+    try:
+        r = subprocess.run([sys.executable, "-m", "mst_ds.cli", *argv], cwd=cwd, capture_output=True, text=True,
+                           timeout=60)
+    except subprocess.TimeoutExpired:
+        return -1, "timed out"
+    return r.returncode, r.stderr
+
+
+@pytest.mark.parametrize("where", ["recipe", "set", "run_config"])
+def test_a_yaml_alias_bomb_is_refused_in_one_line(where, tmp_path):
+    bomb = "\n".join(f"    {line}" for line in _BOMB_LEVELS)
+    if where == "recipe":
+        (tmp_path / "bomb.yaml").write_text(f"parent: tiny\nmodel:\n  timm_kwargs:\n{bomb}\n")
+        argv = ["plan", "--no-model", "--preset", str(tmp_path / "bomb.yaml")]
+    elif where == "set":
+        argv = ["plan", "--no-model", "--preset", "tiny", "--set", f"model.timm_kwargs={_BOMB_FLOW}"]
+    else:  # a handed-over run directory's config.yaml (read as the evaluators and export read it)
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "config.yaml").write_text(load_config("tiny").config.to_yaml().replace(
+            "  timm_kwargs:\n", f"  timm_kwargs:\n{bomb}\n", 1))
+        assert "*a" in (run / "config.yaml").read_text()
+        argv = ["plan", "--no-model", "--preset", str(run / "config.yaml")]
+    rc, err = _run_limited(argv, tmp_path)
+    assert rc == 2, err[-2000:]
+    assert len(err.strip().splitlines()) == 1 and "YAML aliases expand" in err, err[-2000:]
+
+
+def test_yaml_aliases_within_the_bound_still_work(tmp_path):
+    (tmp_path / "r.yaml").write_text("parent: tiny\nloss: &l {student_temp: 0.2}\n")
+    assert load_config(str(tmp_path / "r.yaml")).config.loss.student_temp == 0.2

@@ -192,7 +192,7 @@ def test_sbatch_template_trains_then_requeues_until_the_run_is_done(tmp_path, te
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("srun", "scontrol"):
-        (bin_dir / tool).write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/{tool}.log\n'
+        (bin_dir / tool).write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> {tmp_path}/{tool}.log\n'
                                     + ("exit $FAKE_SRUN_RC\n" if tool == "srun" else ""))
         (bin_dir / tool).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "VIRTUAL_ENV"}
@@ -210,3 +210,96 @@ def test_sbatch_template_trains_then_requeues_until_the_run_is_done(tmp_path, te
     assert (tmp_path / "scontrol.log").exists() == requeued
     if requeued:
         assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
+
+
+# Issue 20, defect 9 -----------------------------------------------------------------------------------
+def _fake_sbatch(tmp_path: Path, template: str, srun_rc: int = 0, *, squeue: str | None = None, **env_extra: str):
+    """The template run as sbatch runs it; srun / scontrol / squeue record their arguments, one a line."""
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> {tmp_path}/{tool}.log\n'
+                                    + ("exit $FAKE_SRUN_RC\n" if tool == "srun" else ""))
+        (bin_dir / tool).chmod(0o755)
+    if squeue is not None:
+        (bin_dir / "squeue").write_text(f"#!/usr/bin/env bash\necho {squeue}\n")
+        (bin_dir / "squeue").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "VIRTUAL_ENV"}
+    env.update(PATH=f"{bin_dir}:/usr/bin:/bin", SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_ID="77", SLURM_JOB_NUM_NODES="4",
+               SLURM_NTASKS="32", SLURM_CPUS_PER_TASK="8", RUN_DIR=str(_run_dir(tmp_path / "run", done=False)),
+               FAKE_SRUN_RC=str(srun_rc), **env_extra)
+    if squeue is None:
+        env["SLURM_JOB_END_TIME"] = str(int(time.time()) + 3600)
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "slurm" / template)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    srun = (tmp_path / "srun.log").read_text().splitlines() if (tmp_path / "srun.log").exists() else []
+    return res, srun
+
+
+@pytest.mark.parametrize("squeue, limit", [("UNLIMITED", None), ("1-02:03:04", 26 * 60 + 3 - 15), ("45:00", 30)])
+def test_sbatch_template_reads_squeue_time_left_including_unlimited(tmp_path, squeue, limit):
+    """Older Slurm (no SLURM_JOB_END_TIME): squeue %L. UNLIMITED used to stop the job at once (exit 2)."""
+    res, srun = _fake_sbatch(tmp_path, "dcu_32x4.sbatch", squeue=squeue)
+    assert res.returncode == 0, res.stdout + res.stderr
+    limits = [a for a in srun if a.startswith("run.time_limit_min=")]
+    assert limits == ([] if limit is None else [f"run.time_limit_min={limit}"])
+
+
+@pytest.mark.parametrize("template", ["dcu_32x4.sbatch", "v100_4x8.sbatch"])
+def test_sbatch_template_passes_shards_with_a_space_as_one_argument(tmp_path, template):
+    res, srun = _fake_sbatch(tmp_path, template, SHARDS="/data/image net/train")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "data.train=/data/image net/train" in srun
+
+
+@pytest.mark.parametrize("template", ["dcu_32x4.sbatch", "v100_4x8.sbatch"])
+def test_sbatch_template_requeues_a_run_stopped_by_a_signal(tmp_path, template):
+    """Ranks stopped by SIGTERM/SIGUSR1 save their step and exit 75: the job goes back in the queue;
+    the templates ask SLURM for SIGUSR1 on every task shortly before the time limit."""
+    from mst_ds.job import EXIT_STOPPED
+
+    res, _ = _fake_sbatch(tmp_path, template, srun_rc=EXIT_STOPPED)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
+    text = (ROOT / "scripts" / "slurm" / template).read_text()
+    assert "#SBATCH --signal=USR1@" in text  # to the tasks (B: would signal only the batch shell)
+
+
+def test_srun_task_without_ntasks_is_refused_not_a_world_of_one():
+    env = {k: v for k, v in _task(3, 3).items() if k != "SLURM_NTASKS"}
+    assert cluster.is_srun_task(env)
+    with pytest.raises(UsageError, match="SLURM_NTASKS"):
+        cluster.torch_env_from_slurm(env)
+
+
+def test_a_reserved_step_port_wins_over_the_job_id():
+    """srun --resv-ports: SLURM hands each step its own ports (no two steps on a node share them)."""
+    env = cluster.torch_env_from_slurm(_task(0, 0, SLURM_STEP_RESV_PORTS="23001-23002"))
+    assert env["MASTER_PORT"] == "23001"
+
+
+def test_jobs_whose_ports_collide_are_told_in_one_line(tmp_path):
+    """Jobs 1234 and 21234 derive the same port; the second job's rank 0 finds it taken and stops with
+    one line naming the port, before any rendezvous (it used to be an EADDRINUSE traceback, or — for the
+    other ranks — a rendezvous with the first job)."""
+    import socket
+    import sys
+
+    assert cluster.port_for_job(1234) == cluster.port_for_job(21234)  # a pure function of the id must repeat
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
+               and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+        env.update(MASTER_PORT=str(port), PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
+        res = subprocess.run([sys.executable, "-c", "import sys; from mst_ds import engine; "
+                              "from mst_ds.cli import main, error_exit; from mst_ds.config import ConfigError\n"
+                              "try:\n    engine.init_distributed()\n"
+                              "except ConfigError as err:\n    sys.exit(error_exit(str(err)))"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("mst-ds")]
+    assert len(lines) == 1 and f"MASTER_PORT {port}" in lines[0], res.stderr[-2000:]
