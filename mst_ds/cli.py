@@ -136,6 +136,11 @@ def _linear(p):
     p.add_argument("--probe", choices=["cls", "dino"], default="dino", help="cls: last CLS token; dino: last n blocks' CLS concatenated")
     p.add_argument("--epochs", type=int, default=None, help="default: eval.linear_epochs")
     p.add_argument("--lr-sweep", default=None, help="comma-separated extra lrs (at batch 1024) trained in the same pass, one head each (default: eval.linear_lr_sweep)")
+    p.add_argument("--lr-grid", default=None, help="comma-separated lrs (at batch 1024) replacing eval.linear_lr and eval.linear_lr_grid "
+                   "(e.g. 0.00024 with --holdout 0: the paper's single head)")
+    p.add_argument("--wd-grid", default=None, help="comma-separated weight decays, each with every lr (default: eval.linear_wd_grid)")
+    p.add_argument("--holdout", type=float, default=None, help="fraction of the training samples held out to choose the best head "
+                   "(default: eval.linear_holdout; the val set is never used to choose)")
     p.add_argument("--avgpool", action="store_true", default=None, help="append average-pooled patch tokens (default: eval.avgpool_patch_tokens)")
     p.add_argument("--no-augment", action="store_true", help="train on cached center-crop features instead of random-resized-crop + flip (fast on CPU; not the paper's protocol)")
     _add_local_rank(p)

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -464,6 +464,7 @@ class LabelledFeatures:
     labels: Tensor  # (N,) long: indices into classes
     classes: list[str]  # class names in label order
     corrupt: int = 0  # samples that failed to decode (left out)
+    keys: list[str] = field(default_factory=list)  # (N,) sample keys (the linear probe's held-out split)
 
     @property
     def num_classes(self) -> int:
@@ -554,16 +555,16 @@ class EvalContext:
         path = self.cache_path(source, spec, "eval")
         if self.cache and path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            if "classes" in saved:  # (files of older versions lack the class names: recomputed)
+            if "keys" in saved:  # (files of older versions lack class names or keys: recomputed)
                 return LabelledFeatures(saved["feats"], saved["labels"], list(saved["classes"]),
-                                        int(saved.get("corrupt", 0)))
+                                        int(saved.get("corrupt", 0)), list(saved["keys"]))
         transform = eval_transform(self.cfg.eval.image_size, mean=self.cfg.augment.mean, std=self.cfg.augment.std)
         loader, classes = open_eval_data(source, transform=transform, batch_size=self.batch_size,
                                          num_workers=self.num_workers, rank=self.dist.rank,
                                          world_size=self.dist.world_size)
-        feats, labels = extract_features(backbone, loader, n_last_blocks=spec.n_last_blocks, avgpool=spec.avgpool,
-                                         device=self.dist.device, dist_info=self.dist,
-                                         description=f"{split} features")
+        feats, labels, keys = extract_features(backbone, loader, n_last_blocks=spec.n_last_blocks,
+                                               avgpool=spec.avgpool, device=self.dist.device, dist_info=self.dist,
+                                               description=f"{split} features", return_keys=True)
         corrupt = self._corrupt_total(loader.corrupt, source)
         if labels.numel() == 0:
             raise UsageError(f"{source}: no readable images")
@@ -573,8 +574,8 @@ class EvalContext:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic.atomic_path(path) as tmp:
                 torch.save({"feats": feats, "labels": labels, "classes": classes, "corrupt": corrupt,
-                            "source": source}, tmp)
-        return LabelledFeatures(feats, labels, classes, corrupt)
+                            "source": source, "keys": keys}, tmp)
+        return LabelledFeatures(feats, labels, classes, corrupt, keys)
 
     def _corrupt_total(self, records: list[dict[str, str]], source: str) -> int:
         """Samples of ``source`` that failed to decode, over all ranks: an error under
@@ -603,7 +604,8 @@ class EvalContext:
         if m.excluded and self.is_main:
             print(f"excluded {sum(m.excluded.values())} val images of classes the training data does not have: "
                   f"{', '.join(m.excluded)}")
-        return LabelledFeatures(val.feats[m.keep], m.labels, list(train_classes), val.corrupt), m
+        keys = [k for k, kept in zip(val.keys, m.keep.tolist()) if kept]
+        return LabelledFeatures(val.feats[m.keep], m.labels, list(train_classes), val.corrupt, keys), m
 
     def barrier(self) -> None:
         if self.dist.active:
