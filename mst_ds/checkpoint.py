@@ -1,4 +1,4 @@
-"""Checkpoints of a run directory, auto-resume, the universal path, and ``mst-ds export``.
+"""Checkpoints of a run directory, auto-resume, the universal path (``mst-ds export``: :mod:`mst_ds.export`).
 
 Layout::
 
@@ -451,7 +451,7 @@ def load_teacher_student(path: str | Path, cfg=None) -> tuple[dict[str, torch.Te
 
 
 # --------------------------------------------------------------------------------------------------
-# mst-ds export
+# The run a checkpoint belongs to (eval, export)
 # --------------------------------------------------------------------------------------------------
 def run_dir_of(path: str | Path) -> Path | None:
     """RUN for RUN, RUN/checkpoints or RUN/checkpoints/TAG (the directory holding config.yaml)."""
@@ -470,51 +470,3 @@ def run_config(path: str | Path, sets: list[str] | tuple[str, ...] = ()):
     if run_dir is None:
         raise UsageError(f"{path}: no config.yaml in its run directory (not a run of mst-ds train)")
     return load_config(str(run_dir / "config.yaml"), sets).config
-
-
-def export_backbone(path: str | Path, out: str | Path, which: str = "teacher") -> dict[str, Any]:
-    """Write the backbone as timm-keyed safetensors + ``OUT.json`` → the timm model config written.
-
-    Load it with ``timm.create_model(cfg["architecture"], pretrained=True,
-    pretrained_cfg_overlay=dict(file=OUT), **cfg["model_args"])``. The metadata also carries what
-    evaluating it needs (``eval_settings``: network, normalisation, eval section), so ``mst-ds knn
-    --ckpt OUT`` evaluates it as the run would.
-    """
-    from safetensors.torch import save_file
-
-    from mst_ds.eval.features import export_settings
-    from mst_ds.model.backbone import Backbone
-
-    ckpt_dir, tag = resolve(path)
-    cfg = run_config(ckpt_dir)
-    teacher, student = load_teacher_student(ckpt_dir / tag)
-    state = teacher if which == "teacher" else student
-    backbone = Backbone.from_config(cfg.model, drop_path_rate=0.0)
-    prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    tensors = {k: v.contiguous() for k, v in backbone.timm_state_dict().items()}
-    model_cfg = {
-        "architecture": cfg.model.arch,
-        "model_args": {**cfg.model.timm_kwargs, "num_classes": 0, "dynamic_img_size": True},
-        "source": {"checkpoint": str(ckpt_dir / tag), "which": which, "step": read_meta(ckpt_dir / tag)["step"],
-                   "config_hash": cfg.hash()},
-        "patch_size": backbone.patch_size,
-        "eval_settings": export_settings(cfg),
-    }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"mst_ds": json.dumps(model_cfg)})
-    out.with_suffix(".json").write_text(json.dumps(model_cfg, indent=1) + "\n")
-    return model_cfg
-
-
-def run(args) -> int:
-    """``mst-ds export CKPT --out FILE.safetensors [--which teacher|student]``."""
-    if not str(args.out).endswith(".safetensors"):
-        raise UsageError(f"--out {args.out}: expected a .safetensors file name")
-    model_cfg = export_backbone(args.ckpt, args.out, args.which)
-    args_txt = ", ".join(f"{k}={v!r}" for k, v in model_cfg["model_args"].items())
-    print(f"wrote {args.out} ({args.which}, step {model_cfg['source']['step']}); load with\n"
-          f"  timm.create_model({model_cfg['architecture']!r}, pretrained=True, "
-          f"pretrained_cfg_overlay=dict(file={str(args.out)!r}), {args_txt})")
-    return 0

@@ -56,7 +56,7 @@ def _add_set_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", default=None, help="checkpoint directory/tag, run directory, or timm .safetensors export; omitted = random init of --preset")
+    p.add_argument("--ckpt", default=None, help="checkpoint directory/tag, run directory, timm .safetensors export or timm-folder export; omitted = random init of --preset")
     _add_which(p)
     p.add_argument("--train", required=True, help="labelled training data: shards (manifest/dir) or an ImageFolder")
     p.add_argument("--val", required=True, help="labelled validation data: shards (manifest/dir) or an ImageFolder")
@@ -114,10 +114,12 @@ def _train(p):
     _add_local_rank(p)
 
 
-@command("export", "mst_ds.checkpoint", "export a checkpoint's backbone as timm safetensors")
+@command("export", "mst_ds.export", "export a checkpoint's backbone for timm: a .safetensors file or a timm/Hub model folder")
 def _export(p):
     p.add_argument("ckpt", help="checkpoint tag directory or run directory (newest complete checkpoint)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True, help="output .safetensors file, or the folder of --format timm-folder")
+    p.add_argument("--format", choices=["safetensors", "timm-folder"], default="safetensors",
+                   help="timm-folder: config.json + model.safetensors + README.md, loaded by timm.create_model('local-dir:OUT')")
     _add_which(p)
 
 

@@ -188,7 +188,7 @@ def test_a_trained_run_through_every_command(trained_run, digits_shards, tmp_pat
     the report with the run's training curves."""
     import shutil
 
-    from mst_ds.checkpoint import export_backbone
+    from mst_ds.export import export_backbone
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from mst_ds.config import UsageError
 from mst_ds.data.manifest import is_shard_dir
-from mst_ds.eval.features import IMAGE_SUFFIXES, is_random, load_backbone, resolve_config
+from mst_ds.eval.features import IMAGE_SUFFIXES, is_random, load_backbone, resolve_config, weights_file
 from mst_ds.model.backbone import Backbone
 
 HEADER = 20  # pixels of the label strip above each figure
@@ -319,8 +319,9 @@ def load_models(ckpts: list[str], preset: str, sets: list[str], which: str):
     """--ckpt values ('random' or paths) → ([Model], config of the first)."""
     models, cfgs = [], []
     for ckpt in ckpts or ["random"]:
-        cfg = resolve_config(None if is_random(ckpt) else ckpt, preset, sets)
-        models.append(Model(model_label(ckpt), load_backbone(None if is_random(ckpt) else ckpt, cfg, which)))
+        weights = None if is_random(ckpt) else weights_file(ckpt)
+        cfg = resolve_config(weights, preset, sets)
+        models.append(Model(model_label(ckpt), load_backbone(weights, cfg, which)))
         cfgs.append(cfg)
     labels = [m.label for m in models]
     for i, m in enumerate(models):  # two checkpoints of the same run name: make the columns distinct

@@ -46,6 +46,24 @@ def is_random(ckpt: str | None) -> bool:
     return ckpt is None or str(ckpt) == RANDOM
 
 
+TIMM_WEIGHTS = "model.safetensors"  # timm's HF_SAFE_WEIGHTS_NAME: what local-dir: / hf-hub: load
+TIMM_CONFIG = "config.json"
+
+
+def is_timm_folder(path: str | Path) -> bool:
+    """A timm / Hub model folder (``config.json`` + ``model.safetensors``; ``mst-ds export --format
+    timm-folder`` writes one), not a run directory."""
+    p = Path(path)
+    return (p.is_dir() and (p / TIMM_CONFIG).is_file() and (p / TIMM_WEIGHTS).is_file()
+            and not (p / "config.yaml").exists())
+
+
+def weights_file(ckpt: str | None) -> str | None:
+    """``--ckpt`` with a timm folder replaced by its ``model.safetensors`` (its metadata carries the
+    eval settings); anything else unchanged."""
+    return str(Path(ckpt) / TIMM_WEIGHTS) if ckpt is not None and is_timm_folder(ckpt) else ckpt
+
+
 def safetensors_model_meta(path: Path) -> dict[str, Any] | None:
     """The timm model description ``mst-ds export`` stores in the file's metadata, if any."""
     from safetensors import safe_open
@@ -67,7 +85,8 @@ def export_keys() -> list[str]:
     from mst_ds.config import EvalConfig
 
     # eval.monitor is the training run's online k-NN (its data paths), not how to evaluate the network.
-    return ["model.arch", "model.timm_kwargs", "augment.mean", "augment.std",
+    # model.fused_attn: the attention path changes the features' last bits, and with them k-NN ties.
+    return ["model.arch", "model.timm_kwargs", "model.fused_attn", "augment.mean", "augment.std",
             *(f"eval.{name}" for name in EvalConfig.model_fields if name != "monitor")]
 
 
@@ -481,6 +500,8 @@ def default_out_dir(ckpt: str | None, preset: str) -> Path:
     if is_random(ckpt):
         return Path("runs") / "eval" / f"random_{Path(preset).stem}"
     path = Path(ckpt)
+    if is_timm_folder(path):  # beside the folder: the folder stays what is pushed / shared
+        return path.parent / f"eval_{path.name}"
     run_dir = ckpt_mod.run_dir_of(path)
     if run_dir is not None:
         return run_dir / "eval"
@@ -506,7 +527,8 @@ class EvalContext:
         from mst_ds.cli import DEFAULT_PRESET
         from mst_ds.data.reader import _is_imagefolder, open_manifest
 
-        ckpt = None if is_random(args.ckpt) else args.ckpt
+        given = None if is_random(args.ckpt) else args.ckpt
+        ckpt = weights_file(given)
         cfg = resolve_config(ckpt, args.preset, args.sets)
         which = export_which(ckpt, args.which)
         preset = args.preset or DEFAULT_PRESET
@@ -516,7 +538,7 @@ class EvalContext:
             if not _is_imagefolder(source):
                 open_manifest(source)  # every listed shard present, before any rank starts
         dist_info = init_dist()
-        out = Path(args.out) if args.out else default_out_dir(ckpt, preset)
+        out = Path(args.out) if args.out else default_out_dir(given, preset)
         if dist_info.is_main:
             out.mkdir(parents=True, exist_ok=True)
         return cls(cfg, ckpt=ckpt, which=which, out_dir=out, dist_info=dist_info,
