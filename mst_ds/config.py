@@ -228,6 +228,10 @@ class RunConfig(Section):
     schedule_steps: int | None = Field(None, gt=0, description="Stretch schedules over this many steps instead of epochs × steps_per_epoch (CPU budgets).")
     time_limit_min: float | None = Field(None, gt=0, description="Safety cap in minutes: stop (with a checkpoint) after this time.")
     on_alert: Literal["warn", "stop"] = Field("warn", description="A health alert (see `health`) only warns, or stops the run cleanly with a checkpoint.")
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers of rank 0 (mst_ds.trackers); "
+        "wandb / mlflow need pip install '.[wandb]' / '.[mlflow]'. metrics.jsonl is always written.")
+    tracker_project: str = Field("mst_ds", min_length=1, description="W&B project / MLflow experiment name.")
 
 
 class HealthConfig(Section):
@@ -248,6 +252,7 @@ class HealthConfig(Section):
 
 # Settings that do not change the training trajectory: left out of MSTConfig.hash().
 HASH_IGNORE = ("run.name", "run.output_dir", "run.log_every", "run.max_steps", "run.time_limit_min", "run.on_alert",
+               "run.loggers", "run.tracker_project",
                "checkpoint", "eval", "health", "data.train", "data.val")
 
 
