@@ -21,16 +21,17 @@ DEFAULT_PRESET = "mst_deit_s_100ep"
 __all__ = ["ConfigError", "RunFailure", "UsageError", "main"]
 
 
-def parse_positive_list(text: str | None, default: list, kind: type, flag: str) -> list:
-    """``--flag 1,2,3`` → [kind(x) ...], all positive; None → ``default``. Bad text: one line, exit 2."""
+def parse_positive_list(text: str | None, default: list, kind: type, flag: str, *, allow_zero: bool = False) -> list:
+    """``--flag 1,2,3`` → [kind(x) ...], all positive (or ≥ 0 with ``allow_zero``); None → ``default``.
+    Bad text: one line, exit 2."""
     if text is None:
         return list(default)
     try:
         values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
-    if not values or any(not (v > 0) for v in values):
-        raise UsageError(f"{flag} {text!r}: expected positive values")
+    if not values or any(not (v >= 0 if allow_zero else v > 0) for v in values):
+        raise UsageError(f"{flag} {text!r}: expected {'values ≥ 0' if allow_zero else 'positive values'}")
     return values
 
 

@@ -268,16 +268,10 @@ def parse_lrs(text: str | None, default: list[float], flag: str = "--lr-sweep") 
 
 
 def parse_wds(text: str | None, default: list[float]) -> list[float]:
-    """``--wd-grid 0,1e-4`` → floats ≥ 0 (0 is a weight decay; parse_positive_list refuses it)."""
-    if text is None:
-        return list(default)
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--wd-grid {text!r}: expected comma-separated numbers") from None
-    if not values or any(not (v >= 0) for v in values):
-        raise UsageError(f"--wd-grid {text!r}: expected values ≥ 0")
-    return values
+    """``--wd-grid 0,1e-4`` → floats ≥ 0 (0 is a weight decay)."""
+    from mst_ds.cli import parse_positive_list
+
+    return parse_positive_list(text, default, float, "--wd-grid", allow_zero=True)
 
 
 def head_grid(args, cfg) -> tuple[list[float], list[float], float]:
