@@ -21,6 +21,7 @@ exactly, W&B keeps its first values); MLflow appends the repeated steps' values.
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def _import(name: str):
 class WandB:
     def __init__(self, run_dir: Path, cfg: MSTConfig) -> None:
         wandb = _import("wandb")
-        run_id = _ids(run_dir).get("wandb") or wandb.util.generate_id()
+        run_id = _ids(run_dir).get("wandb") or secrets.token_hex(4)  # W&B ids: lowercase alphanumerics
         (run_dir / "wandb").mkdir(exist_ok=True)
         self._run = wandb.init(project=cfg.run.tracker_project, name=cfg.run.name, id=run_id, resume="allow",
                                dir=str(run_dir), config={**cfg.to_dict(), "identity": identity(run_dir, cfg)},
