@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--strict", action="store_true", help="an unreadable input is an error (exit 2)")
     w.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="images whose header claims more pixels are unreadable (decompression bombs)")
+    w.add_argument("--classes", default=None, metavar="FILE|imagenet100",
+                   help="write only these classes: a file of one wnid or folder name per line, or imagenet100 "
+                        "(CMC's ImageNet-100); kept classes are numbered 0..K-1 in source order (use the same list for train and val)")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
 
     v = sub.add_parser("verify", help="check every shard against its manifest (exit 1 on any finding)")
@@ -56,17 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _write(args) -> int:
     from rich.console import Console
 
+    from data_tools.subsets import read_class_list
     from data_tools.writer import write_shards
 
+    classes = read_class_list(args.classes) if args.classes is not None else None
     res = write_shards(args.src, args.out, split=args.split, layout=args.layout, val_labels=args.val_labels,
                        max_count=args.max_count, workers=args.workers, seed=args.seed, strict=args.strict,
-                       progress=not args.quiet, max_pixels=args.max_pixels)
+                       progress=not args.quiet, max_pixels=args.max_pixels, classes=classes)
     m = res.manifest
     mb = m.total_bytes / 1e6
     Console(stderr=True, soft_wrap=True).print(
         f"wrote {res.written} shard(s), kept {res.kept} from an earlier run: {m.total:,} images in {len(m.shards)} shard(s), "
         f"{len(m.classes)} classes, {mb:,.1f} MB, {m.total / max(res.seconds, 1e-9):,.0f} images/s, "
-        f"{mb / max(res.seconds, 1e-9):,.1f} MB/s; {len(m.unreadable)} unreadable inputs → {res.path}", markup=False)
+        f"{mb / max(res.seconds, 1e-9):,.1f} MB/s; {len(m.unreadable)} unreadable inputs → {res.path}"
+        + (f" (class subset {m.extra['class_subset']['list']}: {m.extra['class_subset']['count']} of "
+           f"{m.extra['class_subset']['of']} classes)" if "class_subset" in m.extra else ""), markup=False)
     for u in m.unreadable[:20]:
         print(f"  unreadable: {u}", file=sys.stderr)
     if len(m.unreadable) > 20:

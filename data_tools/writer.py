@@ -342,6 +342,28 @@ def list_source(src: Path, layout: str, split: str, val_labels: Path | None) -> 
     return list_ilsvrc_val(src, val_labels)
 
 
+def select_classes(listing: SourceListing, names: list[str], label: str) -> tuple[SourceListing, dict]:
+    """Keep the listed classes (matched by wnid or folder name), renumbered 0…K−1 in source order →
+    (subset listing, manifest record). A name the source does not have is an error."""
+    known = {c["wnid"]: c for c in listing.classes} | {c["name"]: c for c in listing.classes}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f", … ({len(unknown)} in all)" if len(unknown) > 5 else "")
+        raise WriteError(f"--classes {label}: {len(unknown)} class(es) not in the source: {shown}")
+    wanted = {known[n]["index"] for n in names}
+    kept = [c for c in listing.classes if c["index"] in wanted]
+    new_index = {c["index"]: i for i, c in enumerate(kept)}
+    classes = [{**c, "index": new_index[c["index"]]} for c in kept]
+    samples = [s._replace(label=new_index[s.label]) for s in listing.samples if s.label in new_index]
+    wnids = [c["wnid"] for c in classes]
+    record = {"list": label, "count": len(classes), "of": len(listing.classes),
+              "sha256": hashlib.sha256("\n".join(wnids).encode()).hexdigest()[:16]}
+    # Unreadable inputs of the classes left out are no concern of this subset.
+    dropped = {c["name"] for c in listing.classes if c["index"] not in wanted}
+    unreadable = [u for u in listing.unreadable if u.split("/", 1)[0] not in dropped]
+    return SourceListing(samples, classes, unreadable), record
+
+
 # --------------------------------------------------------------------------------------------------
 # Shards
 # --------------------------------------------------------------------------------------------------
@@ -879,8 +901,10 @@ def _cleanup(folder: OutFolder, keep: set[str]) -> None:
 
 def write_shards(src: str | Path, out: str | Path, *, split: str = "train", layout: str = "imagefolder",
                  val_labels: str | Path | None = None, max_count: int = 256, workers: int = 1, seed: int = 0,
-                 strict: bool = False, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> WriteResult:
-    """Write (or finish writing) the shards of ``src`` into ``out``; returns the manifest written last."""
+                 strict: bool = False, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 classes: tuple[str, list[str]] | None = None) -> WriteResult:
+    """Write (or finish writing) the shards of ``src`` into ``out``; returns the manifest written last.
+    ``classes``: (label, names) of a class subset (:mod:`data_tools.subsets`), else every class."""
     if max_count < 1:
         raise WriteError(f"--max-count must be ≥ 1 (got {max_count})")
     if workers < 1:
@@ -890,6 +914,9 @@ def write_shards(src: str | Path, out: str | Path, *, split: str = "train", layo
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     listing = list_source(src, layout, split, Path(val_labels) if val_labels else None)
+    subset = None
+    if classes is not None:
+        listing, subset = select_classes(listing, classes[1], classes[0])
     if strict and listing.unreadable:
         raise WriteError(f"unreadable input (--strict): {listing.unreadable[0]}")
     if not listing.samples:
@@ -916,6 +943,8 @@ def write_shards(src: str | Path, out: str | Path, *, split: str = "train", layo
         )
         if max_pixels != DEFAULT_MAX_PIXELS:
             manifest.extra["max_pixels"] = max_pixels
+        if subset is not None:
+            manifest.extra["class_subset"] = subset
         # Chosen again now: a writer of another split into the same new folder may have taken index.json.
         manifest.index_name = folder.index_name = _manifest_name(out, split, manifests_in(out))
         try:

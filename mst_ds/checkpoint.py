@@ -1,4 +1,4 @@
-"""Checkpoints of a run directory, auto-resume, the universal path, and ``mst-ds export``.
+"""Checkpoints of a run directory, auto-resume, the universal path (``mst-ds export``: :mod:`mst_ds.export`).
 
 Layout::
 
@@ -516,7 +516,7 @@ def load_teacher_student(path: str | Path, cfg=None) -> tuple[dict[str, torch.Te
 
 
 # --------------------------------------------------------------------------------------------------
-# mst-ds export
+# The run a checkpoint belongs to (eval, export)
 # --------------------------------------------------------------------------------------------------
 def run_dir_of(path: str | Path) -> Path | None:
     """RUN for RUN, RUN/checkpoints or RUN/checkpoints/TAG (the directory holding config.yaml)."""
@@ -535,85 +535,3 @@ def run_config(path: str | Path, sets: list[str] | tuple[str, ...] = ()):
     if run_dir is None:
         raise UsageError(f"{path}: no config.yaml in its run directory (not a run of mst-ds train)")
     return load_config(str(run_dir / "config.yaml"), sets).config
-
-
-def _earlier_export(out: Path) -> bool:
-    """``out`` and ``out.json`` are an earlier ``mst-ds export``: the sidecar repeats the file's metadata."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(out), framework="pt") as f:
-            stored = json.loads((f.metadata() or {})["mst_ds"])
-        return stored == json.loads(out.with_suffix(".json").read_text())
-    except Exception:  # unreadable, foreign, no metadata, no sidecar: not ours
-        return False
-
-
-def check_export_out(out: Path, force: bool) -> None:
-    """Refuse (one line) an ``--out`` that names a directory, or whose file or ``.json`` sidecar exists
-    and is not an earlier export (``--force`` replaces it)."""
-    sidecar = out.with_suffix(".json")
-    for p in (out, sidecar):
-        if p.is_dir():
-            raise UsageError(f"--out {out}: {p} is a directory")
-    place = next(p for p in out.absolute().parents if p.exists())  # the folder that holds or will hold it
-    if not place.is_dir() or not os.access(place, os.W_OK | os.X_OK):
-        why = "not a directory" if not place.is_dir() else "permission denied"
-        raise UsageError(f"--out {out}: cannot write ({place}: {why})")
-    existing = [p for p in (out, sidecar) if p.exists()]
-    if existing and not force and not _earlier_export(out):
-        raise UsageError(f"--out {out}: {existing[0]} exists and is not an earlier export (it would be "
-                         "overwritten); choose another name, or --force to replace it")
-
-
-def export_backbone(path: str | Path, out: str | Path, which: str = "teacher", *, force: bool = False) -> dict[str, Any]:
-    """Write the backbone as timm-keyed safetensors + ``OUT.json`` → the timm model config written.
-
-    Load it with ``timm.create_model(cfg["architecture"], pretrained=True,
-    pretrained_cfg_overlay=dict(file=OUT), **cfg["model_args"])``. The metadata also carries what
-    evaluating it needs (``eval_settings``: network, normalisation, eval section), so ``mst-ds knn
-    --ckpt OUT`` evaluates it as the run would.
-    """
-    from safetensors.torch import save_file
-
-    from mst_ds.eval.features import ExportMeta, export_settings
-    from mst_ds.model.backbone import Backbone
-
-    out = Path(out)
-    check_export_out(out, force)
-    ckpt_dir, tag = resolve(path)
-    cfg = run_config(ckpt_dir)
-    teacher, student = load_teacher_student(ckpt_dir / tag)
-    state = teacher if which == "teacher" else student
-    backbone = Backbone.from_config(cfg.model, drop_path_rate=0.0)
-    prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    tensors = {k: v.contiguous() for k, v in backbone.timm_state_dict().items()}
-    model_cfg = ExportMeta.model_validate({
-        "architecture": cfg.model.arch,
-        "model_args": {**cfg.model.timm_kwargs, "num_classes": 0, "dynamic_img_size": True},
-        "source": {"checkpoint": str(ckpt_dir / tag), "which": which, "step": read_meta(ckpt_dir / tag)["step"],
-                   "config_hash": cfg.hash()},
-        "patch_size": backbone.patch_size,
-        "eval_settings": export_settings(cfg),
-    }).model_dump(mode="json")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic.atomic_path(out) as tmp:
-            save_file(tensors, str(tmp), metadata={"mst_ds": json.dumps(model_cfg)})
-        _atomic_write(out.with_suffix(".json"), json.dumps(model_cfg, indent=1) + "\n")
-    except OSError as err:
-        raise UsageError(f"--out {out}: cannot write ({err.strerror or err})") from None
-    return model_cfg
-
-
-def run(args) -> int:
-    """``mst-ds export CKPT --out FILE.safetensors [--which teacher|student]``."""
-    if not str(args.out).endswith(".safetensors"):
-        raise UsageError(f"--out {args.out}: expected a .safetensors file name")
-    model_cfg = export_backbone(args.ckpt, args.out, args.which, force=args.force)
-    args_txt = ", ".join(f"{k}={v!r}" for k, v in model_cfg["model_args"].items())
-    print(f"wrote {args.out} ({args.which}, step {model_cfg['source']['step']}); load with\n"
-          f"  timm.create_model({model_cfg['architecture']!r}, pretrained=True, "
-          f"pretrained_cfg_overlay=dict(file={str(args.out)!r}), {args_txt})")
-    return 0

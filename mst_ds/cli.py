@@ -21,16 +21,17 @@ DEFAULT_PRESET = "mst_deit_s_100ep"
 __all__ = ["ConfigError", "RunFailure", "UsageError", "main"]
 
 
-def parse_positive_list(text: str | None, default: list, kind: type, flag: str) -> list:
-    """``--flag 1,2,3`` → [kind(x) ...], all positive; None → ``default``. Bad text: one line, exit 2."""
+def parse_positive_list(text: str | None, default: list, kind: type, flag: str, *, allow_zero: bool = False) -> list:
+    """``--flag 1,2,3`` → [kind(x) ...], all positive (or ≥ 0 with ``allow_zero``); None → ``default``.
+    Bad text: one line, exit 2."""
     if text is None:
         return list(default)
     try:
         values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
-    if not values or any(not (v > 0) for v in values):
-        raise UsageError(f"{flag} {text!r}: expected positive values")
+    if not values or any(not (v >= 0 if allow_zero else v > 0) for v in values):
+        raise UsageError(f"{flag} {text!r}: expected {'values ≥ 0' if allow_zero else 'positive values'}")
     return values
 
 
@@ -56,7 +57,7 @@ def _add_set_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", default=None, help="checkpoint directory/tag, run directory, or timm .safetensors export; omitted = random init of --preset")
+    p.add_argument("--ckpt", default=None, help="checkpoint directory/tag, run directory, timm .safetensors export or timm-folder export; omitted = random init of --preset")
     _add_which(p)
     p.add_argument("--train", required=True, help="labelled training data: shards (manifest/dir) or an ImageFolder")
     p.add_argument("--val", required=True, help="labelled validation data: shards (manifest/dir) or an ImageFolder")
@@ -114,11 +115,13 @@ def _train(p):
     _add_local_rank(p)
 
 
-@command("export", "mst_ds.checkpoint", "export a checkpoint's backbone as timm safetensors")
+@command("export", "mst_ds.export", "export a checkpoint's backbone for timm: a .safetensors file or a timm/Hub model folder")
 def _export(p):
     p.add_argument("ckpt", help="checkpoint tag directory or run directory (newest complete checkpoint)")
-    p.add_argument("--out", required=True, help="output .safetensors file (and its .json sidecar)")
-    p.add_argument("--force", action="store_true", help="replace --out and its .json even if they are not an earlier export")
+    p.add_argument("--out", required=True, help="output .safetensors file, or the folder of --format timm-folder")
+    p.add_argument("--format", choices=["safetensors", "timm-folder"], default="safetensors",
+                   help="timm-folder: config.json + model.safetensors + README.md, loaded by timm.create_model('local-dir:OUT')")
+    p.add_argument("--force", action="store_true", help="replace existing targets even if they are not an earlier export")
     _add_which(p)
 
 
@@ -137,6 +140,11 @@ def _linear(p):
     p.add_argument("--probe", choices=["cls", "dino"], default="dino", help="cls: last CLS token; dino: last n blocks' CLS concatenated")
     p.add_argument("--epochs", type=int, default=None, help="default: eval.linear_epochs")
     p.add_argument("--lr-sweep", default=None, help="comma-separated extra lrs (at batch 1024) trained in the same pass, one head each (default: eval.linear_lr_sweep)")
+    p.add_argument("--lr-grid", default=None, help="comma-separated lrs (at batch 1024) replacing eval.linear_lr and eval.linear_lr_grid "
+                   "(e.g. 0.00024 with --holdout 0: the paper's single head)")
+    p.add_argument("--wd-grid", default=None, help="comma-separated weight decays, each with every lr (default: eval.linear_wd_grid)")
+    p.add_argument("--holdout", type=float, default=None, help="fraction of the training samples held out to choose the best head "
+                   "(default: eval.linear_holdout; the val set is never used to choose)")
     p.add_argument("--avgpool", action="store_true", default=None, help="append average-pooled patch tokens (default: eval.avgpool_patch_tokens)")
     p.add_argument("--no-augment", action="store_true", help="train on cached center-crop features instead of random-resized-crop + flip (fast on CPU; not the paper's protocol)")
     _add_local_rank(p)

@@ -219,6 +219,19 @@ class EvalConfig(Section):
     linear_epochs: int = Field(100, gt=0, description="[S §5]")
     linear_momentum: float = Field(0.9, ge=0, lt=1, description="[D] SGD momentum.")
     linear_lr_sweep: list[float] = Field(default_factory=list, description="Extra lrs trained in the same pass (one head each).")
+    # DINOv2's linear-eval grid (eval/linear.py: 1e-5 … 0.1 at batch 256) expressed at batch 1024 (× 4),
+    # extended to 8: a small data set gives a probe few steps (tiny on the demo's digits: ~6 per epoch),
+    # and measured there the best head sat at the grid's top. A head that diverges only stops itself.
+    linear_lr_grid: list[float] = Field(
+        default_factory=lambda: [4e-5, 8e-5, 2e-4, 4e-4, 8e-4, 2e-3, 4e-3, 8e-3, 0.02, 0.04, 0.08, 0.2, 0.4,
+                                 1.0, 2.0, 4.0, 8.0],
+        description="DINOv2 linear-eval grid: lrs at batch 1024 trained together with linear_lr and linear_lr_sweep (one head each); "
+                    "the best is chosen on the held-out part of the training data.")
+    linear_wd_grid: list[float] = Field(default_factory=lambda: [0.0], description="Weight decays: every lr is "
+                                        "trained with each (one head per pair).")
+    linear_holdout: float = Field(0.1, ge=0, lt=0.5, description="Fraction of the training samples (chosen by "
+                                  "a hash of the sample key) held out to pick the best head; 0 = train on all "
+                                  "(then only a single head is allowed: nothing to pick on).")
     n_last_blocks: int = Field(4, ge=1, description="[D] DINO probe: class tokens of the last n blocks concatenated.")
     avgpool_patch_tokens: bool = Field(False, description="[D] DINO option: append average-pooled patch tokens.")
     image_size: int = Field(224, gt=0, description="[S §4] center crop size (resize to image_size·256/224 first).")
@@ -233,6 +246,10 @@ class RunConfig(Section):
     schedule_steps: int | None = Field(None, gt=0, description="Stretch schedules over this many steps instead of epochs × steps_per_epoch (CPU budgets).")
     time_limit_min: float | None = Field(None, gt=0, description="Safety cap in minutes: stop (with a checkpoint) after this time.")
     on_alert: Literal["warn", "stop"] = Field("warn", description="A health alert (see `health`) only warns, or stops the run cleanly with a checkpoint.")
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Experiment trackers of rank 0 (mst_ds.trackers); "
+        "wandb / mlflow need pip install '.[wandb]' / '.[mlflow]'. metrics.jsonl is always written.")
+    tracker_project: str = Field("mst_ds", min_length=1, description="W&B project / MLflow experiment name.")
 
 
 class HealthConfig(Section):
@@ -253,6 +270,7 @@ class HealthConfig(Section):
 
 # Settings that do not change the training trajectory: left out of MSTConfig.hash().
 HASH_IGNORE = ("run.name", "run.output_dir", "run.log_every", "run.max_steps", "run.time_limit_min", "run.on_alert",
+               "run.loggers", "run.tracker_project",
                "checkpoint", "eval", "health", "data.train", "data.val")
 
 

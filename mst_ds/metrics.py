@@ -1,4 +1,5 @@
-"""Training metrics: a rich progress line on rank 0, ``RUN/metrics.jsonl`` and TensorBoard scalars.
+"""Training metrics: a rich progress line on rank 0, ``RUN/metrics.jsonl`` and the experiment trackers
+of ``run.loggers`` (TensorBoard by default; W&B, MLflow: :mod:`mst_ds.trackers`).
 
 Only rank 0 writes. On resume, records past the resumed step are dropped from the JSONL and purged
 from TensorBoard, so a run killed and resumed has the same history as one that never stopped.
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 
 from mst_ds import atomic
+from mst_ds.config import MSTConfig
+from mst_ds.trackers import open_trackers
 
 # The scalars MSTModel.forward returns (averaged over ranks every step); the last two are diagnostics
 # beyond the issue's list: teacher attention and output entropies (collapse watch).
@@ -57,20 +60,17 @@ class MetricsLogger:
     """Rank-0 sink for scalars: JSONL, TensorBoard, rich progress (``enabled`` False on other ranks)."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, start_step: int, total_steps: int,
-                 steps_per_epoch: int, progress: bool = True) -> None:
+                 steps_per_epoch: int, progress: bool = True, cfg: MSTConfig | None = None) -> None:
         self.enabled = enabled
         self.jsonl = run_dir / "metrics.jsonl"
-        self._tb = None
+        self._trackers: list = []
         self._progress = None
         self._start = time.monotonic()
         self._start_step = start_step
         if not enabled:
             return
         truncate_jsonl(self.jsonl, start_step if start_step else -1)  # a fresh start rewrites step 0 too
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step drops TensorBoard events past the resume point.
-        self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self._trackers = open_trackers(run_dir, cfg, start_step)
         self.steps_per_epoch = steps_per_epoch
         if progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -88,9 +88,9 @@ class MetricsLogger:
         record.update({k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in scalars.items()})
         with self.jsonl.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for k, v in scalars.items():
-            self._tb.add_scalar(f"train/{k}", float(v), step)
-        self._tb.flush()
+        values = {k: float(v) for k, v in scalars.items()}
+        for tracker in self._trackers:
+            tracker.log(step, values)
 
     def progress(self, step: int, epoch: int, scalars: dict[str, float]) -> None:
         if self._progress is None:
@@ -110,5 +110,6 @@ class MetricsLogger:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []

@@ -440,7 +440,7 @@ def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool, 
 
     spe = d.steps_per_epoch  # the loader's plan (derive_for_training): schedules and epochs agree
     log = MetricsLogger(run_dir, enabled=t.rank == 0, start_step=t.step, total_steps=end,
-                        steps_per_epoch=spe, progress=progress)
+                        steps_per_epoch=spe, progress=progress, cfg=cfg)
     corrupt = CorruptLog(run_dir, rank=t.rank, total=t.corrupt, start_step=t.step)
     started = time.monotonic()
     deadline = started + cfg.run.time_limit_min * 60 if cfg.run.time_limit_min else None

@@ -90,7 +90,7 @@ def test_side_by_side_figure_sizes(photos, tmp_path, tiny_backbone):
     heads = cfg.model.timm_kwargs["num_heads"]
     for path in index["heads"]:
         with Image.open(path) as im:
-            assert im.size == ((heads + 1) * tile, HEADER + 2 * tile)
+            assert im.size == ((heads + 2) * tile, HEADER + 2 * tile)  # input | head 0 … | mean
     with Image.open(out / "compare.png") as im:
         a = np.asarray(im)
     # the model columns differ from the input column (the overlay is drawn)
@@ -150,3 +150,45 @@ def test_bad_video_input_is_one_line(tmp_path, capsys):
     assert main(["attn", "--preset", "tiny", str(bogus), "--video", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read this video" in err[0]
+
+
+def test_heads_figure_panels_blocks_and_threshold(tiny_backbone, tmp_path):
+    """A 4 × 4 token grid: columns input | each head | mean, rows attention | 60 % of the mass, each
+    token drawn as a block of one colour (nearest, not blurred), the kept tokens tinted."""
+    from mst_ds.eval.attention import KEPT_RGB, attention_maps, heads_figure
+
+    backbone, cfg = tiny_backbone
+    size = cfg.eval.image_size
+    x = torch.zeros(1, 3, size, size)  # a uniform image: every colour on a map tile comes from the map
+    maps = attention_maps(backbone, x, keep=0.6)[0]
+    rgb = np.full((size, size, 3), 128, np.uint8)
+    tile = tile_size(size)
+    grid = (size // backbone.patch_size,) * 2
+    assert grid == (4, 4)
+    fig, panels = heads_figure(rgb, maps, tile, 0.6, grid)
+    heads = backbone.num_heads
+    assert panels["columns"] == ["input", *[f"head {h}" for h in range(heads)], "mean"]
+    assert panels["rows"] == ["attention", "60% of mass"]
+    assert fig.size == ((heads + 2) * tile, HEADER + 2 * tile)
+    a = np.asarray(fig).astype(int)
+    block = tile // 4
+    for col in range(1, heads + 2):
+        distinct = set()
+        for i in range(4):
+            for j in range(4):
+                y0, x0 = HEADER + i * block + 3, col * tile + j * block + 3
+                inner = a[y0:y0 + block - 6, x0:x0 + block - 6]
+                if i == 0 and j == 0:
+                    continue  # the row label sits in the first tile's corner
+                assert (inner == inner[0, 0]).all()  # one colour per token: a block, not a blur
+                distinct.add(tuple(inner[0, 0]))
+        assert len(distinct) > 1  # the map is drawn (not one flat colour)
+    # bottom row, mean column: the kept tokens (the smallest set with 60 % of the mass) are tinted cyan
+    kept = threshold_mass(maps.mean[::backbone.patch_size, ::backbone.patch_size], 0.6)
+    col = heads + 1
+    for i in range(4):
+        for j in range(4):
+            y, x0 = HEADER + tile + i * block + block // 2, col * tile + j * block + block // 2
+            tinted = a[y, x0, 1] > a[y, x0, 0] + 50  # cyan: green well above red
+            assert tinted == bool(kept[i, j]), (i, j)
+    assert KEPT_RGB.tolist() == [0, 255, 255]

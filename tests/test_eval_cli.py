@@ -73,15 +73,20 @@ def test_timm_safetensors_export_evaluates_like_the_network_it_holds(digits, tmp
 def test_linear_probe_command_and_resume(digits, tmp_path, capsys):
     out = tmp_path / "lin"
     args = ["linear", "--preset", "tiny", "--train", str(digits.train), "--val", str(digits.val), "--out", str(out),
-            "--num-workers", "0", "--probe", "dino", "--epochs", "8", "--lr-sweep", "0.05,10", "--no-augment",
-            "--set", "eval.n_last_blocks=2", "--set", "eval.linear_batch_size=128"]
+            "--num-workers", "0", "--probe", "dino", "--epochs", "8", "--lr-grid", "0.00024", "--lr-sweep", "0.05,10",
+            "--no-augment", "--set", "eval.n_last_blocks=2", "--set", "eval.linear_batch_size=128"]
     assert main(args) == 0
     rec = json.loads((out / "linear_dino.json").read_text())
     assert rec["feature_dim"] == 128 and len(rec["heads"]) == 3
     assert [h["base_lr"] for h in rec["heads"]] == [0.00024, 0.05, 10.0]
     assert rec["heads"][1]["lr"] == pytest.approx(0.05 * 128 / 1024)
-    assert rec["best"]["top1"] == max(h["top1"] for h in rec["heads"])
-    assert rec["best"]["top1"] > 20  # above chance (10 %) after a few steps on random-init features
+    # chosen on the held-out training samples, reported on val
+    sel = rec["selection"]
+    assert sel["on"] == "held-out training samples" and sel["n_holdout"] + sel["n_train"] == digits.train_count
+    assert 0.05 * digits.train_count < sel["n_holdout"] < 0.15 * digits.train_count
+    assert rec["best"]["holdout_top1"] == max(h["holdout_top1"] for h in rec["heads"])
+    assert [h["chosen"] for h in rec["heads"]].count(True) == 1
+    assert max(h["top1"] for h in rec["heads"]) > 20  # above chance (10 %) after a few steps on random-init features
     assert (out / "linear_dino_state.pt").exists()
     capsys.readouterr()
     assert main(args) == 0  # finished state on disk: resumes after epoch 3, trains nothing, same numbers
@@ -89,6 +94,31 @@ def test_linear_probe_command_and_resume(digits, tmp_path, capsys):
     assert json.loads((out / "linear_dino.json").read_text())["heads"] == rec["heads"]
     # other settings with the same state file: refused, nothing overwritten
     assert main([*args[:-1], "eval.linear_batch_size=64"]) == 2
+
+
+def test_linear_grid_is_chosen_on_held_out_training_data_never_on_val(digits, tmp_path, capsys):
+    """The default grid (no flags) picks its head on held-out training samples: scrambling the val
+    labels (class folders renamed in a cycle) changes the val numbers but not which head is chosen."""
+    import shutil
+
+    scrambled = tmp_path / "val_scrambled"
+    names = sorted(p.name for p in digits.val.iterdir())
+    for i, name in enumerate(names):
+        shutil.copytree(digits.val / name, scrambled / names[(i + 1) % len(names)])
+    common = ["linear", "--preset", "tiny", "--train", str(digits.train), "--num-workers", "0", "--probe", "cls",
+              "--epochs", "6", "--no-augment", "--set", "eval.linear_batch_size=64"]
+    assert main([*common, "--val", str(digits.val), "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--val", str(scrambled), "--out", str(tmp_path / "b")]) == 0
+    a = json.loads((tmp_path / "a" / "linear_cls.json").read_text())
+    b = json.loads((tmp_path / "b" / "linear_cls.json").read_text())
+    assert len(a["heads"]) >= 10  # the default grid
+    chosen = [h["chosen"] for h in a["heads"]]
+    assert chosen == [h["chosen"] for h in b["heads"]] and chosen.count(True) == 1
+    assert a["best"]["top1"] > 25 > 15 > b["best"]["top1"]  # scrambled labels: near chance, same head
+    # more than one head and no held-out data: refused, one line
+    capsys.readouterr()
+    assert main([*common, "--val", str(digits.val), "--out", str(tmp_path / "c"), "--holdout", "0"]) == 2
+    assert "no held-out training data" in capsys.readouterr().err
 
 
 def test_linear_probe_with_augmentation(digits, tmp_path):
@@ -158,7 +188,7 @@ def test_a_trained_run_through_every_command(trained_run, digits_shards, tmp_pat
     the report with the run's training curves."""
     import shutil
 
-    from mst_ds.checkpoint import export_backbone
+    from mst_ds.export import export_backbone
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

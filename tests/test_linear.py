@@ -89,3 +89,34 @@ def test_feature_batches_split_ranks_evenly():
     assert not set(seen[0].flatten().tolist()) & set(seen[1].flatten().tolist())
     again = torch.cat([b[0] for b in feature_batches(x, y, 4, seed=0, epoch=2, rank=0, world_size=2)])
     assert not torch.equal(again, seen[0])  # a new order every epoch
+
+
+def test_held_out_split_is_a_stable_seeded_fraction():
+    from mst_ds.eval.linear import held_out
+
+    keys = [f"cls{i % 10}/img{i:05d}.png" for i in range(5000)]
+    mask = held_out(keys, 0.1, seed=0)
+    assert 400 < int(mask.sum()) < 600
+    # order- and rank-independent: a sample's fate depends on its key only
+    rev = held_out(keys[::-1], 0.1, seed=0)
+    assert torch.equal(rev.flip(0), mask)
+    assert not torch.equal(held_out(keys, 0.1, seed=1), mask)  # another seed, another split
+    assert not held_out(keys, 0.0, seed=0).any()
+
+
+def test_choose_takes_the_best_live_head_first_of_equals():
+    from mst_ds.eval.linear import choose
+
+    heads = [{"top1": 50.0, "diverged": False}, {"top1": None, "diverged": True},
+             {"top1": 70.0, "diverged": False}, {"top1": 70.0, "diverged": False}]
+    assert choose(heads) == 2
+    assert choose([{"top1": None, "diverged": True}]) is None
+
+
+def test_weight_decay_grid_heads_differ_only_by_decay(digits):
+    xt, yt, _, _ = digits
+    bank = train_on_features(HeadBank(64, 10, [0.2, 0.2], wds=[0.0, 0.1], seed=0), xt, yt, epochs=2,
+                             batch_size=64, seed=0)
+    assert bank.optimizers[1].param_groups[0]["weight_decay"] == 0.1
+    # decay shrinks the weights
+    assert bank.heads[1].linear.weight.norm() < bank.heads[0].linear.weight.norm()

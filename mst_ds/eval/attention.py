@@ -9,13 +9,16 @@ Outputs (``--out``):
 
 * ``compare.png`` / ``compare_thresholded.png``: one row per image, columns input | model A | model B …
   (head-averaged attention over the image; the thresholded mask) — the paper's Fig. 1;
-* ``<model>/<image>_heads.png``: per head and averaged, raw (top row) and thresholded (bottom row);
+* ``<model>/<image>_heads.png``: columns input | head 0 … | mean, each labelled with its peak share
+  of the attention; top row the map over the input, bottom row the region holding ``keep`` of the
+  mass (tinted and outlined; the rest dimmed); ``attention.json`` lists the panels;
 * ``--video``: a video file (anything imageio can read here — GIF always, mp4 with imageio-ffmpeg/pyav)
   or a folder of frames → ``frames/frame_NNNNN.png`` (input | model A | …, one per frame), assembled
   into ``attention.mp4`` when an ffmpeg binary is available, else ``attention.gif``.
 
 Figures are composed with PIL at exact pixel sizes: every tile is ``tile_size(image_size)`` pixels
-(the image upscaled by an integer factor to ≥ 224 px), plus a ``HEADER``-pixel label strip on top.
+(the image upscaled by an integer factor to ≥ 224 px, nearest: never blurred), plus a ``HEADER``-pixel
+label strip on top. A token grid of at most 16 × 16 gets patch lines, so each token reads as a block.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from torch import Tensor
 
 from mst_ds.config import UsageError
 from mst_ds.data.manifest import is_shard_dir
-from mst_ds.eval.features import IMAGE_SUFFIXES, is_random, load_backbone, resolve_config
+from mst_ds.eval.features import IMAGE_SUFFIXES, is_random, load_backbone, resolve_config, weights_file
 from mst_ds.model.backbone import Backbone
 
 HEADER = 20  # pixels of the label strip above each figure
@@ -127,10 +130,21 @@ def heat_overlay(rgb: np.ndarray, heat: Tensor, cmap: str = "inferno") -> np.nda
     return (HEAT_ALPHA * colour + (1 - HEAT_ALPHA) * rgb).round().astype(np.uint8)
 
 
+KEPT_RGB = np.array([0, 255, 255])  # cyan: readable over dark and light images alike
+
+
 def mask_overlay(rgb: np.ndarray, mask: Tensor) -> np.ndarray:
-    """uint8 (H,W,3) + bool (H,W) → uint8 (H,W,3): kept region as is, the rest darkened to 20 %."""
-    m = mask.numpy()[..., None]
-    return np.where(m, rgb, (rgb * 0.2).round()).astype(np.uint8)
+    """uint8 (H,W,3) + bool (H,W) → uint8 (H,W,3): the kept region tinted cyan with a cyan outline, the
+    rest dimmed to 35 % (a dark image stays readable, unlike darkening alone)."""
+    m = mask.numpy()
+    out = np.where(m[..., None], 0.55 * rgb + 0.45 * KEPT_RGB, 0.35 * rgb)
+    inner = m.copy()  # 4-neighbour erosion: the outline is the kept pixels with an outside neighbour
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    out[m & ~inner] = KEPT_RGB
+    return out.round().astype(np.uint8)
 
 
 def _tile(arr: np.ndarray, size: int | tuple[int, int]) -> Image.Image:
@@ -138,9 +152,25 @@ def _tile(arr: np.ndarray, size: int | tuple[int, int]) -> Image.Image:
     return Image.fromarray(arr).resize(wh, Image.NEAREST)
 
 
-def compose(rows: list[list[np.ndarray]], labels: list[str], tile: int | tuple[int, int]) -> Image.Image:
+GRID_MAX_TOKENS = 16  # token grids up to 16 × 16 get patch lines: each token reads as a block
+GRID_RGB = (255, 255, 255)
+
+
+def _draw_grid(draw: ImageDraw.ImageDraw, x0: int, y0: int, tw: int, th: int, grid: tuple[int, int]) -> None:
+    gh, gw = grid
+    for i in range(1, gw):
+        x = x0 + round(i * tw / gw)
+        draw.line([(x, y0), (x, y0 + th - 1)], fill=GRID_RGB, width=1)
+    for j in range(1, gh):
+        y = y0 + round(j * th / gh)
+        draw.line([(x0, y), (x0 + tw - 1, y)], fill=GRID_RGB, width=1)
+
+
+def compose(rows: list[list[np.ndarray]], labels: list[str], tile: int | tuple[int, int], *,
+            row_labels: list[str] | None = None, grid: tuple[int, int] | None = None) -> Image.Image:
     """Grid of uint8 (H,W,3) tiles → PIL image of (cols·tw) × (HEADER + rows·th) pixels with a label
-    above each column."""
+    above each column, optionally a label in the corner of each row's first map tile (column 1), and
+    ``grid`` = (h, w) tokens: patch lines over every map tile (column ≥ 1) of a small token grid."""
     tw, th = (tile, tile) if isinstance(tile, int) else tile
     cols = len(labels)
     canvas = Image.new("RGB", (cols * tw, HEADER + len(rows) * th), "white")
@@ -150,15 +180,31 @@ def compose(rows: list[list[np.ndarray]], labels: list[str], tile: int | tuple[i
     for r, row in enumerate(rows):
         for c, arr in enumerate(row):
             canvas.paste(_tile(arr, (tw, th)), (c * tw, HEADER + r * th))
+            if c >= 1 and grid is not None and max(grid) <= GRID_MAX_TOKENS:
+                _draw_grid(draw, c * tw, HEADER + r * th, tw, th, grid)
+        if row_labels and len(row) > 1:
+            x, y = tw + 3, HEADER + r * th + 3
+            box = draw.textbbox((x, y), row_labels[r])
+            draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill="white")
+            draw.text((x, y), row_labels[r], fill="black")
+    for c in range(1, cols):  # column separators: tiles of neighbouring maps never run together
+        draw.line([(c * tw, HEADER), (c * tw, canvas.height)], fill="white", width=2)
     return canvas
 
 
-def heads_figure(rgb: np.ndarray, maps: AttentionMaps, tile: int) -> Image.Image:
-    """(heads+1) columns (each head, then the mean) × 2 rows (raw, thresholded)."""
+def heads_figure(rgb: np.ndarray, maps: AttentionMaps, tile: int, keep: float = 0.6,
+                 grid: tuple[int, int] | None = None) -> tuple[Image.Image, dict]:
+    """(input, each head, mean) columns × 2 rows (attention over the input; the region holding ``keep``
+    of the mass) → (figure, its panel layout)."""
     n = maps.heads.shape[0]
-    raw = [heat_overlay(rgb, maps.heads[h]) for h in range(n)] + [heat_overlay(rgb, maps.mean)]
-    kept = [mask_overlay(rgb, maps.heads_kept[h]) for h in range(n)] + [mask_overlay(rgb, maps.mean_kept)]
-    return compose([raw, kept], [f"head {h}" for h in range(n)] + ["mean"], tile)
+    raw = [rgb] + [heat_overlay(rgb, maps.heads[h]) for h in range(n)] + [heat_overlay(rgb, maps.mean)]
+    kept = [rgb] + [mask_overlay(rgb, maps.heads_kept[h]) for h in range(n)] + [mask_overlay(rgb, maps.mean_kept)]
+    # each head's peak share of the attention: a peaked head (high max) vs a flat one (≈ 1/tokens)
+    peak = [float(maps.heads[h].max()) for h in range(n)] + [float(maps.mean.max())]
+    columns = ["input"] + [f"head {h}" for h in range(n)] + ["mean"]
+    labels = ["input"] + [f"{c} (max {p:.2f})" for c, p in zip(columns[1:], peak)]
+    rows = ["attention", f"{keep:.0%} of mass"]
+    return compose([raw, kept], labels, tile, row_labels=rows, grid=grid), {"columns": columns, "rows": rows}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,8 +365,9 @@ def load_models(ckpts: list[str], preset: str, sets: list[str], which: str):
     """--ckpt values ('random' or paths) → ([Model], config of the first)."""
     models, cfgs = [], []
     for ckpt in ckpts or ["random"]:
-        cfg = resolve_config(None if is_random(ckpt) else ckpt, preset, sets)
-        models.append(Model(model_label(ckpt), load_backbone(None if is_random(ckpt) else ckpt, cfg, which)))
+        weights = None if is_random(ckpt) else weights_file(ckpt)
+        cfg = resolve_config(weights, preset, sets)
+        models.append(Model(model_label(ckpt), load_backbone(weights, cfg, which)))
         cfgs.append(cfg)
     labels = [m.label for m in models]
     for i, m in enumerate(models):  # two checkpoints of the same run name: make the columns distinct
@@ -335,7 +382,9 @@ def run_images(models: list[Model], items: list[tuple[str, Tensor]], cfg, out: P
     tile = tile_size(size)
     batch = torch.stack([x for _, x in items])
     rgbs = [to_uint8(x, mean, std) for _, x in items]
-    written: dict[str, list[str]] = {"compare": [], "heads": []}
+    written: dict = {"compare": [], "heads": []}
+    p = models[0].backbone.patch_size
+    grid = (batch.shape[-2] // p, batch.shape[-1] // p)
     raw_rows = [[rgb] for rgb in rgbs]
     kept_rows = [[rgb] for rgb in rgbs]
     for m in models:
@@ -346,13 +395,16 @@ def run_images(models: list[Model], items: list[tuple[str, Tensor]], cfg, out: P
             rr.append(heat_overlay(rgb, mp.mean))
             kr.append(mask_overlay(rgb, mp.mean_kept))
             path = folder / f"{_slug(name)}_heads.png"
-            heads_figure(rgb, mp, tile).save(path)
+            figure, panels = heads_figure(rgb, mp, tile, keep, grid)
+            figure.save(path)
             written["heads"].append(str(path))
+            written["heads_panels"] = panels
     labels = ["input"] + [m.label for m in models]
     for rows, name in ((raw_rows, "compare.png"), (kept_rows, "compare_thresholded.png")):
         path = out / name
-        compose(rows, labels, tile).save(path)
+        compose(rows, labels, tile, grid=grid).save(path)
         written["compare"].append(str(path))
+    written["grid"] = list(grid)
     return written
 
 

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,6 +70,24 @@ class ExportMeta(BaseModel):
     eval_settings: dict[str, Any] = Field(default_factory=dict)
 
 
+TIMM_WEIGHTS = "model.safetensors"  # timm's HF_SAFE_WEIGHTS_NAME: what local-dir: / hf-hub: load
+TIMM_CONFIG = "config.json"
+
+
+def is_timm_folder(path: str | Path) -> bool:
+    """A timm / Hub model folder (``config.json`` + ``model.safetensors``; ``mst-ds export --format
+    timm-folder`` writes one), not a run directory."""
+    p = Path(path)
+    return (p.is_dir() and (p / TIMM_CONFIG).is_file() and (p / TIMM_WEIGHTS).is_file()
+            and not (p / "config.yaml").exists())
+
+
+def weights_file(ckpt: str | None) -> str | None:
+    """``--ckpt`` with a timm folder replaced by its ``model.safetensors`` (its metadata carries the
+    eval settings); anything else unchanged."""
+    return str(Path(ckpt) / TIMM_WEIGHTS) if ckpt is not None and is_timm_folder(ckpt) else ckpt
+
+
 def safetensors_model_meta(path: Path) -> dict[str, Any] | None:
     """The timm model description ``mst-ds export`` stores in the file's metadata (validated by
     :class:`ExportMeta`), if any."""
@@ -95,7 +113,8 @@ def export_keys() -> list[str]:
     from mst_ds.config import EvalConfig
 
     # eval.monitor is the training run's online k-NN (its data paths), not how to evaluate the network.
-    return ["model.arch", "model.timm_kwargs", "augment.mean", "augment.std",
+    # model.fused_attn: the attention path changes the features' last bits, and with them k-NN ties.
+    return ["model.arch", "model.timm_kwargs", "model.fused_attn", "augment.mean", "augment.std",
             *(f"eval.{name}" for name in EvalConfig.model_fields if name != "monitor")]
 
 
@@ -491,6 +510,7 @@ class LabelledFeatures:
     labels: Tensor  # (N,) long: indices into classes
     classes: list[str]  # class names in label order
     corrupt: int = 0  # samples that failed to decode (left out)
+    keys: list[str] = field(default_factory=list)  # (N,) sample keys (the linear probe's held-out split)
 
     @property
     def num_classes(self) -> int:
@@ -507,6 +527,8 @@ def default_out_dir(ckpt: str | None, preset: str) -> Path:
     if is_random(ckpt):
         return Path("runs") / "eval" / f"random_{Path(preset).stem}"
     path = Path(ckpt)
+    if is_timm_folder(path):  # beside the folder: the folder stays what is pushed / shared
+        return path.parent / f"eval_{path.name}"
     run_dir = ckpt_mod.run_dir_of(path)
     if run_dir is not None:
         return run_dir / "eval"
@@ -536,7 +558,8 @@ class EvalContext:
         from mst_ds.cli import DEFAULT_PRESET
         from mst_ds.data.reader import _is_imagefolder, open_manifest
 
-        ckpt = None if is_random(args.ckpt) else args.ckpt
+        given = None if is_random(args.ckpt) else args.ckpt
+        ckpt = weights_file(given)
         cfg = resolve_config(ckpt, args.preset, args.sets)
         which = export_which(ckpt, args.which)
         preset = args.preset or DEFAULT_PRESET
@@ -546,7 +569,7 @@ class EvalContext:
             if not _is_imagefolder(source):
                 open_manifest(source)  # every listed shard present, before any rank starts
         dist_info = init_dist()
-        out = Path(args.out) if args.out else default_out_dir(ckpt, preset)
+        out = Path(args.out) if args.out else default_out_dir(given, preset)
         lock = None
         if dist_info.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -597,9 +620,9 @@ class EvalContext:
         path = self.cache_path(source, spec, "eval")
         if self.cache and path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            if "classes" in saved:  # (files of older versions lack the class names: recomputed)
+            if "keys" in saved:  # (files of older versions lack class names or keys: recomputed)
                 return LabelledFeatures(saved["feats"], saved["labels"], list(saved["classes"]),
-                                        int(saved.get("corrupt", 0)))
+                                        int(saved.get("corrupt", 0)), list(saved["keys"]))
         transform = eval_transform(self.cfg.eval.image_size, mean=self.cfg.augment.mean, std=self.cfg.augment.std)
         loader, classes = open_eval_data(source, transform=transform, batch_size=self.batch_size,
                                          num_workers=self.num_workers, rank=self.dist.rank,
@@ -622,8 +645,8 @@ class EvalContext:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic.atomic_path(path) as tmp:
                 torch.save({"feats": feats, "labels": labels, "classes": classes, "corrupt": corrupt,
-                            "source": source}, tmp)
-        return LabelledFeatures(feats, labels, classes, corrupt)
+                            "source": source, "keys": keys}, tmp)
+        return LabelledFeatures(feats, labels, classes, corrupt, keys)
 
     def _corrupt_total(self, records: list[dict[str, str]], source: str) -> int:
         """Samples of ``source`` that failed to decode, over all ranks: an error under
@@ -652,7 +675,8 @@ class EvalContext:
         if m.excluded and self.is_main:
             print(f"excluded {sum(m.excluded.values())} val images of classes the training data does not have: "
                   f"{', '.join(m.excluded)}")
-        return LabelledFeatures(val.feats[m.keep], m.labels, list(train_classes), val.corrupt), m
+        keys = [k for k, kept in zip(val.keys, m.keep.tolist()) if kept]
+        return LabelledFeatures(val.feats[m.keep], m.labels, list(train_classes), val.corrupt, keys), m
 
     def barrier(self) -> None:
         if self.dist.active:

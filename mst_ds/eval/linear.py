@@ -7,11 +7,18 @@
   decay 0, lr = ``eval.linear_lr`` × global batch / 1024 [S §5: 0.00024 at batch 1024], cosine over the
   epochs stepped once per epoch (``CosineAnnealingLR(T_max=epochs, eta_min=0)``, as DINO), 100 epochs,
   RandomResizedCrop + flip on train, single center crop on val (top-1 of the final epoch).
-* **lr sweep in one pass**: ``--lr-sweep`` adds heads with other lrs on the same features. Every head
-  has its own optimizer, starts from the same initial weights, and its loss, gradient and step involve
-  only its own parameters (gradients are all-reduced element-wise), so a head that diverges (a
-  non-finite loss marks it and it stops) cannot change any other head: each head's trajectory is
-  bit-identical to training it alone. The best head on val is reported.
+* **A grid of heads in one pass** (DINOv2's linear evaluation): every lr of ``eval.linear_lr_grid``
+  (plus ``eval.linear_lr`` and ``--lr-sweep``) × every weight decay of ``eval.linear_wd_grid`` is one
+  head on the same features. Every head has its own optimizer, starts from the same initial weights,
+  and its loss, gradient and step involve only its own parameters (gradients are all-reduced
+  element-wise), so a head that diverges (a non-finite loss marks it and it stops) cannot change any
+  other head: each head's trajectory is bit-identical to training it alone.
+* **The best head is chosen on held-out training data, never on val**: a fraction
+  ``eval.linear_holdout`` (10 %) of the training samples, picked by a seeded hash of the sample key (so
+  the split does not depend on ranks, workers or order), is left out of training; every head is scored
+  on their center-crop features and the best there is reported on val, with the whole grid. (The
+  held-out features come from one center-crop pass over the training data, cached.) ``--holdout 0
+  --lr-grid 0.00024`` is the paper's single-head protocol on all training data.
 * Multi-process through the same launcher as training (``deepspeed``/``torchrun``): each rank reads its
   part of the data, head gradients are averaged with one all-reduce per step (DDP's rule).
 * **Resumable**: heads, optimizers and the epoch are saved to ``OUT/linear_<probe>_state.pt`` after every
@@ -23,6 +30,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,20 +66,26 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
 
 
 class HeadBank:
-    """Several linear heads on the same features, each with its own SGD optimizer and lr."""
+    """Several linear heads on the same features, each with its own SGD optimizer, lr and weight decay."""
 
-    def __init__(self, dim: int, num_classes: int, lrs: list[float], *, momentum: float = 0.9,
-                 seed: int = 0, device: torch.device | str = "cpu") -> None:
+    def __init__(self, dim: int, num_classes: int, lrs: list[float], *, wds: list[float] | None = None,
+                 momentum: float = 0.9, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.lrs = list(lrs)  # peak lr of each head (already batch-scaled)
+        self.wds = [0.0] * len(self.lrs) if wds is None else list(wds)
+        if len(self.wds) != len(self.lrs):
+            raise ValueError("one weight decay per head")
         for lr in self.lrs:
             if not 0 < lr < torch.finfo(torch.float32).max:
                 raise UsageError(f"linear-probe lr {lr:g} is outside (0, float32 max)")
+        for wd in self.wds:
+            if not 0 <= wd < torch.finfo(torch.float32).max:
+                raise UsageError(f"linear-probe weight decay {wd:g} is outside [0, float32 max)")
         self.heads: list[LinearHead] = []
         for _ in self.lrs:
             # The same generator seed for every head: identical start, whatever the sweep holds.
             self.heads.append(LinearHead(dim, num_classes, torch.Generator().manual_seed(seed)).to(device))
-        self.optimizers = [torch.optim.SGD(h.parameters(), lr=lr, momentum=momentum, weight_decay=0.0)
-                           for h, lr in zip(self.heads, self.lrs)]
+        self.optimizers = [torch.optim.SGD(h.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+                           for h, lr, wd in zip(self.heads, self.lrs, self.wds)]
         self.diverged = [False] * len(self.lrs)
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
@@ -85,7 +100,9 @@ class HeadBank:
         losses = torch.full((len(self.heads),), float("nan"), dtype=torch.float64)
         for i in live:
             self.optimizers[i].zero_grad(set_to_none=False)
-            loss = F.cross_entropy(self.heads[i](x), y)
+            logits = self.heads[i](x)
+            # A batch left empty (every sample held out) still joins the all-reduce, with zero gradient.
+            loss = F.cross_entropy(logits, y) if len(y) else logits.sum() * 0.0
             loss.backward()
             losses[i] = float(loss.detach())
         if dist_active:
@@ -115,9 +132,9 @@ class HeadBank:
     def evaluate(self, x: Tensor, y: Tensor, *, batch: int = 4096) -> list[dict[str, float | bool | None]]:
         """Top-1 / top-5 % of every head on val features x (N, F), labels y (N,)."""
         out = []
-        for head, dead, lr in zip(self.heads, self.diverged, self.lrs):
+        for head, dead, lr, wd in zip(self.heads, self.diverged, self.lrs, self.wds):
             if dead:
-                out.append({"lr": lr, "top1": None, "top5": None, "diverged": True})
+                out.append({"lr": lr, "wd": wd, "top1": None, "top5": None, "diverged": True})
                 continue
             dev = head.linear.weight.device
             c1 = c5 = 0
@@ -128,11 +145,11 @@ class HeadBank:
                 c1 += int((top[:, 0] == t).sum())
                 c5 += int((top == t[:, None]).any(1).sum())
             n = max(1, x.shape[0])
-            out.append({"lr": lr, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "diverged": False})
+            out.append({"lr": lr, "wd": wd, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "diverged": False})
         return out
 
     def state_dict(self) -> dict:
-        return {"lrs": self.lrs, "heads": [h.state_dict() for h in self.heads],
+        return {"lrs": self.lrs, "wds": self.wds, "heads": [h.state_dict() for h in self.heads],
                 "optimizers": [o.state_dict() for o in self.optimizers], "diverged": self.diverged}
 
     def load_state_dict(self, state: dict) -> None:
@@ -141,6 +158,22 @@ class HeadBank:
         for o, s in zip(self.optimizers, state["optimizers"]):
             o.load_state_dict(s)
         self.diverged = list(state["diverged"])
+
+
+def held_out(keys: list[str], fraction: float, seed: int) -> Tensor:
+    """(N,) bool: the samples held out to choose the best head — a seeded hash of each sample key, so
+    the split is the same whatever the ranks, workers, order or cache, and a sample never moves."""
+    if fraction <= 0:
+        return torch.zeros(len(keys), dtype=torch.bool)
+    cut = int(fraction * 2**32)
+    return torch.tensor([int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:4], "big") < cut
+                         for k in keys], dtype=torch.bool)
+
+
+def choose(scores: list[dict]) -> int | None:
+    """Index of the best live head by top-1 (the first of equals, in grid order); None if all diverged."""
+    live = [i for i, h in enumerate(scores) if not h["diverged"]]
+    return max(live, key=lambda i: (scores[i]["top1"], -i)) if live else None
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -178,7 +211,7 @@ def train_on_features(bank: HeadBank, feats: Tensor, labels: Tensor, *, epochs: 
 # --------------------------------------------------------------------------------------------------
 def augmented_loader(source: str, cfg, *, batch_size: int, num_workers: int, epoch: int, rank: int,
                      world_size: int):
-    """Per-rank loader of (images, labels) with linear_train_transform for one epoch.
+    """Per-rank loader of (images, labels, keys) with linear_train_transform for one epoch.
 
     ImageFolder: shuffled with DistributedSampler (seed, epoch; padded so every rank has the same
     number of batches). Shards: ``make_eval_loader`` (its fixed order; shards were shuffled when written).
@@ -188,7 +221,7 @@ def augmented_loader(source: str, cfg, *, batch_size: int, num_workers: int, epo
     from torch.utils.data import DataLoader, DistributedSampler
 
     from mst_ds.data.augment import linear_train_transform
-    from mst_ds.data.reader import _is_imagefolder
+    from mst_ds.data.reader import _collate_folder, _FolderDataset, _is_imagefolder
     from mst_ds.eval.features import open_eval_data
 
     transform = linear_train_transform(cfg.eval.image_size, mean=cfg.augment.mean, std=cfg.augment.std)
@@ -197,14 +230,15 @@ def augmented_loader(source: str, cfg, *, batch_size: int, num_workers: int, epo
     if _is_imagefolder(source):
         from torchvision.datasets import ImageFolder
 
-        ds = ImageFolder(source, transform=transform)
+        ds = _FolderDataset(Path(source), list(range(len(ImageFolder(source).samples))), transform)
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.run.seed)
         sampler.set_epoch(epoch)
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                          generator=torch.Generator().manual_seed(seed), drop_last=False)
+        dl = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        collate_fn=_collate_folder, generator=torch.Generator().manual_seed(seed), drop_last=False)
+        return ((x, y, k) for x, y, k, _ in dl)
     loader, _ = open_eval_data(source, transform=transform, batch_size=batch_size, num_workers=num_workers,
                                rank=rank, world_size=world_size)
-    return ((x, y) for x, y, _ in loader)
+    return iter(loader)
 
 
 def synced(loader, dist_active: bool, device: torch.device) -> Iterator:
@@ -227,16 +261,46 @@ def synced(loader, dist_active: bool, device: torch.device) -> Iterator:
 # --------------------------------------------------------------------------------------------------
 # Command
 # --------------------------------------------------------------------------------------------------
-def parse_lrs(text: str | None, default: list[float]) -> list[float]:
+def parse_lrs(text: str | None, default: list[float], flag: str = "--lr-sweep") -> list[float]:
     from mst_ds.cli import parse_positive_list
 
-    return parse_positive_list(text, default, float, "--lr-sweep")
+    return parse_positive_list(text, default, float, flag)
 
 
-def _settings(args, cfg, dim: int, num_classes: int, lrs: list[float], global_batch: int, epochs: int) -> dict:
-    return {"probe": args.probe, "dim": dim, "num_classes": num_classes, "lrs": lrs, "global_batch": global_batch,
-            "epochs": epochs, "augment": not args.no_augment, "seed": cfg.run.seed,
-            "train": str(args.train), "momentum": cfg.eval.linear_momentum}
+def parse_wds(text: str | None, default: list[float]) -> list[float]:
+    """``--wd-grid 0,1e-4`` → floats ≥ 0 (0 is a weight decay)."""
+    from mst_ds.cli import parse_positive_list
+
+    return parse_positive_list(text, default, float, "--wd-grid", allow_zero=True)
+
+
+def head_grid(args, cfg) -> tuple[list[float], list[float], float]:
+    """(base lr at batch 1024, weight decay) of every head, and the held-out fraction.
+
+    The grid is ``linear_lr`` + ``--lr-sweep`` + the lr grid (``--lr-grid`` replaces
+    ``eval.linear_lr_grid`` and, given, also drops ``linear_lr``) × the weight-decay grid."""
+    ev = cfg.eval
+    if args.lr_grid is not None:
+        lrs = parse_lrs(args.lr_grid, [], "--lr-grid") + parse_lrs(args.lr_sweep, [], "--lr-sweep")
+    else:
+        lrs = [ev.linear_lr] + parse_lrs(args.lr_sweep, ev.linear_lr_sweep) + list(ev.linear_lr_grid)
+    lrs = sorted(set(lrs))
+    wds = sorted(set(parse_wds(args.wd_grid, ev.linear_wd_grid)))
+    holdout = ev.linear_holdout if args.holdout is None else args.holdout
+    if not 0 <= holdout < 0.5:
+        raise UsageError(f"--holdout {holdout:g}: expected a fraction in [0, 0.5)")
+    pairs = list(itertools.product(lrs, wds))
+    if holdout == 0 and len(pairs) > 1:
+        raise UsageError(f"{len(pairs)} heads and no held-out training data to choose among them "
+                         "(the val set is never used to choose); give --holdout > 0 or a single lr and weight decay")
+    return [p[0] for p in pairs], [p[1] for p in pairs], holdout
+
+
+def _settings(args, cfg, dim: int, num_classes: int, lrs: list[float], wds: list[float], holdout: float,
+              global_batch: int, epochs: int) -> dict:
+    return {"probe": args.probe, "dim": dim, "num_classes": num_classes, "lrs": lrs, "wds": wds,
+            "holdout": holdout, "global_batch": global_batch, "epochs": epochs, "augment": not args.no_augment,
+            "seed": cfg.run.seed, "train": str(args.train), "momentum": cfg.eval.linear_momentum}
 
 
 def run(args) -> int:
@@ -257,10 +321,12 @@ def _linear(args, ctx) -> int:
     global_batch = cfg.eval.linear_batch_size
     if global_batch % world:
         raise UsageError(f"eval.linear_batch_size={global_batch} is not divisible by the {world} ranks")
-    base_lrs = list(dict.fromkeys([cfg.eval.linear_lr] + parse_lrs(args.lr_sweep, cfg.eval.linear_lr_sweep)))
+    base_lrs, wds, holdout = head_grid(args, cfg)
     backbone = ctx.backbone()
     val = ctx.features(backbone, args.val, spec, split="val")
-    train_cached = ctx.features(backbone, args.train, spec, split="train") if args.no_augment else None
+    # Center-crop train features: the training data of --no-augment, and the held-out rows.
+    need_train = args.no_augment or holdout > 0
+    train_cached = ctx.features(backbone, args.train, spec, split="train") if need_train else None
     from mst_ds.data.reader import class_names
 
     # The head predicts the training data's classes; val labels are matched to them by name.
@@ -269,16 +335,20 @@ def _linear(args, ctx) -> int:
     num_classes = len(train_classes)
     dim = spec.dim(backbone.embed_dim)
     dev = ctx.dist.device
-    bank = HeadBank(dim, num_classes, [scaled_lr(lr, global_batch) for lr in base_lrs],
+    bank = HeadBank(dim, num_classes, [scaled_lr(lr, global_batch) for lr in base_lrs], wds=wds,
                     momentum=cfg.eval.linear_momentum, seed=cfg.run.seed, device=dev)
-    settings = _settings(args, cfg, dim, num_classes, base_lrs, global_batch, epochs)
+    hold = held_out(train_cached.keys, holdout, cfg.run.seed) if train_cached is not None else None
+    if hold is not None and holdout > 0 and (bool(hold.all()) or not bool(hold.any())):
+        raise UsageError(f"{args.train}: {int(hold.sum())} of {len(hold)} training samples held out at "
+                         f"--holdout {holdout:g}; too few samples to both train and choose")
+    settings = _settings(args, cfg, dim, num_classes, base_lrs, wds, holdout, global_batch, epochs)
     state_path = Path(ctx.out_dir) / f"linear_{args.probe}_state.pt"
     start_epoch = 0
     if state_path.exists():
         from mst_ds.checkpoint import safe_load
 
         saved = safe_load(state_path, map_location=dev)  # weights only: never runs what the file holds
-        if saved["settings"] != settings:
+        if saved.get("settings") != settings:
             raise UsageError(f"{state_path}: saved for other settings; delete it or use another --out")
         bank.load_state_dict(saved["bank"])
         start_epoch = saved["epoch"] + 1
@@ -291,10 +361,11 @@ def _linear(args, ctx) -> int:
                 torch.save({"settings": settings, "bank": bank.state_dict(), "epoch": epoch}, tmp)
 
     per_rank = global_batch // world
-    if train_cached is not None:
-        train_on_features(bank, train_cached.feats, train_cached.labels, epochs=epochs, batch_size=per_rank,
-                          seed=cfg.run.seed, start_epoch=start_epoch, rank=ctx.dist.rank, world_size=world,
-                          on_epoch_end=save)
+    if args.no_augment:
+        fit = ~hold
+        train_on_features(bank, train_cached.feats[fit], train_cached.labels[fit], epochs=epochs,
+                          batch_size=per_rank, seed=cfg.run.seed, start_epoch=start_epoch, rank=ctx.dist.rank,
+                          world_size=world, on_epoch_end=save)
     else:
         with fx.progress_bar(ctx.is_main) as bar:
             task = bar.add_task("linear probe epochs", total=epochs, completed=start_epoch)
@@ -302,11 +373,12 @@ def _linear(args, ctx) -> int:
                 bank.set_epoch(epoch, epochs)
                 loader = augmented_loader(args.train, cfg, batch_size=per_rank, num_workers=ctx.num_workers,
                                           epoch=epoch, rank=ctx.dist.rank, world_size=world)
-                for images, labels in synced(loader, ctx.dist.active, dev):
+                for images, labels, keys in synced(loader, ctx.dist.active, dev):
                     if bool((labels < 0).any()):
                         raise UsageError(f"{args.train}: data without labels (samples with no class)")
-                    x = fx.backbone_features(backbone, images.to(dev, non_blocking=True), spec)
-                    bank.train_step(x, labels.to(dev), ctx.dist.active)
+                    keep = ~held_out(list(keys), holdout, cfg.run.seed)
+                    x = fx.backbone_features(backbone, images[keep].to(dev, non_blocking=True), spec)
+                    bank.train_step(x, labels[keep].to(dev), ctx.dist.active)
                 save(epoch)
                 bar.advance(task)
     ctx.barrier()
@@ -314,10 +386,17 @@ def _linear(args, ctx) -> int:
         ctx.finish()
         return 0
     heads = bank.evaluate(val.feats, val.labels)
-    for h, base in zip(heads, base_lrs):
+    if holdout > 0:
+        on_holdout = bank.evaluate(train_cached.feats[hold], train_cached.labels[hold])
+        for h, s in zip(heads, on_holdout):
+            h["holdout_top1"] = s["top1"]
+        pick = choose(on_holdout)
+    else:
+        pick = choose(heads)  # a single head (head_grid refuses more): nothing is chosen on val
+    for i, (h, base) in enumerate(zip(heads, base_lrs)):
         h["base_lr"] = base
-    live = [h for h in heads if not h["diverged"]]
-    best = max(live, key=lambda h: h["top1"]) if live else None
+        h["chosen"] = i == pick
+    best = None if pick is None else heads[pick]
     record = {
         "command": "linear",
         **ctx.describe(),
@@ -331,6 +410,9 @@ def _linear(args, ctx) -> int:
         "n_val": int(val.feats.shape[0]),
         "num_classes": num_classes,
         **matched.describe(),
+        "selection": {"on": "held-out training samples" if holdout > 0 else "single head",
+                      "holdout_fraction": holdout, "n_holdout": 0 if hold is None else int(hold.sum()),
+                      "n_train": None if train_cached is None else int(len(train_cached.labels) - int(hold.sum()))},
         "heads": heads,
         "best": best,
         "metrics": {} if best is None else {f"linear_{args.probe}_top1": best["top1"], f"linear_{args.probe}_top5": best["top5"]},
@@ -338,6 +420,9 @@ def _linear(args, ctx) -> int:
     path = Path(ctx.out_dir) / f"linear_{args.probe}.json"
     fx.write_json(path, record)
     _print_table(heads, f"linear probe ({args.probe}, {epochs} epochs) — {ctx.model_label}")
+    if best is not None:
+        print(f"chosen on {record['selection']['on']}: lr {best['base_lr']:g} @1024, wd {best['wd']:g} → "
+              f"val top-1 {best['top1']:.2f} %")
     print(f"results: {path}")
     ctx.finish()
     return 0
@@ -350,11 +435,15 @@ def _print_table(heads: list[dict], title: str) -> None:
     console = Console(width=120)
     console.print(title)
     table = Table()
-    for col in ("lr @1024", "lr used", "top-1 %", "top-5 %"):
+    with_holdout = any("holdout_top1" in h for h in heads)
+    cols = ["lr @1024", "wd", "lr used"] + (["held-out top-1 %"] if with_holdout else []) + ["val top-1 %", "val top-5 %", ""]
+    for col in cols:
         table.add_column(col, justify="right")
     for h in heads:
+        cells = [f"{h['base_lr']:g}", f"{h['wd']:g}", f"{h['lr']:g}"]
         if h["diverged"]:
-            table.add_row(f"{h['base_lr']:g}", f"{h['lr']:g}", "diverged", "diverged")
+            cells += ["diverged"] * (3 if with_holdout else 2)
         else:
-            table.add_row(f"{h['base_lr']:g}", f"{h['lr']:g}", f"{h['top1']:.2f}", f"{h['top5']:.2f}")
+            cells += ([f"{h['holdout_top1']:.2f}"] if with_holdout else []) + [f"{h['top1']:.2f}", f"{h['top5']:.2f}"]
+        table.add_row(*cells, "← chosen" if h.get("chosen") else "")
     console.print(table)
