@@ -262,7 +262,7 @@ def test_mean_ln_k_scale_of_an_uninformed_prediction():
 
 def test_mean_ln_k_is_comparable_to_dino_at_init_and_mean_is_not():
     """One forward of the untrained tiny model (what `mst-ds plan` prints): DINO ≈ ln K, the mean_ln_k
-    restoration within a factor 1.5 of it, while the default mean is an order of magnitude smaller."""
+    restoration (the default) within a factor 1.5 of it, while mean is an order of magnitude smaller."""
     from mst_ds import plan
 
     cfg = load_config("tiny").config
@@ -271,7 +271,7 @@ def test_mean_ln_k_is_comparable_to_dino_at_init_and_mean_is_not():
     assert 1 / 1.5 < b.restore["mean_ln_k"] / b.dino < 1.5
     assert b.restore["mean"] / b.dino < 0.25
     assert b.restore["mean_ln_k"] == pytest.approx(b.restore["mean"] * b.ln_k, rel=1e-6)
-    assert b.configured == ("mean", pytest.approx(b.restore["mean"], rel=1e-6))
+    assert b.configured == ("mean_ln_k", pytest.approx(b.restore["mean_ln_k"], rel=1e-6))
 
 
 def test_model_trains_with_mean_ln_k():
