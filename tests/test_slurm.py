@@ -105,6 +105,10 @@ def test_inconsistent_task_variables_fail_with_one_line(change, match):
         cluster.torch_env_from_slurm({**_task(0, 0), **change})
 
 
+# A well-formed complete.json of step 4 (a malformed marker is a damaged tag, issue 20).
+MARKER = {"samples": 32, "step": 4, "world_size": 1, "zero_stage": 2, "config_hash": "0" * 16, "files": {}}
+
+
 def test_run_finished(tmp_path):
     run = tmp_path / "run"
     assert not cluster.run_finished(run)
@@ -112,7 +116,7 @@ def test_run_finished(tmp_path):
     (run / "run_info.json").write_text(json.dumps({"derived": {"total_steps": 100, "global_batch": 8}}))
     (run / "config.yaml").write_text("run:\n  max_steps: 6\n")
     tag = run / "checkpoints" / "step00000004"
-    (tag / "complete.json").write_text(json.dumps({"samples": 32, "step": 4}))
+    (tag / "complete.json").write_text(json.dumps(MARKER))
     assert not cluster.run_finished(run)
     (run / "config.yaml").write_text("run:\n  max_steps: 4\n")
     assert cluster.run_finished(run)
@@ -176,7 +180,7 @@ def _run_dir(path: Path, *, done: bool) -> Path:
     (path / "checkpoints" / "step00000004").mkdir(parents=True)
     (path / "run_info.json").write_text(json.dumps({"derived": {"total_steps": 100, "global_batch": 8}}))
     (path / "config.yaml").write_text(f"run:\n  max_steps: {4 if done else 6}\n")
-    (path / "checkpoints" / "step00000004" / "complete.json").write_text(json.dumps({"samples": 32, "step": 4}))
+    (path / "checkpoints" / "step00000004" / "complete.json").write_text(json.dumps(MARKER))
     return path
 
 
