@@ -27,7 +27,7 @@ from mst_ds.config import RunFailure, UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "small"
-DEMO_STEPS = 1000  # optimizer steps of 64 images: ~45 epochs of the 1,438 training digits (~3 min here)
+DEMO_STEPS = 1000  # optimizer steps of 64 images: ~45 epochs of the 1,438 training digits (~5 min of `small` here)
 TIME_CAP_MIN = 7.0  # safety net on a loaded machine: stop early (with a checkpoint) rather than overrun
 
 
