@@ -13,6 +13,8 @@ import struct
 import warnings
 from typing import NamedTuple
 
+from mst_ds.data.augment import MODES_16, to_rgb
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
@@ -81,7 +83,8 @@ def _png_info(data: bytes) -> ImageInfo:
     h = int.from_bytes(data[20:24], "big")
     if data.rfind(b"IEND", max(0, len(data) - 4096)) < 0:
         raise Unreadable("truncated PNG (no IEND chunk)")
-    return ImageInfo("png", "png", _PNG_MODES.get(data[25], "?"), w, h)
+    mode = "I;16" if data[25] == 0 and data[24] == 16 else _PNG_MODES.get(data[25], "?")  # PIL's 16-bit grey
+    return ImageInfo("png", "png", mode, w, h)
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -134,8 +137,11 @@ def convert_to_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[b
         raise
     except Exception as err:  # PIL on a hostile file raises many kinds; one bad input never stops a write
         raise Unreadable(f"not a readable image ({error_text(err)})") from None
-    if img.mode not in ("L", "RGB", "RGBA", "P", "LA"):
-        img = img.convert("RGB")
+    if img.mode not in ("L", "RGB", "RGBA", "P", "LA", *MODES_16):  # 16-bit grey stays lossless
+        try:
+            img = to_rgb(img)
+        except ValueError as err:
+            raise Unreadable(f"not storable as an image ({err})") from None
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     out = buf.getvalue()

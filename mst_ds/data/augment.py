@@ -42,11 +42,34 @@ PARAM_FIELDS = ("top", "left", "height", "width", "flip")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, KeyError, Image.DecompressionBombError)
 
 
+# 16-bit grey modes and their white level. PIL's convert("RGB") clips them to 255 instead of scaling.
+# A PNG's 32-bit "I" can only hold 16-bit samples (the format's deepest), so it scales the same way; any
+# other "I" or "F" (TIFF, ...) has no known white level and is refused rather than guessed from its range.
+_WHITE_16 = 65535
+MODES_16 = frozenset(("I;16", "I;16B", "I;16L", "I;16N"))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image → RGB; 16-bit grey scaled to 8 bits (v·255/65535, rounded), so a 16-bit copy of an
+    8-bit image (values × 257) decodes to exactly that image. Raises ValueError for 32-bit integer or
+    float pixels of unknown range. EXIF orientation is not applied (as torchvision's ImageFolder, DINO)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in MODES_16 or (img.mode == "I" and img.format == "PNG"):
+        v = np.asarray(img).astype(np.int64).clip(0, _WHITE_16)
+        return Image.fromarray(((v * 255 + _WHITE_16 // 2) // _WHITE_16).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in ("I", "F"):
+        raise ValueError(f"{img.mode} pixels ({'32-bit integer' if img.mode == 'I' else 'float'}) "
+                         "of unknown range, not scalable to 8 bits")
+    return img.convert("RGB")
+
+
 def decode_rgb(data: bytes) -> Image.Image:
-    """Image bytes (JPEG incl. CMYK, PNG, ...) → fully decoded RGB PIL image; raises on corrupt data."""
+    """Image bytes (JPEG incl. CMYK, PNG, ...) → fully decoded RGB PIL image (:func:`to_rgb`); raises on
+    corrupt data."""
     img = Image.open(io.BytesIO(data))
     img.load()  # decode now, so a corrupt file fails here and not later inside a transform
-    return img.convert("RGB") if img.mode != "RGB" else img
+    return to_rgb(img)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,8 +142,8 @@ class MultiCropCPU:
         """→ dict(global=[uint8 (3,G,G)]*2, local=[uint8 (3,L,L)]*n, params=int32 (2+n, 5))."""
         if isinstance(img, bytes | bytearray):
             img = decode_rgb(img)
-        elif img.mode != "RGB":
-            img = img.convert("RGB")
+        else:
+            img = to_rgb(img)
         rng = random.Random(seed)
         views, params = [], []
         for v in range(self.n_views):
@@ -318,14 +341,10 @@ class Photometric:
 # --------------------------------------------------------------------------------------------------
 # Evaluation transforms (PIL → normalised float tensor)
 # --------------------------------------------------------------------------------------------------
-def _to_rgb(img: Image.Image) -> Image.Image:
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
 def eval_transform(image_size: int = 224, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
     """Resize the short side to ``image_size``·256/224 (bicubic), center crop ``image_size`` [S §4]."""
     return T.Compose([
-        T.Lambda(_to_rgb),
+        T.Lambda(to_rgb),
         T.Resize(int(round(image_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(image_size),
         T.ToTensor(),
@@ -336,7 +355,7 @@ def eval_transform(image_size: int = 224, *, mean=IMAGENET_MEAN, std=IMAGENET_ST
 def linear_train_transform(image_size: int = 224, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
     """RandomResizedCrop + horizontal flip only [S §5] (DINO's linear-probe training transform)."""
     return T.Compose([
-        T.Lambda(_to_rgb),
+        T.Lambda(to_rgb),
         T.RandomResizedCrop(image_size),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
@@ -363,7 +382,7 @@ def pil_reference_multicrop(cfg: AugmentConfig) -> list[T.Compose]:
     for v in range(2 + cfg.n_local_crops):
         g = v < 2
         size, scale = (cfg.global_crop_size, cfg.global_crop_scale) if g else (cfg.local_crop_size, cfg.local_crop_scale)
-        ops = [T.Lambda(_to_rgb), T.RandomResizedCrop(size, scale=scale, interpolation=interp), *jitter(),
+        ops = [T.Lambda(to_rgb), T.RandomResizedCrop(size, scale=scale, interpolation=interp), *jitter(),
                blur(cfg.blur_p[v] if g else cfg.local_blur_p)]
         if g and cfg.solarize_p[v] > 0:
             ops.append(PILSolarize(cfg.solarize_p[v]))

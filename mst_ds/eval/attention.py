@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from mst_ds.config import UsageError
+from mst_ds.data.augment import to_rgb
 from mst_ds.data.manifest import is_shard_dir
 from mst_ds.eval.features import IMAGE_SUFFIXES, is_random, load_backbone, resolve_config, weights_file
 from mst_ds.model.backbone import Backbone
@@ -237,8 +238,8 @@ def load_inputs(inputs: list[str], transform, max_images: int) -> list[tuple[str
             for f in files:
                 try:
                     with Image.open(f) as img:
-                        items.append((f.stem, transform(img.convert("RGB"))))
-                except OSError as err:
+                        items.append((f.stem, transform(to_rgb(img))))
+                except (OSError, ValueError) as err:
                     raise UsageError(f"{f}: cannot read image ({err})") from None
         elif p.is_file() and p.suffix.lower() not in (".json", ".tar"):
             raise UsageError(f"{item}: not an image (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -284,7 +285,7 @@ def read_frames(source: str, max_frames: int = 0) -> tuple[list[Image.Image], fl
         if not files:
             raise UsageError(f"{source}: no frames (image files) in this folder")
         files = files[:max_frames] if max_frames else files
-        return [Image.open(f).convert("RGB") for f in files], None
+        return [to_rgb(Image.open(f)) for f in files], None
     if not p.is_file():
         raise UsageError(f"{source}: no such video file or frame folder")
     try:
