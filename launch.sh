@@ -136,7 +136,7 @@ export MST_DS_LAUNCHER_PID=$$  # ranks watch this shell and die with it (mst_ds/
 envfile="$(mktemp "${TMPDIR:-/tmp}/mst_ds_env.XXXXXX")"
 [[ -f "$HOME/.deepspeed_env" ]] && cat "$HOME/.deepspeed_env" >> "$envfile"
 for v in DS_ACCELERATOR OMP_NUM_THREADS HSA_FORCE_FINE_GRAIN_PCIE MIOPEN_USER_DB_PATH MIOPEN_CUSTOM_CACHE_DIR \
-         TORCH_NCCL_ASYNC_ERROR_HANDLING; do
+         TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_EXTENSIONS_DIR; do
   if [[ -n "${!v:-}" ]]; then echo "$v=${!v}" >> "$envfile"; fi
 done
 export DS_ENV_FILE="$envfile"

@@ -19,14 +19,15 @@
   the all-reduce it already does, so every rank finishes the same step, saves it and exits
   :data:`EXIT_STOPPED`. A second SIGTERM exits at once (the kernel's default action); ``latest`` is only
   ever replaced atomically, so it still names a complete checkpoint.
-* **DeepSpeed's CPU comm op** is JIT-built into ``~/.cache/torch_extensions`` on first use;
-  :func:`build_comm_op` builds it once under a lock before any rank starts (launch.sh's check step).
+* **DeepSpeed's CPU comm op** is JIT-built on first use; :func:`build_comm_op` builds it once under a
+  lock before any rank starts (launch.sh's check step), into :func:`use_extensions_dir`'s directory.
 """
 
 from __future__ import annotations
 
 import ctypes
 import fcntl
+import hashlib
 import os
 import signal
 import socket
@@ -238,6 +239,53 @@ def die_with_launcher(stop: StopSignals | None = None, poll_s: float = 1.0) -> N
 # --------------------------------------------------------------------------------------------------
 # DeepSpeed's CPU comm op, built once
 # --------------------------------------------------------------------------------------------------
+EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
+
+
+def _writable_dir(path: Path, *, private: bool) -> bool:
+    """Create ``path`` if needed → whether this user can build in it. A ``private`` one (under a shared
+    /tmp) must be this user's own and closed to others: a planted module there would be loaded and run."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
+        st = path.stat()
+    except OSError:
+        return False
+    if private and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def use_extensions_dir(*, announce: bool = True, required: bool = True) -> Path | None:
+    """Where torch JIT-builds extensions for this Python environment → that folder, exported as
+    ``TORCH_EXTENSIONS_DIR`` for this process and its children.
+
+    A user-set ``TORCH_EXTENSIONS_DIR`` always wins. Otherwise one folder per environment
+    (``<cache>/torch_extensions/<hash of sys.prefix>``): with torch's shared default, each virtual
+    environment rebuilds the op into the same entry and ranks wait on its lock (SPEC §11). A deterministic
+    choice, so the ranks load from where the pre-flight built. Where the cache is not writable (read-only
+    HOME) the per-user ``$TMPDIR/torch_extensions-UID`` is used, said in one line when ``announce``. Where
+    neither is writable: RunFailure if ``required`` (the CPU comm op must be built), else None (torch's
+    default is left alone: a GPU run may JIT-build nothing)."""
+    if os.environ.get(EXTENSIONS_ENV):
+        return Path(os.environ[EXTENSIONS_ENV])
+    env_hash = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:10]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
+    path = cache / env_hash
+    if not _writable_dir(path, private=False):
+        fallback = Path(os.environ.get("TMPDIR") or "/tmp") / f"torch_extensions-{os.getuid()}"
+        if not (_writable_dir(fallback, private=True) and _writable_dir(fallback / env_hash, private=True)):
+            if not required:
+                return None
+            raise RunFailure(f"no writable place to build DeepSpeed's CPU comm op ({cache} nor {fallback}, "
+                             f"which must be yours and closed to others): set {EXTENSIONS_ENV}")
+        if announce:
+            print(f"mst-ds: note: {cache} is not writable; building torch extensions in {fallback / env_hash} "
+                  f"(set {EXTENSIONS_ENV} to choose)", file=sys.stderr, flush=True)
+        path = fallback / env_hash
+    os.environ[EXTENSIONS_ENV] = str(path)
+    return path
+
+
 def build_comm_op() -> None:
     """Build (or load from the cache) DeepSpeed's shared-memory comm op under an exclusive lock.
 
@@ -248,10 +296,15 @@ def build_comm_op() -> None:
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None:
         return
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
-    Path(root).mkdir(parents=True, exist_ok=True)
-    with open(Path(root) / ".mst_ds_build.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    root = use_extensions_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".mst_ds_build.lock", "a")
+    except OSError as err:
+        raise RunFailure(f"{EXTENSIONS_ENV}={root}: cannot build DeepSpeed's CPU comm op there "
+                         f"({err.strerror or err})") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         builder.load(verbose=False)
 
 

@@ -510,6 +510,10 @@ def run(args) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cfg = load_config(args.preset, args.sets).config
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.output_dir) / cfg.run.name
+    launched = "LOCAL_RANK" in os.environ or os.environ.get("SLURM_PROCID", "0") != "0"
+    # Before DeepSpeed loads its comm op: every rank loads from where the pre-flight built (one note, not N).
+    job.use_extensions_dir(announce=getattr(args, "check", False) or not launched,
+                           required=os.environ.get("DS_ACCELERATOR") == "cpu")
     if getattr(args, "check", False):
         check(cfg, run_dir, probe_lock=os.environ.get("MST_DS_NODE_RANK", "0") == "0")
         return 0

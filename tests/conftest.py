@@ -1,7 +1,7 @@
 """Shared fixtures: real tiny shards built with data_tools, and DeepSpeed's CPU comm op built once.
 
 The first DeepSpeed engine start on CPU JIT-compiles a small C++ comm op (~30–70 s, SPEC §7) into
-``~/.cache/torch_extensions``. ``deepspeed_cpu`` builds it once per test session (before any engine or
+this Python environment's extensions folder (:func:`mst_ds.job.use_extensions_dir`). ``deepspeed_cpu`` builds it once per test session (before any engine or
 launcher starts), so every later engine — in this process or in launched subprocesses — loads it in
 milliseconds.
 """
@@ -19,12 +19,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 @pytest.fixture(scope="session")
 def deepspeed_cpu() -> None:
-    """Build (or load from the cache) DeepSpeed's shared-memory comm op once for the session."""
-    from deepspeed.accelerator import get_accelerator
+    """Build (or load from the cache) DeepSpeed's shared-memory comm op once for the session, in the
+    folder `mst-ds train` uses (exported for this process and the launches it starts)."""
+    from mst_ds.job import build_comm_op
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None:
-        builder.load(verbose=False)
+    build_comm_op()
 
 
 @pytest.fixture(scope="session")
