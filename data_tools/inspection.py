@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mst_ds.data.augment import decode_rgb
+from mst_ds.data.decode import decode_rgb
 from mst_ds.data.manifest import Manifest
 from mst_ds.data.reader import IMAGE_EXTS, iter_tar_samples
 

@@ -13,7 +13,7 @@ import struct
 import warnings
 from typing import NamedTuple
 
-from mst_ds.data.augment import MODES_16, to_rgb
+from mst_ds.data.decode import MODES_16, to_rgb
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

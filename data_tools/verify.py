@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data_tools.sniff import error_text
 from data_tools.writer import PROGRESS_DIR
-from mst_ds.data.augment import decode_rgb
+from mst_ds.data.decode import decode_rgb
 from mst_ds.data.manifest import Manifest, file_sha256, shard_name_problem
 from mst_ds.data.reader import IMAGE_EXTS, iter_tar_samples
 

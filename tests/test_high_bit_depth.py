@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from data_tools.sniff import Unreadable, convert_to_png, sniff
-from mst_ds.data.augment import decode_rgb, eval_transform, to_rgb
+from mst_ds.data.augment import eval_transform
+from mst_ds.data.decode import decode_rgb, to_rgb
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mst_ds.config import ConfigError, Derived, MSTConfig, RunFailure, derive
-from mst_ds.data.augment import DECODE_ERRORS, MultiCropCPU, decode_rgb
+from mst_ds.data.augment import MultiCropCPU
+from mst_ds.data.decode import DECODE_ERRORS, decode_rgb
 from mst_ds.data.manifest import Manifest, is_shard_dir
 
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")

@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from mst_ds.config import UsageError
-from mst_ds.data.augment import to_rgb
+from mst_ds.data.decode import to_rgb
 from mst_ds.data.manifest import is_shard_dir
 from mst_ds.eval.features import IMAGE_SUFFIXES, is_random, load_backbone, resolve_config, weights_file
 from mst_ds.model.backbone import Backbone
