@@ -361,7 +361,7 @@ class _BoundedLoader(yaml.SafeLoader):
 def safe_yaml(text: str) -> Any:
     """``yaml.safe_load`` with aliases bounded: ConfigError (one line) for a bomb or a recursive alias."""
     try:
-        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506  # trusted: _BoundedLoader is a yaml.SafeLoader subclass (no object construction)
     except RecursionError:
         raise ConfigError("YAML nested too deeply") from None
 
