@@ -21,7 +21,7 @@ import pytest
 from test_train_dist import STEPS, _env, _sets, assert_same_run, finish, records
 
 from mst_ds import checkpoint as ckpt
-from mst_ds import cluster
+from mst_ds import cluster, job
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,8 +74,13 @@ def finish_all(procs: list[subprocess.Popen]) -> None:
 
 
 def preempt_at_random_step(procs: list[subprocess.Popen], run_dir: Path) -> int:
-    """SIGTERM to every process group once the run passed a random step after its first checkpoint."""
-    kill_at = random.Random().randint(3, STEPS - 2)
+    """SIGTERM to every process group once the run passed a random step after its first checkpoint;
+    every process must then exit 75 (its step saved), as the sbatch templates requeue on.
+
+    The groups are frozen (SIGSTOP) the moment the step is seen, so the step the SIGTERM lands in is known
+    however loaded the machine is: before this, a test process descheduled for a second let an 8-step run
+    reach its last step first, and the run legitimately finished instead of being preempted."""
+    kill_at = random.Random().randint(3, STEPS // 2)  # at least STEPS/2 steps left to stop in
     deadline = time.monotonic() + 900  # a loaded machine may first JIT-build DeepSpeed's CPU comm op
     reached = False
     while not reached and time.monotonic() < deadline and all(p.poll() is None for p in procs):
@@ -84,16 +89,27 @@ def preempt_at_random_step(procs: list[subprocess.Popen], run_dir: Path) -> int:
     assert all(p.poll() is None for p in procs), f"run ended before the preemption at step {kill_at}"
     assert reached, f"step {kill_at} not reached in 900 s"
     for p in procs:
+        os.killpg(p.pid, signal.SIGSTOP)
+    logged = records(run_dir)[-1]["step"]
+    assert logged < STEPS - 1, f"step {logged} of {STEPS} logged before the run could be frozen"
+    for p in procs:
         os.killpg(p.pid, signal.SIGTERM)
+        os.killpg(p.pid, signal.SIGCONT)
+    outs = []
     for p in procs:
         try:
-            p.communicate(timeout=60)
+            outs.append(p.communicate(timeout=60)[0])
         except subprocess.TimeoutExpired:  # SLURM's KillWait is over: SIGKILL
             os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-    assert ckpt.newest_complete(run_dir / ckpt.CKPT_SUBDIR) is not None
-    print(f"preempted at step {kill_at}")
-    return kill_at
+            outs.append(p.communicate()[0])
+    assert all(p.returncode == job.EXIT_STOPPED for p in procs), "\n".join(o[-2500:] for o in outs)
+    newest = ckpt.newest_complete(run_dir / ckpt.CKPT_SUBDIR)
+    saved = ckpt.read_meta(run_dir / ckpt.CKPT_SUBDIR / newest)["step"] if newest else None
+    # The vote rides in the next step's all-reduce: the step after the one logged, or the one after it if
+    # the ranks were frozen past that all-reduce but before its record.
+    assert saved in (logged + 1, logged + 2), (saved, logged)
+    print(f"preempted at step {logged}")
+    return logged
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from test_train_dist import _env, _port, _sets, finish, launch, records
 from mst_ds import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
-LONG = 40  # steps of the job that is locked and killed: still running when the second job knocks
+LONG = 40  # steps of the job that is locked and killed (its ranks are frozen while the second job knocks)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -57,6 +57,12 @@ def test_one_job_per_run_dir_and_ranks_die_with_their_launcher(digits_shards, tm
             break
         time.sleep(0.1)
     assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    # Frozen, the first job holds its lock for as long as the second job's pre-flight takes (tens of
+    # seconds under load: long enough, unfrozen, for it to finish its 40 steps and let the second one in).
+    ranks = _rank_pids(run_dir)
+    assert len(ranks) == 2, ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
 
     # A second job on the same run directory: refused before any rank starts, naming the holder.
     rc, out = finish(launch(run_dir, digits_shards, sets=(long,)), timeout=300)
@@ -64,11 +70,12 @@ def test_one_job_per_run_dir_and_ranks_die_with_their_launcher(digits_shards, tm
     assert rc == 2 and len(errors) == 1 and "in use by another job (host" in errors[0], out[-2000:]
 
     # SIGKILL of launch.sh alone (not its process group): the DeepSpeed runner and launch.py survive
-    # it, the ranks must not.
-    ranks = _rank_pids(run_dir)
-    assert len(ranks) == 2, ranks
+    # it, the ranks (running again) must not.
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
+    for pid in ranks:
+        os.kill(pid, signal.SIGCONT)
+    assert records(run_dir)[-1]["step"] < LONG, "the first job finished: nothing left to orphan"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and any(_alive(p) for p in ranks):
         time.sleep(0.2)
