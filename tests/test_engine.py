@@ -26,6 +26,46 @@ def _batch(cfg, batch: int, seed: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
+# The optimizer: torch's AdamW block by block
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_blockwise_adamw_is_torch_adamw_bit_for_bit(amsgrad):
+    """Flat tensors as ZeRO hands them (larger than a block, not a multiple of it) and small ones, two
+    groups with their own lr / weight decay, changed between steps as the schedules do: parameters and
+    state equal torch.optim.AdamW's exactly after several steps (and the state dicts load into each other)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3 * eng.BlockwiseAdamW.BLOCK + 123,), (7, 5), (eng.BlockwiseAdamW.BLOCK,)]
+    init = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+
+    def run(cls):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = cls([{"params": ps[:2], "weight_decay": 0.04}, {"params": ps[2:], "weight_decay": 0.0}],
+                  lr=1e-2, betas=(0.9, 0.999), amsgrad=amsgrad)
+        for step, gs in enumerate(grads):
+            for p, gr in zip(ps, gs):
+                p.grad = gr.clone()
+            opt.param_groups[0]["lr"] = 1e-2 / (step + 1)
+            opt.param_groups[1]["weight_decay"] = 0.01 * step
+            opt.step()
+        return ps, opt
+
+    ref, ref_opt = run(torch.optim.AdamW)
+    got, got_opt = run(eng.BlockwiseAdamW)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    for a, b in zip(ref_opt.state.values(), got_opt.state.values()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    got_opt.load_state_dict(ref_opt.state_dict())  # one checkpoint format
+
+
+def test_blockwise_adamw_is_blockwise_only_where_it_is_the_same():
+    p = torch.nn.Parameter(torch.zeros(4))
+    assert eng.BlockwiseAdamW([p])._blockwise()
+    assert not eng.BlockwiseAdamW([p], foreach=True)._blockwise()
+    assert not eng.BlockwiseAdamW([torch.nn.Parameter(torch.zeros(4, 4).t())])._blockwise()  # not contiguous
+
+
+# --------------------------------------------------------------------------------------------------
 # Pure: precision, JSON, groups
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("requested,dev,expected", [
