@@ -14,6 +14,7 @@ from pathlib import Path
 
 from data_tools import TOOL_VERSION
 from data_tools.sniff import DEFAULT_MAX_PIXELS
+from mst_ds.data.manifest import CHECKSUMS, DEFAULT_CHECKSUM
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--classes", default=None, metavar="FILE|imagenet100",
                    help="write only these classes: a file of one wnid or folder name per line, or imagenet100 "
                         "(CMC's ImageNet-100); kept classes are numbered 0..K-1 in source order (use the same list for train and val)")
+    w.add_argument("--checksum", choices=list(CHECKSUMS), default=DEFAULT_CHECKSUM,
+                   help="per-shard checksum in the manifest (xxh3_128: memory speed; sha256: as manifests before it)")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
 
     v = sub.add_parser("verify", help="check every shard against its manifest (exit 1 on any finding)")
@@ -65,7 +68,8 @@ def _write(args) -> int:
     classes = read_class_list(args.classes) if args.classes is not None else None
     res = write_shards(args.src, args.out, split=args.split, layout=args.layout, val_labels=args.val_labels,
                        max_count=args.max_count, workers=args.workers, seed=args.seed, strict=args.strict,
-                       progress=not args.quiet, max_pixels=args.max_pixels, classes=classes)
+                       progress=not args.quiet, max_pixels=args.max_pixels, classes=classes,
+                       checksum=args.checksum)
     m = res.manifest
     mb = m.total_bytes / 1e6
     Console(stderr=True, soft_wrap=True).print(

@@ -1,4 +1,4 @@
-"""``mst-shards verify``: re-read every shard against its manifest (count, size, sha256, labels, optionally
+"""``mst-shards verify``: re-read every shard against its manifest (count, size, checksum, labels, optionally
 decode), and the manifest against itself and the folder.
 
 A tar truncated at a member boundary reads back short with no error (SPEC §5); only this comparison
@@ -17,7 +17,7 @@ from pathlib import Path
 from data_tools.sniff import error_text
 from data_tools.writer import PROGRESS_DIR
 from mst_ds.data.decode import decode_rgb
-from mst_ds.data.manifest import Manifest, file_sha256, shard_name_problem
+from mst_ds.data.manifest import Manifest, file_checksum, shard_name_problem
 from mst_ds.data.reader import IMAGE_EXTS, iter_tar_samples
 
 
@@ -32,8 +32,9 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_shard(path: Path, expected_count: int, expected_bytes: int, expected_sha: str, *, decode: bool,
-                 seen_keys: set[str], classes: list[dict] | None = None) -> tuple[int, list[str]]:
+def verify_shard(path: Path, expected_count: int, expected_bytes: int, expected_checksum: str, *, decode: bool,
+                 seen_keys: set[str], classes: list[dict] | None = None,
+                 algorithm: str = "sha256") -> tuple[int, list[str]]:
     """→ (samples read, problems) for one local shard. With ``classes``, every label must index it and
     name the same wnid as the sample's own ``.json``."""
     problems: list[str] = []
@@ -42,8 +43,8 @@ def verify_shard(path: Path, expected_count: int, expected_bytes: int, expected_
     size = path.stat().st_size
     if size != expected_bytes:
         problems.append(f"{path}: {size} bytes, manifest says {expected_bytes}")
-    elif file_sha256(path) != expected_sha:
-        problems.append(f"{path}: sha256 differs from the manifest")
+    elif file_checksum(path, algorithm) != expected_checksum:
+        problems.append(f"{path}: {algorithm} differs from the manifest")
     count = 0
     bad_labels: list[str] = []
     try:
@@ -147,8 +148,8 @@ def verify_dir(directory: str | Path, *, decode: bool = False, on_shard=None, sp
         if not local:
             report.problems.append(f"{url}: not a local shard (verify reads a local folder)")
             continue
-        count, problems = verify_shard(root / info.name, info.count, info.bytes, info.sha256, decode=decode,
-                                       seen_keys=seen, classes=manifest.classes)
+        count, problems = verify_shard(root / info.name, info.count, info.bytes, info.checksum, decode=decode,
+                                       seen_keys=seen, classes=manifest.classes, algorithm=info.algorithm)
         report.samples += count
         report.problems.extend(problems)
         if on_shard is not None:

@@ -6,7 +6,7 @@ Design (SPEC §5):
 * the sample list is sorted, then shuffled with the seed, then cut into shards of ``max_count``;
 * every tar member has mtime 0, uid/gid 0 and no user names, so two runs give identical bytes;
 * each shard is streamed to a temp name (a second thread writes and hashes while the first reads and
-  sniffs the next inputs) and renamed; a small record (plan hash, count, size, sha256) is then written
+  sniffs the next inputs) and renamed; a small record (plan hash, count, size, checksum) is then written
   to ``.mst-shards/``, so a rerun after an interruption keeps every shard whose record and bytes still
   match and writes only the rest;
 * ``workers`` processes write disjoint contiguous shard ranges;
@@ -41,7 +41,16 @@ from data_tools import TOOL_VERSION
 from data_tools.sniff import DEFAULT_MAX_PIXELS, ImageInfo, TooLarge, Unreadable, convert_to_png, sniff
 from mst_ds import atomic
 from mst_ds.config import RunFailure
-from mst_ds.data.manifest import INDEX_NAME, Manifest, ShardInfo, file_sha256, manifests_in, split_index_name
+from mst_ds.data.manifest import (
+    CHECKSUMS,
+    DEFAULT_CHECKSUM,
+    INDEX_NAME,
+    Manifest,
+    ShardInfo,
+    file_checksum,
+    manifests_in,
+    split_index_name,
+)
 from mst_ds.job import FileLock
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -473,16 +482,17 @@ class TarStream:
 
     The checksum is of the bytes as they are written, so no shard is ever read back. The bytes equal
     ``tarfile``'s output. With ``background`` the writes and the hashing run in a second thread while
-    the caller reads and sniffs the next inputs (file reads, ``writev`` and sha256 all release the
+    the caller reads and sniffs the next inputs (file reads, ``writev`` and the hashes release the
     GIL): that pays when the process has a core to spare. When every core already runs a writer
     process the hand-over costs more CPU than it overlaps (6,000 images: 0.80 CPU-s with the thread,
     0.62 without, measured here), so then the caller writes and hashes itself.
     """
 
-    def __init__(self, path: Path, fail_after: int | None = None, background: bool = True):
+    def __init__(self, path: Path, fail_after: int | None = None, background: bool = True,
+                 checksum: str = DEFAULT_CHECKSUM):
         self.path, self.size, self.written = path, 0, 0
         self.fail_after = fail_after  # test fault: the disk is full after this many bytes
-        self.digest = hashlib.sha256()
+        self.digest = CHECKSUMS[checksum]()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._error: BaseException | None = None
         self._q: queue.SimpleQueue | None = None
@@ -573,7 +583,7 @@ def _disk_full_fault(name: str) -> int | None:
 class ShardWritten:
     count: int  # samples stored
     nbytes: int
-    sha256: str  # of the bytes as they were written: the shard is never read back
+    checksum: str  # of the bytes as they were written (WriteOptions.checksum): the shard is never read back
     unreadable: list[str]  # "source: reason"
     class_counts: dict[int, int]  # label → samples stored
     input_sizes: list[int | None]  # per planned sample, as ShardPlan.input_sizes would say (None: unreadable)
@@ -598,11 +608,12 @@ def sample_meta(s: Sample, info: ImageInfo, converted: str | None) -> bytes:
 class WriteOptions:
     strict: bool = False  # an unreadable input stops the run
     background: bool = True  # write and hash in a second thread (TarStream)
+    checksum: str = DEFAULT_CHECKSUM  # the manifest's per-shard checksum (a key of manifest.CHECKSUMS)
 
 
 def write_shard_file(path: Path, plan: ShardPlan, progress=None, opts: WriteOptions = WriteOptions()) -> ShardWritten:
     """Read, sniff and write the samples of ``plan`` as a tar at ``path``."""
-    tar = TarStream(path, _disk_full_fault(plan.name), opts.background)
+    tar = TarStream(path, _disk_full_fault(plan.name), opts.background, opts.checksum)
     unreadable: list[str] = []
     input_sizes: list[int | None] = []
     class_counts: dict[int, int] = {}
@@ -659,7 +670,7 @@ def write_one_shard(out: Path, plan: ShardPlan, progress, opts: WriteOptions) ->
     try:
         w = write_shard_file(tmp, plan, progress, opts)
         record = {"name": plan.name, "plan": plan.fingerprint(w.input_sizes), "count": w.count, "bytes": w.nbytes,
-                  "sha256": w.sha256, "unreadable": w.unreadable,
+                  opts.checksum: w.checksum, "unreadable": w.unreadable,
                   "class_counts": {str(k): v for k, v in sorted(w.class_counts.items())}}
         atomic.write_json(_record_path(out, plan.name), record, indent=None)
         os.replace(tmp, shard)
@@ -668,8 +679,9 @@ def write_one_shard(out: Path, plan: ShardPlan, progress, opts: WriteOptions) ->
     return record
 
 
-def finished_record(out: Path, plan: ShardPlan) -> dict | None:
-    """The record of a shard a previous run finished, if its plan, size and checksum still match."""
+def finished_record(out: Path, plan: ShardPlan, checksum: str = DEFAULT_CHECKSUM) -> dict | None:
+    """The record of a shard a previous run finished, if its plan, size and ``checksum`` still match (a
+    shard a run with another ``--checksum`` wrote is written again: its record holds no such digest)."""
     rec_path, shard = _record_path(out, plan.name), out / plan.name
     if not (rec_path.exists() and shard.exists()):
         return None
@@ -680,7 +692,7 @@ def finished_record(out: Path, plan: ShardPlan) -> dict | None:
     if (not isinstance(rec, dict) or rec.get("plan") != plan.fingerprint(plan.input_sizes()) or "class_counts" not in rec
             or shard.stat().st_size != rec.get("bytes")):
         return None
-    return rec if file_sha256(shard) == rec.get("sha256") else None
+    return rec if checksum in rec and file_checksum(shard, checksum) == rec[checksum] else None
 
 
 def _die_with_parent() -> None:
@@ -902,15 +914,18 @@ def _cleanup(folder: OutFolder, keep: set[str]) -> None:
 def write_shards(src: str | Path, out: str | Path, *, split: str = "train", layout: str = "imagefolder",
                  val_labels: str | Path | None = None, max_count: int = 256, workers: int = 1, seed: int = 0,
                  strict: bool = False, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 classes: tuple[str, list[str]] | None = None) -> WriteResult:
+                 classes: tuple[str, list[str]] | None = None, checksum: str = DEFAULT_CHECKSUM) -> WriteResult:
     """Write (or finish writing) the shards of ``src`` into ``out``; returns the manifest written last.
-    ``classes``: (label, names) of a class subset (:mod:`data_tools.subsets`), else every class."""
+    ``classes``: (label, names) of a class subset (:mod:`data_tools.subsets`), else every class.
+    ``checksum``: the per-shard checksum the manifest records (a key of ``manifest.CHECKSUMS``)."""
     if max_count < 1:
         raise WriteError(f"--max-count must be ≥ 1 (got {max_count})")
     if workers < 1:
         raise WriteError(f"--workers must be ≥ 1 (got {workers})")
     if max_pixels < 1:
         raise WriteError(f"--max-pixels must be ≥ 1 (got {max_pixels})")
+    if checksum not in CHECKSUMS:
+        raise WriteError(f"--checksum {checksum!r}: expected one of {', '.join(CHECKSUMS)}")
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     listing = list_source(src, layout, split, Path(val_labels) if val_labels else None)
@@ -925,13 +940,13 @@ def write_shards(src: str | Path, out: str | Path, *, split: str = "train", layo
     try:
         plans = plan_shards(listing.samples, split, max_count, seed, max_pixels)
         try:
-            records, todo = _write_all(folder, plans, workers, WriteOptions(strict), progress)
+            records, todo = _write_all(folder, plans, workers, WriteOptions(strict, checksum=checksum), progress)
         except OSError as err:
             raise WriteFailure(_os_failure(out, err)) from None
         finally:
             folder.remove_temps()
-        shard_infos = [ShardInfo(p.name, records[p.name]["count"], records[p.name]["bytes"], records[p.name]["sha256"])
-                       for p in plans]
+        shard_infos = [ShardInfo(p.name, records[p.name]["count"], records[p.name]["bytes"], records[p.name][checksum],
+                                 checksum) for p in plans]
         unreadable = sorted(listing.unreadable + [u for p in plans for u in records[p.name]["unreadable"]])
         stored = {int(k) for p in plans for k, n in records[p.name]["class_counts"].items() if n}
         empty = [c["wnid"] for c in listing.classes if c["index"] not in stored]
@@ -968,9 +983,10 @@ def _write_all(folder: OutFolder, plans: list[ShardPlan], workers: int, opts: Wr
     candidates = [p for p in plans if p.name in folder.owned and (out / p.name).exists()]
     if workers > 1 and len(candidates) > 1:
         with mp.get_context("fork").Pool(min(workers, len(candidates))) as pool:
-            found = dict(zip([p.name for p in candidates], pool.starmap(finished_record, [(out, p) for p in candidates])))
+            found = dict(zip([p.name for p in candidates],
+                             pool.starmap(finished_record, [(out, p, opts.checksum) for p in candidates])))
     else:
-        found = {p.name: finished_record(out, p) for p in candidates}
+        found = {p.name: finished_record(out, p, opts.checksum) for p in candidates}
     for p in plans:
         rec = found.get(p.name)
         if rec is None:

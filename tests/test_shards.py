@@ -71,7 +71,7 @@ def test_two_runs_are_byte_identical(nasty_folder, tmp_path):
     for s in a.shards:
         assert (tmp_path / "a" / s.name).read_bytes() == (tmp_path / "b" / s.name).read_bytes()
     c = write_shards(nasty_folder, tmp_path / "c", split="train", max_count=4, seed=4, progress=False).manifest
-    assert [s.sha256 for s in c.shards] != [s.sha256 for s in a.shards]  # the seed shuffles the sample list
+    assert [s.checksum for s in c.shards] != [s.checksum for s in a.shards]  # the seed shuffles the sample list
 
 
 def test_rerun_keeps_finished_shards(nasty_folder, tmp_path):
@@ -84,6 +84,53 @@ def test_rerun_keeps_finished_shards(nasty_folder, tmp_path):
     third = write_shards(nasty_folder, tmp_path, split="train", max_count=4, progress=False)
     assert third.written == 1
     assert shards_main(["verify", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize("checksum", ["xxh3_128", "sha256"])
+def test_each_checksum_is_recorded_verified_and_catches_a_flipped_byte(nasty_folder, tmp_path, capsys, checksum):
+    out = tmp_path / "out"
+    m = write_shards(nasty_folder, out, split="train", max_count=8, progress=False, checksum=checksum).manifest
+    entries = json.loads((out / "index.json").read_text())["shards"]
+    assert all(set(e) == {"name", "count", "bytes", checksum} for e in entries)
+    assert [s.checksum for s in Manifest.load(out).shards] == [s.checksum for s in m.shards]
+    assert shards_main(["verify", str(out)]) == 0
+    victim = out / m.shards[0].name
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 1  # inside the first member: same size, same count
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert shards_main(["verify", str(out)]) == 1
+    assert f"{victim}: {checksum} differs from the manifest" in capsys.readouterr().err
+
+
+def test_a_sha256_manifest_keeps_its_data_identity_and_a_rerun_switches_checksum(nasty_folder, tmp_path):
+    """Manifests written before xxh3 (sha256) load, verify and keep the identity runs recorded from them:
+    the digest of [name, count, bytes, sha256] per shard, as it always was. A rerun asking for another
+    checksum rewrites every shard (its records hold no such digest) rather than trusting it unchecked."""
+    import hashlib
+
+    out = tmp_path / "out"
+    old = write_shards(nasty_folder, out, split="train", max_count=8, progress=False, checksum="sha256").manifest
+    content = {"shards": [[s.name, s.count, s.bytes, s.checksum] for s in old.shards], "classes": old.classes}
+    before = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    assert Manifest.load(out).fingerprint()["digest"] == before
+    new = write_shards(nasty_folder, out, split="train", max_count=8, progress=False)
+    assert (new.written, new.kept) == (len(old.shards), 0)
+    assert [s.algorithm for s in new.manifest.shards] == ["xxh3_128"] * len(old.shards)
+    assert new.manifest.fingerprint()["digest"] != before  # another checksum: another identity string
+    assert shards_main(["verify", str(out)]) == 0
+
+
+def test_a_manifest_without_a_known_checksum_is_one_line(nasty_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    write_shards(nasty_folder, out, split="train", max_count=8, progress=False)
+    index = json.loads((out / "index.json").read_text())
+    for e in index["shards"]:
+        e["md5"] = e.pop("xxh3_128")
+    (out / "index.json").write_text(json.dumps(index))
+    assert shards_main(["verify", str(out)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "xxh3_128 or sha256" in err[0] and "Traceback" not in err[0]
 
 
 def test_rerun_rewrites_the_shard_of_a_changed_input_and_lists_a_fifo(tmp_path):
@@ -101,7 +148,7 @@ def test_rerun_rewrites_the_shard_of_a_changed_input_and_lists_a_fifo(tmp_path):
     assert (again.written, again.kept) == (1, len(first.manifest.shards) - 1)
     holder = next(s.name for s in again.manifest.shards
                   if any(x["__key__"] == "img_01_0002" for x in iter_tar_samples(str(out / s.name))))
-    rewritten = [s.name for s, t in zip(first.manifest.shards, again.manifest.shards) if s.sha256 != t.sha256]
+    rewritten = [s.name for s, t in zip(first.manifest.shards, again.manifest.shards) if s.checksum != t.checksum]
     assert rewritten == [holder]
     assert write_shards(src, out, split="train", max_count=3, progress=False).written == 0
 
@@ -130,7 +177,7 @@ def test_sigkill_midway_then_rerun(tmp_path):
     assert not list(out.glob(".*tmp*"))
     assert shards_main(["verify", str(out)]) == 0
     clean = write_shards(src, tmp_path / "clean", split="train", max_count=2, progress=False).manifest
-    assert [s.sha256 for s in clean.shards] == [s.sha256 for s in res.manifest.shards]
+    assert [s.checksum for s in clean.shards] == [s.checksum for s in res.manifest.shards]
 
 
 def _truncate_at_member(path: Path, sample_index: int) -> None:

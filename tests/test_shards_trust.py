@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from data_tools import sample_data
 from data_tools.cli import main as shards_main
@@ -381,7 +382,6 @@ def test_undecodable_message_names_the_sample_not_a_buffer(tmp_path, capsys):
 
 # ---- issue 13: hashed while written, bytes as tarfile writes them ------------------------------------
 def test_shards_are_tarfile_bytes_and_hashed_as_written(small_src, tmp_path):
-    import hashlib
     import io
     import tarfile
 
@@ -390,7 +390,7 @@ def test_shards_are_tarfile_bytes_and_hashed_as_written(small_src, tmp_path):
     m = write_shards(small_src, tmp_path / "out", split="train", max_count=5, workers=2, progress=False).manifest
     for s in m.shards:
         data = (tmp_path / "out" / s.name).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == s.sha256 and len(data) == s.bytes
+        assert s.algorithm == "xxh3_128" and xxhash.xxh3_128(data).hexdigest() == s.checksum and len(data) == s.bytes
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             members = [(mem.name, tar.extractfile(mem).read()) for mem in tar]
         ref = io.BytesIO()
@@ -436,7 +436,6 @@ def test_background_and_inline_writing_give_the_same_shard(small_src, tmp_path, 
     """Whether a second thread writes and hashes (a core to spare) or the reader does (every core runs a
     writer) changes nothing in the bytes, the checksum, or a full disk's error and leftovers."""
     import errno
-    import hashlib
 
     from data_tools.writer import PROGRESS_DIR, WriteOptions, list_source, plan_shards, write_one_shard
 
@@ -447,7 +446,7 @@ def test_background_and_inline_writing_give_the_same_shard(small_src, tmp_path, 
         (out / PROGRESS_DIR).mkdir(parents=True)
         rec = write_one_shard(out, plan, None, WriteOptions(background=background))
         data = (out / plan.name).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == rec["sha256"] and len(data) == rec["bytes"] and rec["count"] == 6
+        assert xxhash.xxh3_128(data).hexdigest() == rec["xxh3_128"] and len(data) == rec["bytes"] and rec["count"] == 6
         written[background] = data
         monkeypatch.setenv("MST_DS_FAULT", f"disk_full@{int(plan.name[-10:-4])}")
         with pytest.raises(OSError) as err:

@@ -9,8 +9,13 @@ Shard names come from a file a user may have been handed: they are checked at lo
 no ``..``, no shell metacharacters) and every name substituted into a ``pipe:`` command is quoted.
 
 A tar truncated exactly at a member boundary reads back short with no error (SPEC §5), so the per-shard
-sample count, size and sha256 recorded here are the only way to notice a damaged shard; the loader also
+sample count, size and checksum recorded here are the only way to notice a damaged shard; the loader also
 equalises batches per rank from these counts without opening a single tar.
+
+The checksum is named by its key in each shard's entry: ``xxh3_128`` (what ``mst-shards write`` records by
+default: it runs at memory speed, where sha256 alone was slower than copying the files) or ``sha256``
+(``--checksum sha256``, and every manifest written before xxh3). Both verify; a data identity
+(:meth:`Manifest.fingerprint`) computed from a sha256 manifest is what it always was.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import re
 import shlex
 import subprocess
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import xxhash
 from braceexpand import braceexpand
 
 from mst_ds import atomic
@@ -52,9 +58,14 @@ def shard_name_problem(name: str) -> str | None:
     return None
 
 
-def file_sha256(path: Path) -> str:
-    """The checksum the manifest records per shard (hex sha256 of the file's bytes)."""
-    h = hashlib.sha256()
+# Shard checksums by the key a manifest stores them under: a new hash object of each.
+CHECKSUMS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+DEFAULT_CHECKSUM = "xxh3_128"
+
+
+def file_checksum(path: Path, algorithm: str) -> str:
+    """The hex checksum ``algorithm`` (a key of :data:`CHECKSUMS`) of the file's bytes."""
+    h = CHECKSUMS[algorithm]()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -70,7 +81,24 @@ class ShardInfo:
     name: str  # file name relative to the manifest's root, e.g. "train-000000.tar"
     count: int  # samples in the shard
     bytes: int  # file size
-    sha256: str
+    checksum: str  # hex digest of the file's bytes
+    algorithm: str = "sha256"  # a key of CHECKSUMS: the key the manifest stores the digest under
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "count": self.count, "bytes": self.bytes, self.algorithm: self.checksum}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardInfo:
+        """One shard entry; KeyError names the missing checksum when the entry has none this code knows."""
+        algorithm = next((a for a in CHECKSUMS if a in d), None)
+        if algorithm is None:
+            raise KeyError(" or ".join(CHECKSUMS))
+        return cls(str(d["name"]), int(d["count"]), int(d["bytes"]), str(d[algorithm]), algorithm)
+
+    def identity(self) -> list[Any]:
+        """The shard's part of the data identity; a sha256 shard's is what it was before other checksums."""
+        digest = self.checksum if self.algorithm == "sha256" else f"{self.algorithm}:{self.checksum}"
+        return [self.name, self.count, self.bytes, digest]
 
 
 @dataclass
@@ -110,10 +138,10 @@ class Manifest:
         return [str(Path(root) / s.name) for s in self.shards]
 
     def fingerprint(self) -> dict[str, Any]:
-        """What the data is, independent of where it lies: the shards (name, count, size, sha256, in
+        """What the data is, independent of where it lies: the shards (name, count, size, checksum, in
         order — the order is part of a training trajectory) and the classes → digest + counts. Runs and
         evaluations record it; moved shards keep it, other shards or classes change it."""
-        content = {"shards": [[s.name, s.count, s.bytes, s.sha256] for s in self.shards], "classes": self.classes}
+        content = {"shards": [s.identity() for s in self.shards], "classes": self.classes}
         digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
         return {"digest": digest, "samples": self.total, "shards": len(self.shards), "classes": self.num_classes}
 
@@ -128,7 +156,7 @@ class Manifest:
             "num_shards": len(self.shards),
             "num_classes": self.num_classes,
             "classes": self.classes,
-            "shards": [asdict(s) for s in self.shards],
+            "shards": [s.to_dict() for s in self.shards],
             "unreadable": self.unreadable,
             "num_unreadable": len(self.unreadable),
             "empty_classes": self.empty_classes,
@@ -146,7 +174,7 @@ class Manifest:
                   index_name: str = INDEX_NAME) -> Manifest:
         """``check_names=False`` is for ``verify``, which reports bad names as findings instead."""
         try:
-            shards = [ShardInfo(str(s["name"]), int(s["count"]), int(s["bytes"]), str(s["sha256"])) for s in d["shards"]]
+            shards = [ShardInfo.from_dict(s) for s in d["shards"]]
         except (KeyError, TypeError, ValueError) as err:
             raise ManifestError(f"{root}: not a shard manifest (missing or bad field {err})") from None
         if check_names:
