@@ -13,8 +13,8 @@ solarize):
 (b) torchvision ``ImageFolder`` + DINO's PIL ``DataAugmentationDINO``-style transforms.
 
 Everything runs in this process on one intra-op thread, timed in CPU seconds of the process (so the
-load of the shared machine does not skew it), best of several alternating repetitions. Target: (a) ≥ 3×
-(b) per core. No assertions: it is a measurement.
+load of the shared machine does not skew it), best of several alternating repetitions. Targets per core:
+(a) ≥ 1.5× (b), (a′) ≥ 3× (b). No assertions: it is a measurement.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from mst_ds.config import load_config
 from mst_ds.data.augment import Photometric, pil_reference_multicrop
 from mst_ds.data.reader import make_train_loader
 
-TARGET = 3.0
+# Per core: end to end on CPU (this machine, no accelerator) and the loader cores' part when the
+# photometric stage runs on the accelerator, as in training on GPUs (issue 21's targets).
+TARGETS = {"a": 1.5, "a_cpu": 3.0}
 
 
 def make_folder(root: Path, n: int, seed: int = 0) -> None:
@@ -117,8 +119,8 @@ def main() -> None:
     Console(width=130).print(table)
     for k, label in (("a", "end to end on CPU"), ("a_cpu", "loader cores, photometric on the accelerator")):
         ratio = rate[k] / rate["b"]
-        print(f"target ≥ {TARGET}× per core, {label}: {ratio:.2f}× ({'met' if ratio >= TARGET else 'NOT met'})")
-        bench_line(f"loader images/s per core vs PIL multi-crop ({label})", ratio, ">=", TARGET)
+        print(f"target ≥ {TARGETS[k]}× per core, {label}: {ratio:.2f}× ({'met' if ratio >= TARGETS[k] else 'NOT met'})")
+        bench_line(f"loader images/s per core vs PIL multi-crop ({label})", ratio, ">=", TARGETS[k])
 
 
 if __name__ == "__main__":
