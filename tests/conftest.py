@@ -70,3 +70,59 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Keys of metrics.jsonl that depend on the clock or the machine's load, not on the computation.
+_TIMING_KEYS = {"time", "img_per_s", "peak_mem_mb", "monitor_s", "monitor_time_share"}
+
+
+def _tensor_digest(h, obj) -> None:
+    """Feed every tensor of a nested state (dicts in sorted key order) into the hash ``h``."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _tensor_digest(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensor_digest(h, v)
+
+
+def pinning_platform() -> str:
+    """Where pinned digests hold: CPU kernels (and so the last bits of a float sum) differ between torch
+    versions and instruction sets."""
+    import torch
+
+    return f"torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()} cpus {os.cpu_count()}"
+
+
+def run_digests(run_dir: Path, out: Path) -> dict[str, str]:
+    """sha256 (16 hex) of a finished run's computation: metrics.jsonl values without timings, every tensor
+    of the last checkpoint's files, teacher and student state dicts, and the exported teacher backbone."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file
+
+    from mst_ds import checkpoint as ckpt
+    from mst_ds.cli import main
+
+    def digest(obj) -> str:
+        h = hashlib.sha256()
+        _tensor_digest(h, obj)
+        return h.hexdigest()[:16]
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    values = [{k: v for k, v in r.items() if k not in _TIMING_KEYS} for r in records]
+    tag_dir = run_dir / "checkpoints" / ckpt.newest_complete(run_dir / "checkpoints")
+    files = {p.name: ckpt.safe_load(p) for p in sorted(tag_dir.rglob("*.pt"))}
+    teacher, student = ckpt.load_teacher_student(run_dir)
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    return {"metrics": hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16],
+            "checkpoint_files": digest(files), "teacher": digest(teacher), "student": digest(student),
+            "export": digest(load_file(str(out)))}

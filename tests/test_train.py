@@ -85,3 +85,19 @@ def test_a_different_config_is_refused_unless_allowed(trained_run, digits_shards
         train_in_process(run_dir, digits_shards, "run.max_steps=4", "loss.restore_weight=0.4")
     with pytest.raises(ConfigError, match="resume is off"):
         train_in_process(run_dir, digits_shards, "run.max_steps=4", "checkpoint.resume=false")
+
+
+# Issue 18 (a structure-only refactor): the 4-step tiny run of conftest, pinned bit for bit.
+PINNED_PLATFORM = "torch 2.14.1+cu130 AVX512 cpus 2"
+PINNED = {"metrics": "266f3448196fbd5b", "checkpoint_files": "96c10ccc7f6c2222", "teacher": "7406f89071bbd61c",
+          "student": "afda33de807452b0", "export": "1d7fb413495a1ecc"}
+
+
+def test_a_fixed_one_rank_run_is_bit_identical_to_the_pinned_one(trained_run, tmp_path):
+    from conftest import pinning_platform, run_digests
+
+    got = run_digests(trained_run, tmp_path / "teacher.safetensors")
+    print(pinning_platform(), got)
+    if pinning_platform() != PINNED_PLATFORM:
+        pytest.skip(f"digests pinned on {PINNED_PLATFORM}, this is {pinning_platform()}")
+    assert got == PINNED

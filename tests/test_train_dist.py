@@ -218,3 +218,18 @@ def test_sigkill_with_the_online_knn_monitor_on_is_bit_identical(two_rank_run, d
     t_a, s_a = ckpt.load_teacher_student(two_rank_run)
     t_b, s_b = ckpt.load_teacher_student(run_dir)
     assert all(torch.equal(t_a[k], t_b[k]) for k in t_a) and all(torch.equal(s_a[k], s_b[k]) for k in s_a)
+
+
+# Issue 18 (a structure-only refactor): the uninterrupted 2-rank run, pinned bit for bit.
+PINNED_PLATFORM = "?"
+PINNED = {}
+
+
+def test_a_fixed_two_rank_run_is_bit_identical_to_the_pinned_one(two_rank_run, tmp_path):
+    from conftest import pinning_platform, run_digests
+
+    got = run_digests(two_rank_run, tmp_path / "teacher.safetensors")
+    print(pinning_platform(), got)
+    if pinning_platform() != PINNED_PLATFORM:
+        pytest.skip(f"digests pinned on {PINNED_PLATFORM}, this is {pinning_platform()}")
+    assert got == PINNED
