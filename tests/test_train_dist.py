@@ -221,8 +221,9 @@ def test_sigkill_with_the_online_knn_monitor_on_is_bit_identical(two_rank_run, d
 
 
 # Issue 18 (a structure-only refactor): the uninterrupted 2-rank run, pinned bit for bit.
-PINNED_PLATFORM = "?"
-PINNED = {}
+PINNED_PLATFORM = "torch 2.14.1+cu130 AVX512 cpus 2"
+PINNED = {"metrics": "db9081f262abd340", "checkpoint_files": "a16877e17c5cb562", "teacher": "434c0efea07aca31",
+          "student": "f4853e9a86b23973", "export": "2b971ea36660847b"}
 
 
 def test_a_fixed_two_rank_run_is_bit_identical_to_the_pinned_one(two_rank_run, tmp_path):
