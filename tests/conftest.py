@@ -126,3 +126,12 @@ def run_digests(run_dir: Path, out: Path) -> dict[str, str]:
     return {"metrics": hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16],
             "checkpoint_files": digest(files), "teacher": digest(teacher), "student": digest(student),
             "export": digest(load_file(str(out)))}
+
+
+def assert_pinned(run_dir: Path, out: Path, platform: str, pinned: dict[str, str]) -> None:
+    """The run's digests equal ``pinned`` (skipped, saying why, on another platform than the pinning one)."""
+    got = run_digests(run_dir, out)
+    print(pinning_platform(), got)
+    if pinning_platform() != platform:
+        pytest.skip(f"digests pinned on {platform}, this is {pinning_platform()}")
+    assert got == pinned

@@ -94,10 +94,6 @@ PINNED = {"metrics": "266f3448196fbd5b", "checkpoint_files": "96c10ccc7f6c2222",
 
 
 def test_a_fixed_one_rank_run_is_bit_identical_to_the_pinned_one(trained_run, tmp_path):
-    from conftest import pinning_platform, run_digests
+    from conftest import assert_pinned
 
-    got = run_digests(trained_run, tmp_path / "teacher.safetensors")
-    print(pinning_platform(), got)
-    if pinning_platform() != PINNED_PLATFORM:
-        pytest.skip(f"digests pinned on {PINNED_PLATFORM}, this is {pinning_platform()}")
-    assert got == PINNED
+    assert_pinned(trained_run, tmp_path / "teacher.safetensors", PINNED_PLATFORM, PINNED)

@@ -227,10 +227,6 @@ PINNED = {"metrics": "db9081f262abd340", "checkpoint_files": "a16877e17c5cb562",
 
 
 def test_a_fixed_two_rank_run_is_bit_identical_to_the_pinned_one(two_rank_run, tmp_path):
-    from conftest import pinning_platform, run_digests
+    from conftest import assert_pinned
 
-    got = run_digests(two_rank_run, tmp_path / "teacher.safetensors")
-    print(pinning_platform(), got)
-    if pinning_platform() != PINNED_PLATFORM:
-        pytest.skip(f"digests pinned on {PINNED_PLATFORM}, this is {pinning_platform()}")
-    assert got == PINNED
+    assert_pinned(two_rank_run, tmp_path / "teacher.safetensors", PINNED_PLATFORM, PINNED)
