@@ -87,10 +87,11 @@ def test_a_different_config_is_refused_unless_allowed(trained_run, digits_shards
         train_in_process(run_dir, digits_shards, "run.max_steps=4", "checkpoint.resume=false")
 
 
-# Issue 18 (a structure-only refactor): the 4-step tiny run of conftest, pinned bit for bit.
+# Issue 18 (a structure-only refactor): the 4-step tiny run of conftest, pinned bit for bit (digests
+# generated from the unmodified code of main at d6b1422).
 PINNED_PLATFORM = "torch 2.14.1+cu130 AVX512 cpus 2"
-PINNED = {"metrics": "266f3448196fbd5b", "checkpoint_files": "96c10ccc7f6c2222", "teacher": "7406f89071bbd61c",
-          "student": "afda33de807452b0", "export": "1d7fb413495a1ecc"}
+PINNED = {"metrics": "e1b1715a3fd3fa3b", "checkpoint_files": "c7d739d11ffdbdb0", "teacher": "08bd1e7833d0714d",
+          "student": "59d53316357b65c7", "export": "c20d2d30b84e3b9c"}
 
 
 def test_a_fixed_one_rank_run_is_bit_identical_to_the_pinned_one(trained_run, tmp_path):
