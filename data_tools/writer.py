@@ -51,6 +51,7 @@ from mst_ds.data.manifest import (
     manifests_in,
     split_index_name,
 )
+from mst_ds.faults import Faults
 from mst_ds.job import FileLock
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -572,11 +573,10 @@ def _writev_all(fd: int, parts: list[bytes], total: int) -> None:
             rest = rest[os.write(fd, rest):]
 
 
-def _disk_full_fault(name: str) -> int | None:
-    """``MST_DS_FAULT=disk_full@N``: writing shard number N fails with ENOSPC after its first block."""
-    spec = os.environ.get("MST_DS_FAULT", "")
+def _disk_full_fault(name: str, faults: Faults) -> int | None:
+    """``disk_full@N`` (:mod:`mst_ds.faults`): writing shard number N fails with ENOSPC after its first block."""
     match = re.fullmatch(r".+-(\d{6})\.tar", name)
-    return _BLOCK if match and spec == f"disk_full@{int(match.group(1))}" else None
+    return _BLOCK if match and faults.at("disk_full", int(match.group(1))) else None
 
 
 @dataclass
@@ -609,11 +609,12 @@ class WriteOptions:
     strict: bool = False  # an unreadable input stops the run
     background: bool = True  # write and hash in a second thread (TarStream)
     checksum: str = DEFAULT_CHECKSUM  # the manifest's per-shard checksum (a key of manifest.CHECKSUMS)
+    faults: Faults = Faults()  # test-only fault injection, read once by write_shards
 
 
 def write_shard_file(path: Path, plan: ShardPlan, progress=None, opts: WriteOptions = WriteOptions()) -> ShardWritten:
     """Read, sniff and write the samples of ``plan`` as a tar at ``path``."""
-    tar = TarStream(path, _disk_full_fault(plan.name), opts.background, opts.checksum)
+    tar = TarStream(path, _disk_full_fault(plan.name, opts.faults), opts.background, opts.checksum)
     unreadable: list[str] = []
     input_sizes: list[int | None] = []
     class_counts: dict[int, int] = {}
@@ -940,7 +941,7 @@ def write_shards(src: str | Path, out: str | Path, *, split: str = "train", layo
     try:
         plans = plan_shards(listing.samples, split, max_count, seed, max_pixels)
         try:
-            records, todo = _write_all(folder, plans, workers, WriteOptions(strict, checksum=checksum), progress)
+            records, todo = _write_all(folder, plans, workers, WriteOptions(strict, checksum=checksum, faults=Faults.from_env()), progress)
         except OSError as err:
             raise WriteFailure(_os_failure(out, err)) from None
         finally:

@@ -26,9 +26,8 @@ is read); DeepSpeed's own loaders (which unpickle everything, weights-only off) 
 only directories this module wrote (a ``stepNNNNNNNN`` tag with its marker, or an incomplete tag holding
 only checkpoint files); anything else under ``checkpoints/`` is left alone. A save that fails on any
 rank (a full disk) removes its half-written tag on every rank and stops the run with one line; the
-previous checkpoint and ``latest`` are untouched. Fault injection for the tests (``MST_DS_FAULT``):
-``enospc_in_save@N`` makes the last rank's RNG-file write of step N fail with ENOSPC,
-``enospc_in_ds_save@N`` the last rank's writes inside DeepSpeed's ``save_checkpoint``.
+previous checkpoint and ``latest`` are untouched. Fault injection for the tests: a
+:class:`mst_ds.faults.Faults` passed to :func:`save` (``enospc_in_save@N``, ``enospc_in_ds_save@N``).
 """
 
 from __future__ import annotations
@@ -51,19 +50,13 @@ import torch
 
 from mst_ds import atomic
 from mst_ds.config import RunFailure, UsageError
+from mst_ds.faults import Faults
+from mst_ds.run_dir import CHECKPOINTS, COMPLETE, CONFIG, LATEST, TAG_RE, UNIVERSAL_SUFFIX, RunDir, tag_for  # noqa: F401
 
-CKPT_SUBDIR = "checkpoints"
-COMPLETE = "complete.json"
-LATEST = "latest"
-UNIVERSAL_SUFFIX = "_universal"
-TAG_RE = re.compile(r"step\d{8}(_universal)?")
+CKPT_SUBDIR = CHECKPOINTS  # the names live in mst_ds.run_dir; these stay importable from here
 # What DeepSpeed and this module put in a tag directory (an incomplete one is pruned only if it holds
 # nothing else): model/optimizer states, RNG files, the marker, atomic-write temps, universal zero/.
-_OWN_ENTRY_RE = re.compile(r".*\.pt|complete\.json|\..*\.tmp-\d+|zero")
-
-
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
+_OWN_ENTRY_RE = re.compile(r".*\.pt|" + re.escape(COMPLETE) + r"|\..*\.tmp-\d+|zero")
 
 
 def _barrier() -> None:
@@ -322,19 +315,31 @@ def _fail_everywhere(message: str, rank: int) -> None:
     stop_together(RunFailure(message), rank)
 
 
-def _save_fault(kind: str, step: int, rank: int) -> bool:
+def _save_fault(faults: Faults, kind: str, step: int, rank: int) -> bool:
     import torch.distributed as dist
 
     last = dist.get_world_size() - 1 if dist.is_initialized() else 0
-    return os.environ.get("MST_DS_FAULT", "") == f"{kind}@{step}" and rank == last
+    return faults.at(kind, step) and rank == last
 
 
-def _disk_full(*args: Any, **kwargs: Any) -> None:
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+class _DiskFullWriter:
+    """DeepSpeed's checkpoint engine with every ``save`` failing as on a full disk (everything else passes
+    through). DeepSpeed has no hook to inject a write error, but its checkpoint engine is a pluggable
+    component (``engine.checkpoint_engine``: torch, Nebula, decoupled), so a save swaps in this wrapper
+    for its duration instead of patching a method of DeepSpeed's object."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def save(engine, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], meta: dict[str, Any],
-         loader_position: dict[str, int], keep_last: int, rank: int) -> str:
+         loader_position: dict[str, int], keep_last: int, rank: int, faults: Faults = Faults()) -> str:
     """Save a complete checkpoint of every rank, then point ``latest`` to it; prune to keep_last.
 
     All ranks call this. ``client_state`` must be rank-invariant (only rank 0's copy is kept). A write
@@ -352,8 +357,8 @@ def save(engine, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], met
     _barrier()
     error = None
     writer = getattr(engine, "checkpoint_engine", None)
-    if writer is not None and _save_fault("enospc_in_ds_save", step, rank):
-        writer.save = _disk_full  # the instance attribute shadows the method for this save only
+    if writer is not None and _save_fault(faults, "enospc_in_ds_save", step, rank):
+        engine.checkpoint_engine = _DiskFullWriter(writer)  # this save only
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     except OSError as err:
@@ -361,11 +366,11 @@ def save(engine, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], met
         _barrier()  # the closing barrier of save_checkpoint, where the ranks that did not fail wait
     finally:
         if writer is not None:
-            writer.__dict__.pop("save", None)
+            engine.checkpoint_engine = writer
     if error is None:
         try:
             with atomic.atomic_path(tag_dir / f"rng_rank{rank:05d}.pt") as tmp:
-                if _save_fault("enospc_in_save", step, rank):
+                if _save_fault(faults, "enospc_in_save", step, rank):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
                 torch.save({"rng": rng_state(), "loader": loader_position, "step": step}, tmp)
         except OSError as err:
@@ -520,11 +525,8 @@ def load_teacher_student(path: str | Path, cfg=None) -> tuple[dict[str, torch.Te
 # --------------------------------------------------------------------------------------------------
 def run_dir_of(path: str | Path) -> Path | None:
     """RUN for RUN, RUN/checkpoints or RUN/checkpoints/TAG (the directory holding config.yaml)."""
-    p = Path(path)
-    for cand in (p, p.parent, p.parent.parent):
-        if cand.is_dir() and (cand / "config.yaml").is_file():
-            return cand
-    return None
+    run = RunDir.of(path)
+    return run.root if run is not None else None
 
 
 def run_config(path: str | Path, sets: list[str] | tuple[str, ...] = ()):
@@ -533,5 +535,5 @@ def run_config(path: str | Path, sets: list[str] | tuple[str, ...] = ()):
 
     run_dir = run_dir_of(path)
     if run_dir is None:
-        raise UsageError(f"{path}: no config.yaml in its run directory (not a run of mst-ds train)")
-    return load_config(str(run_dir / "config.yaml"), sets).config
+        raise UsageError(f"{path}: no {CONFIG} in its run directory (not a run of mst-ds train)")
+    return load_config(str(RunDir(run_dir).config), sets).config

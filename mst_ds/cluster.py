@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mst_ds.config import UsageError
+from mst_ds.run_dir import RunDir
 
 # All tasks of a job must agree on the rendezvous port without talking to each other: it is a port SLURM
 # reserved for the step (srun --resv-ports), else derived from the job id. Below the Linux ephemeral
@@ -195,16 +196,16 @@ def run_finished(run_dir: str | Path) -> bool:
 
     from mst_ds import checkpoint as ckpt
 
-    run_dir = Path(run_dir)
-    info, cfg_path = run_dir / "run_info.json", run_dir / "config.yaml"
+    run = RunDir(run_dir)
+    info, cfg_path = run.run_info, run.config
     if not info.exists() or not cfg_path.exists():
         return False
     derived = json.loads(info.read_text())["derived"]
     max_steps = (yaml.safe_load(cfg_path.read_text()).get("run") or {}).get("max_steps")
     end = min(derived["total_steps"], max_steps or derived["total_steps"])
-    tag = ckpt.newest_complete(run_dir / ckpt.CKPT_SUBDIR)
+    tag = ckpt.newest_complete(run.checkpoints)
     # The position is the samples seen (a resume may change the global batch; schedules follow samples).
-    return tag is not None and ckpt.read_meta(run_dir / ckpt.CKPT_SUBDIR / tag)["samples"] >= end * derived["global_batch"]
+    return tag is not None and ckpt.read_meta(run.tag(tag))["samples"] >= end * derived["global_batch"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from mst_ds.config import RunFailure, UsageError
+from mst_ds.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "small"
@@ -84,16 +85,16 @@ def health_table(run_dir: Path):
     from rich.table import Table
 
     from mst_ds.config import config_from_file
-    from mst_ds.eval.report import ALERTS_FILE, read_jsonl
+    from mst_ds.eval.report import read_jsonl
     from mst_ds.plan import _vit_dims
 
-    recs = read_jsonl(run_dir / "metrics.jsonl")
-    cfg = config_from_file(run_dir / "config.yaml")
+    recs = read_jsonl(RunDir(run_dir).metrics)
+    cfg = config_from_file(RunDir(run_dir).config)
     dim = _vit_dims(cfg)[0]
     for r in recs:
         if isinstance(r.get("teacher_cls_std"), int | float):
             r["teacher_cls_std_sqrt_d"] = r["teacher_cls_std"] * math.sqrt(dim)
-    alerts = read_jsonl(run_dir / ALERTS_FILE) if (run_dir / ALERTS_FILE).exists() else []
+    alerts = read_jsonl(RunDir(run_dir).alerts) if RunDir(run_dir).alerts.exists() else []
     fired = ", ".join(f"{a['rule']} (step {a['step']})" for a in alerts) or "none"
     table = Table(title=f"run health — alerts: {fired}")
     for col, justify in (("diagnostic", "left"), ("start", "right"), ("end", "right"), ("reading", "left")):
@@ -151,7 +152,7 @@ def run(args) -> int:
 
     # 3. k-NN on the held-out split: trained teacher vs the same network at random init
     common = ["--train", str(shards["train"]), "--val", str(shards["val"]), "--num-workers", "0"]
-    _mst_ds("knn", "--ckpt", str(run_dir), "--out", str(run_dir / "eval"), *common)  # where `report` looks
+    _mst_ds("knn", "--ckpt", str(run_dir), "--out", str(RunDir(run_dir).eval), *common)  # where `report` looks
     _mst_ds("knn", "--preset", PRESET, "--out", str(out / "eval" / "random"), *common)
     t = mark("k-NN", t)
 
@@ -162,7 +163,7 @@ def run(args) -> int:
     _mst_ds("report", str(run_dir), "--out", str(out / "report"))
     mark("figures", t)
 
-    trained = json.loads((run_dir / "eval" / "knn.json").read_text())["results"]
+    trained = json.loads((RunDir(run_dir).eval / "knn.json").read_text())["results"]
     random_init = json.loads((out / "eval" / "random" / "knn.json").read_text())["results"]
     console = Console()
     table = Table(title=f"MST {PRESET} on {folders.train_count} real digits, {steps} steps × {args.procs} DeepSpeed CPU processes — "

@@ -36,6 +36,7 @@ from mst_ds.eval.features import TIMM_CONFIG as CONFIG
 from mst_ds.eval.features import TIMM_WEIGHTS as WEIGHTS
 from mst_ds.eval.features import ExportMeta, export_settings
 from mst_ds.model.backbone import Backbone
+from mst_ds.run_dir import RunDir
 
 CARD = "README.md"
 CARD_MARK = "<!-- written by mst-ds export -->"
@@ -155,7 +156,7 @@ def timm_config(cfg: MSTConfig, model_cfg: dict[str, Any]) -> dict[str, Any]:
 def _results(run_dir: Path) -> list[tuple[str, float]]:
     """(metric, value) of the run's own evaluations (``RUN/eval/knn.json``, ``linear_*.json``)."""
     found: list[tuple[str, float]] = []
-    for path in [run_dir / "eval" / "knn.json", *sorted((run_dir / "eval").glob("linear_*.json"))]:
+    for path in [RunDir(run_dir).eval / "knn.json", *sorted(RunDir(run_dir).eval.glob("linear_*.json"))]:
         if not path.is_file() or path.name.endswith("_state.json"):
             continue
         try:
@@ -169,7 +170,7 @@ def _results(run_dir: Path) -> list[tuple[str, float]]:
 def _preset(run_dir: Path) -> str:
     """The ``--preset`` the run was started with (its run_info.json argv), else "unknown"."""
     try:
-        argv = json.loads((run_dir / "run_info.json").read_text()).get("argv") or []
+        argv = json.loads(RunDir(run_dir).run_info.read_text()).get("argv") or []
         return next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), "unknown")
     except (OSError, json.JSONDecodeError, AttributeError, TypeError):
         return "unknown"

@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ALERTS_FILE = "alerts.jsonl"
+from mst_ds.run_dir import ALERTS as ALERTS_FILE  # noqa: F401 (tests name it)
+from mst_ds.run_dir import RunDir
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ RULES: tuple[Rule, ...] = (
 
 def read_alerts(run_dir: Path, last_step: int) -> list[dict[str, Any]]:
     """Alerts of RUN/alerts.jsonl up to ``last_step`` (the rest belongs to steps a resume redoes)."""
-    path = run_dir / ALERTS_FILE
+    path = RunDir(run_dir).alerts
     if not path.exists():
         return []
     out = []
@@ -253,7 +254,7 @@ class AlertBook:
         if enabled:
             self.fired = read_alerts(self.run_dir, start_step if start_step else -1)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(self.run_dir / ALERTS_FILE, "".join(json.dumps(r) + "\n" for r in self.fired))
+            atomic.write_text(RunDir(self.run_dir).alerts, "".join(json.dumps(r) + "\n" for r in self.fired))
 
     @property
     def count(self) -> int:
@@ -279,7 +280,7 @@ class AlertBook:
             print(f"mst-ds: alert: {rule.name} at step {step}: {rule.metric} {value:.4g} vs {threshold:.4g} — "
                   f"{rule.explain} (run.on_alert={self.cfg.run.on_alert})", file=sys.stderr, flush=True)
         if new:
-            with (self.run_dir / ALERTS_FILE).open("a") as f:
+            with RunDir(self.run_dir).alerts.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in new)
             self.fired += new
         return new
@@ -300,7 +301,7 @@ def _rank0_decides(flag: bool) -> bool:
 
 def _knn_at_start(run_dir: Path) -> float | None:
     """The online k-NN of step 0 from RUN/metrics.jsonl (a resumed run does not redo step 0)."""
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return None
     for line in path.read_text().splitlines():

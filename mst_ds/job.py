@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from mst_ds.config import ConfigError, RunFailure
+from mst_ds.run_dir import LOCK as LOCK_NAME  # noqa: F401 (tests and callers name it)
+from mst_ds.run_dir import RunDir
 
-LOCK_NAME = ".lock"
 # Exit code of a run stopped by SIGTERM/SIGUSR1 with a checkpoint of its last step (sysexits'
 # EX_TEMPFAIL: try again); the sbatch templates and launch.sh requeue on it.
 EXIT_STOPPED = 75
@@ -90,7 +91,7 @@ class RunLock(FileLock):
     """The run directory's lock, ``RUN/.lock``, held by rank 0 for the run's life."""
 
     def __init__(self, run_dir: Path):
-        super().__init__(Path(run_dir) / LOCK_NAME, f"{run_dir}: in use by another job ({{holder}}); wait for it to "
+        super().__init__(RunDir(run_dir).lock, f"{run_dir}: in use by another job ({{holder}}); wait for it to "
                          "end or use another --run-dir", RunDirLocked)
 
 
@@ -132,7 +133,7 @@ class StopSignals:
 
 def probe(run_dir: Path) -> None:
     """Raise RunDirLocked if a live job holds ``run_dir`` (takes and drops the lock at once)."""
-    if (Path(run_dir) / LOCK_NAME).exists():
+    if RunDir(run_dir).lock.exists():
         RunLock(run_dir).acquire().release()
 
 

@@ -17,6 +17,7 @@ import torch
 
 from mst_ds import atomic
 from mst_ds.config import MSTConfig
+from mst_ds.run_dir import RunDir
 from mst_ds.trackers import open_trackers
 
 # The scalars MSTModel.forward returns (averaged over ranks every step); the last two are diagnostics
@@ -62,7 +63,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, start_step: int, total_steps: int,
                  steps_per_epoch: int, progress: bool = True, cfg: MSTConfig | None = None) -> None:
         self.enabled = enabled
-        self.jsonl = run_dir / "metrics.jsonl"
+        self.jsonl = RunDir(run_dir).metrics
         self._trackers: list = []
         self._progress = None
         self._start = time.monotonic()

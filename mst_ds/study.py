@@ -34,6 +34,7 @@ import yaml
 
 from mst_ds import atomic, job
 from mst_ds.config import ConfigError, MSTConfig, RunFailure, UsageError, _flatten, _recipe_chain, load_config
+from mst_ds.run_dir import STUDY_DONE, RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_ROOT = "mst_deit_s_100ep"
@@ -51,7 +52,7 @@ ROW_SETS: dict[str, tuple[list[str], str]] = {
 HEADLINE_K = 20
 # Run-health scalars summarised per row from the last logged step, when the run logged them.
 HEALTH_KEYS = ("attn_entropy", "attn_guidance", "teacher_entropy_rel", "restore_loss_share", "mask_ratio")
-DONE = "study_done.json"
+DONE = STUDY_DONE
 SPEC = "study.json"
 
 
@@ -226,7 +227,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _is_done(run: Run) -> bool:
-    marker = run.run_dir / DONE
+    marker = RunDir(run.run_dir).study_done
     if not marker.is_file():
         return False
     done = _read_json(marker)
@@ -241,7 +242,7 @@ def _newest_meta(run: Run) -> dict[str, Any] | None:
     """The marker of the run's newest complete checkpoint, if any."""
     from mst_ds import checkpoint as ckpt
 
-    ckpt_dir = run.run_dir / ckpt.CKPT_SUBDIR
+    ckpt_dir = RunDir(run.run_dir).checkpoints
     tag = ckpt.newest_complete(ckpt_dir) if ckpt_dir.is_dir() else None
     return None if tag is None else ckpt.read_meta(ckpt_dir / tag)
 
@@ -303,7 +304,7 @@ def train_run(study: Study, run: Run, index: str) -> None:
     wanted = cfg.run.max_steps
     if wanted is not None and steps < wanted:
         raise RunFailure(f"{run.name}: training stopped at step {steps} of {wanted} (time limit?); rerun to continue")
-    atomic.write_json(run.run_dir / DONE, {"row": run.row, "seed": run.seed, "config_hash": run.config_hash,
+    atomic.write_json(RunDir(run.run_dir).study_done, {"row": run.row, "seed": run.seed, "config_hash": run.config_hash,
                                            "steps": steps, "wall_s": wall, "resumed_at": resumed})
     print(f"{index} {run.name}: trained {steps} steps in {wall:.0f} s", flush=True)
 
@@ -315,12 +316,12 @@ def evaluate_run(study: Study, run: Run, index: str, data: dict[str, Any]) -> No
     from mst_ds.cli import main as mst_ds
 
     common = ["--ckpt", str(run.run_dir), "--train", study.train, "--val", study.val, "--out",
-              str(run.run_dir / "eval"), "--num-workers", "0"]
+              str(RunDir(run.run_dir).eval), "--num-workers", "0"]
     todo = [("knn.json", ["knn", *common])]
     if study.linear:
         todo.append(("linear_cls.json", ["linear", "--probe", "cls", *common]))
     for result, argv in todo:
-        kept = _read_json(run.run_dir / "eval" / result)
+        kept = _read_json(RunDir(run.run_dir).eval / result)
         if isinstance(kept, dict) and kept.get("data") == data:
             continue
         why = " (its bank or query was other data: redone)" if kept is not None else ""
@@ -376,13 +377,13 @@ def table(study: Study, runs: list[Run], failed: dict[str, str] | None = None) -
         lost = {str(r.seed): failed[r.name] for r in runs if r.row == row and r.name in failed}
         per_run = {str(r.seed): run_metrics(r.run_dir) for r in mine}
         agg = aggregate(per_run)
-        done = [json.loads((r.run_dir / DONE).read_text()) for r in mine]
+        done = [json.loads(RunDir(r.run_dir).study_done.read_text()) for r in mine]
         health: dict[str, dict[str, Any]] = {}
         for key in HEALTH_KEYS:
             last = {}
             for r in mine:
-                recs = [x for x in read_jsonl(r.run_dir / "metrics.jsonl") if isinstance(x.get(key), int | float)] \
-                    if (r.run_dir / "metrics.jsonl").is_file() else []
+                recs = [x for x in read_jsonl(RunDir(r.run_dir).metrics) if isinstance(x.get(key), int | float)] \
+                    if RunDir(r.run_dir).metrics.is_file() else []
                 if recs:
                     last[str(r.seed)] = float(recs[-1][key])
             if last:

@@ -27,6 +27,7 @@ from typing import Any
 
 from mst_ds import atomic
 from mst_ds.config import MSTConfig, UsageError
+from mst_ds.run_dir import CONFIG, RunDir
 
 IDS_FILE = "trackers.json"
 LOGGERS = ("tensorboard", "wandb", "mlflow")
@@ -53,7 +54,7 @@ def identity(run_dir: Path, cfg: MSTConfig) -> dict[str, Any]:
     """What names this run wherever its numbers go."""
     info: dict[str, Any] = {}
     try:
-        info = json.loads((run_dir / "run_info.json").read_text())
+        info = json.loads(RunDir(run_dir).run_info.read_text())
     except (OSError, json.JSONDecodeError):
         pass
     return {"run_dir": str(run_dir.resolve()), "run_name": cfg.run.name, "config_hash": cfg.hash(),
@@ -65,7 +66,7 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops TensorBoard events past the resume point.
-        self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self._tb = SummaryWriter(str(RunDir(run_dir).tensorboard), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         for k, v in scalars.items():
@@ -112,7 +113,7 @@ class MLflow:
             flat = _flatten(cfg.to_dict())
             mlflow.log_params({k: json.dumps(v)[:500] for k, v in flat.items()})  # MLflow's value limit
             mlflow.set_tags({f"mst_ds.{k}": str(v) for k, v in identity(run_dir, cfg).items()})
-            mlflow.log_text(cfg.to_yaml(), "config.yaml")
+            mlflow.log_text(cfg.to_yaml(), CONFIG)
         else:
             mlflow.start_run(run_id=run_id)
 

@@ -11,8 +11,8 @@ command ends bit-identical to one that never stopped.
 
 Steps are counted from 1 in messages, metrics and checkpoint tags (step N = the N-th optimizer step;
 ``t.step`` = steps done, which is also the 0-based index of the step being run for the schedules).
-Fault injection for the tests (environment ``MST_DS_FAULT``): ``nan@N`` makes rank 0's loss NaN in
-step N; ``kill_in_save@N`` SIGKILLs the process in the middle of saving the checkpoint of step N.
+Fault injection for the tests: ``Training.faults`` (:mod:`mst_ds.faults`, read from the environment
+once when :func:`train` starts): ``nan@N``, ``kill_in_save@N``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,10 @@ from mst_ds.config import ConfigError, Derived, MSTConfig, config_diff, config_f
 from mst_ds.data.manifest import Manifest, fingerprint_difference
 from mst_ds.data.reader import derive_for_training
 from mst_ds.ema import EMATeacher
+from mst_ds.faults import Faults
 from mst_ds.health import RunHealth
 from mst_ds.metrics import MODEL_SCALARS, MetricsLogger, peak_memory_mb
+from mst_ds.run_dir import RunDir
 
 # Scalars all-reduced (averaged over ranks) at every micro-batch; two more slots flag a non-finite loss
 # and a stop signal (SIGTERM/SIGUSR1) on some rank.
@@ -60,11 +62,6 @@ def seed_for(*parts: int) -> int:
 def step_generator(seed: int, step: int, micro: int, rank: int, purpose: int) -> torch.Generator:
     """CPU generator of one micro-batch's draws (purpose 0: photometric, 1: masks)."""
     return torch.Generator().manual_seed(seed_for(seed, step, micro, rank, purpose))
-
-
-def _fault(kind: str, step: int) -> bool:
-    spec = os.environ.get("MST_DS_FAULT", "")
-    return spec == f"{kind}@{step}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,6 +86,7 @@ class Training:
     nonfinite: int = 0  # steps skipped by nan_policy=skip
     corrupt: int = 0
     data_id: dict[str, Any] | None = None  # data_identity(cfg), recorded in every checkpoint
+    faults: Faults = field(default_factory=Faults)  # test-only fault injection; none by default
 
 
 def _all_mean(values: torch.Tensor) -> torch.Tensor:
@@ -130,7 +128,7 @@ def train_step(t: Training, batches: list[dict[str, Any]], stop: job.StopSignals
         u8 = [v.to(t.device, non_blocking=True) for v in batch["global"] + batch["local"]]
         views = t.photometric(u8, step_generator(cfg.run.seed, step, micro, t.rank, 0))
         losses = t.engine(views, t.teacher, s.teacher_temp, step_generator(cfg.run.seed, step, micro, t.rank, 1))
-        loss = losses["loss"] * float("nan") if (t.rank == 0 and _fault("nan", step + 1)) else losses["loss"]
+        loss = losses["loss"] * float("nan") if (t.rank == 0 and t.faults.at("nan", step + 1)) else losses["loss"]
         # One small collective: the logged scalars, the non-finite vote and the stop vote.
         local = _all_mean(_stat_vector(loss, losses, stop.vote() if stop is not None else 0.0))
         if stop is not None and local[-1] > 0:
@@ -174,13 +172,13 @@ def check_training_data(cfg: MSTConfig) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train: no training shards given (write them with `mst-shards write`, then --set data.train=DIR)")
     open_manifest(cfg.data.train)
-    for field in ("bank", "query"):
-        source = getattr(cfg.eval.monitor, field)
+    for name in ("bank", "query"):
+        source = getattr(cfg.eval.monitor, name)
         if source is not None:
             try:
                 check_labelled(source)
             except ConfigError as err:
-                raise ConfigError(f"eval.monitor.{field}: {err}") from None
+                raise ConfigError(f"eval.monitor.{name}: {err}") from None
 
 
 def git_sha() -> str:
@@ -201,17 +199,17 @@ def write_run_files(run_dir: Path, cfg: MSTConfig, derived: Derived, ds_config: 
     checkpoints written under it can still be described."""
     import deepspeed
 
-    config_path = run_dir / "config.yaml"
-    if config_path.exists():
-        previous = config_from_file(config_path)
+    run = RunDir(run_dir)
+    if run.config.exists():
+        previous = config_from_file(run.config)
         if previous.hash() != cfg.hash():
-            atomic.write_text(run_dir / f"config.{previous.hash()}.yaml", previous.to_yaml())
-    atomic.write_text(config_path, cfg.to_yaml())
-    atomic.write_json(run_dir / "ds_config.json", ds_config, indent=1)
+            atomic.write_text(run.config_of(previous.hash()), previous.to_yaml())
+    atomic.write_text(run.config, cfg.to_yaml())
+    atomic.write_json(run.ds_config, ds_config, indent=1)
     info = {"git_sha": git_sha(), "config_hash": cfg.hash(), "precision": precision, "derived": derived.as_dict(),
             "torch": torch.__version__, "deepspeed": deepspeed.__version__, "argv": sys.argv, "time": time.time()}
-    atomic.write_json(run_dir / "run_info.json", info, indent=1)
-    atomic.write_text(run_dir / "git_sha.txt", info["git_sha"] + "\n")
+    atomic.write_json(run.run_info, info, indent=1)
+    atomic.write_text(run.git_sha, info["git_sha"] + "\n")
 
 
 def _broadcast(obj: Any) -> Any:
@@ -231,7 +229,7 @@ def _written_config(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any] | Non
     """The resolved config a checkpoint was written with: its meta, else the run's config files."""
     if isinstance(meta.get("config"), dict):
         return meta["config"]
-    for path in (run_dir / f"config.{meta['config_hash']}.yaml", run_dir / "config.yaml"):
+    for path in (RunDir(run_dir).config_of(meta["config_hash"]), RunDir(run_dir).config):
         if path.is_file():
             old = config_from_file(path)
             if old.hash() == meta["config_hash"]:
@@ -297,7 +295,7 @@ def check(cfg: MSTConfig, run_dir: Path, *, probe_lock: bool = True) -> None:
     check_training_data(cfg)
     if probe_lock:
         job.probe(run_dir)
-    find_resume(cfg, run_dir / ckpt.CKPT_SUBDIR, data_identity(cfg), check_files=False)
+    find_resume(cfg, RunDir(run_dir).checkpoints, data_identity(cfg), check_files=False)
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         job.build_comm_op()
 
@@ -335,7 +333,7 @@ def setup(cfg: MSTConfig, run_dir: Path, lock: job.RunLock) -> tuple[Training, s
     point (tag, meta) if any."""
     rank, world = eng.init_distributed()
     derived = derive_for_training(cfg, world)
-    ckpt_dir = run_dir / ckpt.CKPT_SUBDIR
+    ckpt_dir = RunDir(run_dir).checkpoints
     found: tuple[Any, Any, Any] | str = (None, None, None)
     if rank == 0:
         try:
@@ -390,12 +388,12 @@ def save(t: Training, ckpt_dir: Path, spe: int) -> str:
     meta = {"world_size": t.world, "zero_stage": t.cfg.engine.zero_stage, "precision": t.precision,
             "config_hash": t.cfg.hash(), "epoch": epoch, "samples": t.step * t.derived.global_batch,
             "data": t.data_id, "config": t.cfg.to_dict()}
-    if _fault("kill_in_save", t.step):
+    if t.faults.at("kill_in_save", t.step):
         t.engine.save_checkpoint(str(ckpt_dir), tag=ckpt.tag_for(t.step), client_state=client, save_latest=False)
         os.kill(os.getpid(), signal.SIGKILL)
     return ckpt.save(t.engine, ckpt_dir, step=t.step, client_state=client, meta=meta,
                      loader_position={"epoch": t.step // spe, "skip_batches": (t.step % spe) * accum},
-                     keep_last=t.cfg.checkpoint.keep_last, rank=t.rank)
+                     keep_last=t.cfg.checkpoint.keep_last, rank=t.rank, faults=t.faults)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,23 +409,28 @@ def _micro_batches(loader, accum: int):
             group = []
 
 
-def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True, stop: job.StopSignals | None = None) -> int:
+def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True, stop: job.StopSignals | None = None,
+          faults: Faults | None = None) -> int:
     """Train (or resume) to the end of the schedule / max_steps → exit code (0 ok, 1 non-finite loss,
-    job.EXIT_STOPPED stopped by ``stop``'s signals with a checkpoint of the last step)."""
+    job.EXIT_STOPPED stopped by ``stop``'s signals with a checkpoint of the last step).
+    ``faults``: test-only fault injection, by default read from the environment here, once."""
     run_dir = Path(run_dir)
     lock = job.RunLock(run_dir)
     try:
-        return _train(cfg, run_dir, lock, progress=progress, stop=stop or job.StopSignals())
+        return _train(cfg, run_dir, lock, progress=progress, stop=stop or job.StopSignals(),
+                      faults=faults or Faults.from_env())
     finally:
         lock.release()
 
 
-def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool, stop: job.StopSignals) -> int:
+def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool, stop: job.StopSignals,
+           faults: Faults) -> int:
     from mst_ds.data.corrupt import CorruptLog
     from mst_ds.data.reader import make_train_loader
 
     t, tag, meta = setup(cfg, run_dir, lock)
-    ckpt_dir = run_dir / ckpt.CKPT_SUBDIR
+    t.faults = faults
+    ckpt_dir = RunDir(run_dir).checkpoints
     if tag is not None:
         resume(t, ckpt_dir, tag, meta)
     d = t.derived
@@ -487,7 +490,7 @@ def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool, 
                 if health.stop:
                     if t.rank == 0:
                         print(f"mst-ds: error: stopped at step {t.step} on a health alert (run.on_alert=stop; "
-                              f"{run_dir / 'alerts.jsonl'}); checkpoint {ckpt.tag_for(t.step)} saved", file=sys.stderr)
+                              f"{RunDir(run_dir).alerts}); checkpoint {ckpt.tag_for(t.step)} saved", file=sys.stderr)
                     return 1
                 if time_up:
                     return 0

@@ -438,6 +438,7 @@ def test_background_and_inline_writing_give_the_same_shard(small_src, tmp_path, 
     import errno
 
     from data_tools.writer import PROGRESS_DIR, WriteOptions, list_source, plan_shards, write_one_shard
+    from mst_ds.faults import Faults
 
     plan = plan_shards(list_source(small_src, "imagefolder", "train", None).samples, "train", 6, 0)[0]
     written = {}
@@ -448,10 +449,9 @@ def test_background_and_inline_writing_give_the_same_shard(small_src, tmp_path, 
         data = (out / plan.name).read_bytes()
         assert xxhash.xxh3_128(data).hexdigest() == rec["xxh3_128"] and len(data) == rec["bytes"] and rec["count"] == 6
         written[background] = data
-        monkeypatch.setenv("MST_DS_FAULT", f"disk_full@{int(plan.name[-10:-4])}")
+        full = Faults(f"disk_full@{int(plan.name[-10:-4])}")
         with pytest.raises(OSError) as err:
-            write_one_shard(out, plan, None, WriteOptions(background=background))
-        monkeypatch.delenv("MST_DS_FAULT")
+            write_one_shard(out, plan, None, WriteOptions(background=background, faults=full))
         assert err.value.errno == errno.ENOSPC
         assert sorted(p.name for p in out.iterdir()) == [PROGRESS_DIR, plan.name]  # no temp file left
     assert written[True] == written[False]

@@ -15,13 +15,12 @@ import json
 from pathlib import Path
 
 from mst_ds.metrics import truncate_jsonl
-
-FILE_NAME = "corrupt.jsonl"
+from mst_ds.run_dir import RunDir
 
 
 class CorruptLog:
     def __init__(self, run_dir: Path, *, rank: int, total: int = 0, start_step: int = 0) -> None:
-        self.path = Path(run_dir) / FILE_NAME
+        self.path = RunDir(run_dir).corrupt
         self.rank, self.total = rank, total
         self.pending: list[dict] = []
         if rank == 0:

@@ -34,6 +34,7 @@ from mst_ds import checkpoint as ckpt_mod
 from mst_ds.config import MSTConfig, RunFailure, UsageError, format_validation_error, load_config
 from mst_ds.data.manifest import Manifest, is_shard_dir
 from mst_ds.model.backbone import Backbone, BackboneOutput
+from mst_ds.run_dir import RunDir
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 RANDOM = "random"
@@ -79,7 +80,7 @@ def is_timm_folder(path: str | Path) -> bool:
     timm-folder`` writes one), not a run directory."""
     p = Path(path)
     return (p.is_dir() and (p / TIMM_CONFIG).is_file() and (p / TIMM_WEIGHTS).is_file()
-            and not (p / "config.yaml").exists())
+            and not RunDir(p).config.exists())
 
 
 def weights_file(ckpt: str | None) -> str | None:
@@ -531,10 +532,10 @@ def default_out_dir(ckpt: str | None, preset: str) -> Path:
         return path.parent / f"eval_{path.name}"
     run_dir = ckpt_mod.run_dir_of(path)
     if run_dir is not None:
-        return run_dir / "eval"
+        return RunDir(run_dir).eval
     if path.is_file():
         return path.parent / f"eval_{path.stem}"
-    return path / "eval"
+    return RunDir(path).eval
 
 
 class EvalContext:

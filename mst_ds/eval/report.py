@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from mst_ds.config import UsageError
+from mst_ds.run_dir import ALERTS as ALERTS_FILE  # noqa: F401 (tests name it)
+from mst_ds.run_dir import RunDir
 
-ALERTS_FILE = "alerts.jsonl"  # = mst_ds.health.ALERTS_FILE (not imported: report runs without torch)
 CURVES = {"loss": ("loss", "dino", "restore"), "lr": ("lr",), "mask_ratio": ("mask_ratio",),
           # run health (issue 10, mst_ds.health): online k-NN, collapse, attention, loss balance
           "online_knn": ("monitor_knn_top1",),
@@ -42,7 +43,7 @@ def mean_and_se(values: list[float]) -> tuple[float, float | None]:
 
 def result_files(run_dir: Path) -> list[Path]:
     found: list[Path] = []
-    for folder in (run_dir / "eval", run_dir):
+    for folder in (RunDir(run_dir).eval, run_dir):
         if folder.is_dir():
             found += sorted(folder.glob("knn.json")) + sorted(folder.glob("linear_*.json"))
     return [f for f in found if not f.name.endswith("_state.json")]
@@ -71,8 +72,9 @@ def health_metrics(run_dir: Path) -> dict[str, float]:
     """From metrics.jsonl: the online k-NN's last value and, per logged share, its first, mean over the
     logged steps and last value; from alerts.jsonl: the number of alerts (each when present)."""
     out: dict[str, float] = {}
-    if (run_dir / "metrics.jsonl").is_file():
-        recs = read_jsonl(run_dir / "metrics.jsonl")
+    run = RunDir(run_dir)
+    if run.metrics.is_file():
+        recs = read_jsonl(run.metrics)
         knn = [r["monitor_knn_top1"] for r in recs if isinstance(r.get("monitor_knn_top1"), int | float)]
         if knn:
             out["online_knn_top1_last"] = float(knn[-1])
@@ -80,13 +82,13 @@ def health_metrics(run_dir: Path) -> dict[str, float]:
             vals = [float(r[key]) for r in recs if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
             if vals:
                 out |= {f"{key}_first": vals[0], f"{key}_mean": sum(vals) / len(vals), f"{key}_last": vals[-1]}
-    if (run_dir / ALERTS_FILE).is_file():
-        out["alerts"] = float(len(read_jsonl(run_dir / ALERTS_FILE)))
+    if run.alerts.is_file():
+        out["alerts"] = float(len(read_jsonl(run.alerts)))
     return out
 
 
 def run_seed(run_dir: Path) -> int | None:
-    cfg = run_dir / "config.yaml"
+    cfg = RunDir(run_dir).config
     if not cfg.is_file():
         return None
     from mst_ds.config import config_from_file
@@ -102,8 +104,8 @@ SEED_STUDY_IGNORE = ("run", "checkpoint", "eval", "data.train", "data.val", "dat
 def config_hashes(run_dirs: list[Path]) -> dict[str, str]:
     from mst_ds.config import config_from_file
 
-    return {str(r): config_from_file(r / "config.yaml").hash(ignore=SEED_STUDY_IGNORE)
-            for r in run_dirs if (r / "config.yaml").is_file()}
+    return {str(r): config_from_file(RunDir(r).config).hash(ignore=SEED_STUDY_IGNORE)
+            for r in run_dirs if RunDir(r).config.is_file()}
 
 
 def aggregate(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
@@ -188,8 +190,8 @@ def run(args) -> int:
         seed = run_seed(r)
         labels[str(r)] = r.name if seed is None else f"{r.name} (seed {seed})"
     per_run = {str(r): {**run_metrics(r), **health_metrics(r)} for r in run_dirs}
-    alerts = {labels[str(r)]: read_jsonl(r / ALERTS_FILE) for r in run_dirs if (r / ALERTS_FILE).is_file()}
-    series = {labels[str(r)]: read_jsonl(r / "metrics.jsonl") for r in run_dirs if (r / "metrics.jsonl").is_file()}
+    alerts = {labels[str(r)]: read_jsonl(RunDir(r).alerts) for r in run_dirs if RunDir(r).alerts.is_file()}
+    series = {labels[str(r)]: read_jsonl(RunDir(r).metrics) for r in run_dirs if RunDir(r).metrics.is_file()}
     if not any(per_run.values()) and not series:
         raise UsageError(f"no knn.json, linear_*.json or metrics.jsonl in {' '.join(map(str, run_dirs))}")
     notes = []
