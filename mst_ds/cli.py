@@ -14,25 +14,17 @@ import os
 import sys
 from collections.abc import Callable
 
-from mst_ds.config import ConfigError, RunFailure, UsageError
+from mst_ds.config import (  # noqa: F401 (EXIT_USAGE, error_exit, parse_positive_list: callers name them here)
+    DEFAULT_PRESET,
+    EXIT_USAGE,
+    ConfigError,
+    RunFailure,
+    UsageError,
+    error_exit,
+    parse_positive_list,
+)
 
-EXIT_USAGE = 2
-DEFAULT_PRESET = "mst_deit_s_100ep"
 __all__ = ["ConfigError", "RunFailure", "UsageError", "main"]
-
-
-def parse_positive_list(text: str | None, default: list, kind: type, flag: str, *, allow_zero: bool = False) -> list:
-    """``--flag 1,2,3`` → [kind(x) ...], all positive (or ≥ 0 with ``allow_zero``); None → ``default``.
-    Bad text: one line, exit 2."""
-    if text is None:
-        return list(default)
-    try:
-        values = [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
-    if not values or any(not (v >= 0 if allow_zero else v > 0) for v in values):
-        raise UsageError(f"{flag} {text!r}: expected {'values ≥ 0' if allow_zero else 'positive values'}")
-    return values
 
 
 def _add_which(p: argparse.ArgumentParser) -> None:
@@ -200,11 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
         declare(p)
         p.set_defaults(_module=module)
     return parser
-
-
-def error_exit(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"mst-ds: error: {message}", file=sys.stderr)
-    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PRESET_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "mst_deit_s_100ep"
+EXIT_USAGE = 2
 # YAML aliases may repeat a section or two; a document whose aliases expand to more values than this is
 # refused (an "alias bomb": 9 references per level for 9 levels is 387 M values from 1 kB of text).
 MAX_YAML_VALUES = 100_000
@@ -40,6 +43,26 @@ class UsageError(ConfigError):
 class RunFailure(RuntimeError):
     """A failure found while running (corrupt data under policy 'error', a failed demo step): one
     line, exit 1."""
+
+
+# The command line's conventions, here so that every layer can keep them without importing the CLI.
+def parse_positive_list(text: str | None, default: list, kind: type, flag: str, *, allow_zero: bool = False) -> list:
+    """``--flag 1,2,3`` → [kind(x) ...], all positive (or ≥ 0 with ``allow_zero``); None → ``default``.
+    Bad text: one line, exit 2."""
+    if text is None:
+        return list(default)
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
+    if not values or any(not (v >= 0 if allow_zero else v > 0) for v in values):
+        raise UsageError(f"{flag} {text!r}: expected {'values ≥ 0' if allow_zero else 'positive values'}")
+    return values
+
+
+def error_exit(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"mst-ds: error: {message}", file=sys.stderr)
+    return code
 
 
 class Section(BaseModel):

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from mst_ds.config import ConfigError, RunFailure
+from mst_ds.config import ConfigError, RunFailure, error_exit
 from mst_ds.run_dir import LOCK as LOCK_NAME  # noqa: F401 (tests and callers name it)
 from mst_ds.run_dir import RunDir
 
@@ -148,8 +148,6 @@ def stop_together(err: ConfigError | RunFailure, rank: int) -> NoReturn:
         raise err
     code = 1 if isinstance(err, RunFailure) else 2
     if rank == 0:
-        from mst_ds.cli import error_exit
-
         error_exit(str(err), code)
         sys.stderr.flush()
     dist.barrier()

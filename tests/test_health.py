@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mst_ds.config import load_config
-from mst_ds.health import RULES, AlertBook, Context, GradProbe, attention_guidance, forward_diagnostics
+from mst_ds.health import RULES, AlertBook, Context, GradProbe
 from mst_ds.model import MSTModel
+from mst_ds.model.diagnostics import attention_guidance, forward_diagnostics
 
 
 def test_attention_guidance_is_one_for_flat_attention_and_below_one_on_low_attention_patches():

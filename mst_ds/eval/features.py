@@ -31,7 +31,14 @@ from torch import Tensor
 
 from mst_ds import atomic, job
 from mst_ds import checkpoint as ckpt_mod
-from mst_ds.config import MSTConfig, RunFailure, UsageError, format_validation_error, load_config
+from mst_ds.config import (
+    DEFAULT_PRESET,
+    MSTConfig,
+    RunFailure,
+    UsageError,
+    format_validation_error,
+    load_config,
+)
 from mst_ds.data.manifest import Manifest, is_shard_dir
 from mst_ds.model.backbone import Backbone, BackboneOutput
 from mst_ds.run_dir import RunDir
@@ -135,7 +142,6 @@ def _export_config(path: Path, preset: str | None, sets: list[str] | tuple[str, 
     """The config of a ``.safetensors`` export: its stored settings over the (default) preset, ``--set``
     last. A ``--preset`` given explicitly must agree with every stored setting; an export without
     settings (older or foreign file) needs ``--preset``."""
-    from mst_ds.cli import DEFAULT_PRESET
     from mst_ds.config import parse_set
 
     meta = safetensors_model_meta(path) or {}
@@ -166,8 +172,6 @@ def resolve_config(ckpt: str | None, preset: str | None, sets: list[str] | tuple
     """The config that describes ``ckpt``'s network: its run's config.yaml when there is one (``--set``
     still applies), the settings stored in a safetensors export, else ``preset`` (None = the default
     preset; for an export, None means "not given": the export's settings are used unchallenged)."""
-    from mst_ds.cli import DEFAULT_PRESET
-
     if is_random(ckpt):
         return load_config(preset or DEFAULT_PRESET, sets).config
     path = Path(ckpt)
@@ -556,7 +560,6 @@ class EvalContext:
 
     @classmethod
     def from_args(cls, args) -> EvalContext:
-        from mst_ds.cli import DEFAULT_PRESET
         from mst_ds.data.reader import _is_imagefolder, open_manifest
 
         given = None if is_random(args.ckpt) else args.ckpt

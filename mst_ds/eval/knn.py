@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mst_ds.config import UsageError
+from mst_ds.config import UsageError, parse_positive_list
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # similarity-block budget: 4 M elements (16 MB in float32)
 QUERY_ROWS = 256  # val rows per block when the budget allows: one pass over the train tiles serves them all
@@ -228,8 +228,6 @@ def weighted_knn(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
 # Command
 # --------------------------------------------------------------------------------------------------
 def parse_ks(text: str | None, default: list[int]) -> list[int]:
-    from mst_ds.cli import parse_positive_list
-
     return parse_positive_list(text, default, int, "--k")
 
 

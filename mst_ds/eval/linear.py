@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mst_ds import atomic
-from mst_ds.config import UsageError
+from mst_ds.config import UsageError, parse_positive_list
 from mst_ds.schedules import cosine_schedule
 
 REFERENCE_BATCH = 1024  # [S §5] the lr 0.00024 is given at batch 1024
@@ -262,15 +262,11 @@ def synced(loader, dist_active: bool, device: torch.device) -> Iterator:
 # Command
 # --------------------------------------------------------------------------------------------------
 def parse_lrs(text: str | None, default: list[float], flag: str = "--lr-sweep") -> list[float]:
-    from mst_ds.cli import parse_positive_list
-
     return parse_positive_list(text, default, float, flag)
 
 
 def parse_wds(text: str | None, default: list[float]) -> list[float]:
     """``--wd-grid 0,1e-4`` → floats ≥ 0 (0 is a weight decay)."""
-    from mst_ds.cli import parse_positive_list
-
     return parse_positive_list(text, default, float, "--wd-grid", allow_zero=True)
 
 

@@ -17,11 +17,11 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from mst_ds.config import MSTConfig
-from mst_ds.health import forward_diagnostics
 from mst_ds.losses import DINOLoss, restoration_loss
 from mst_ds.masking import Masker, MaskPlan
 from mst_ds.model.backbone import Backbone
 from mst_ds.model.decoder import GlobalImageDecoder
+from mst_ds.model.diagnostics import forward_diagnostics
 from mst_ds.model.heads import DINOHead
 
 N_GLOBAL = 2  # the teacher sees only the two global views [D]
