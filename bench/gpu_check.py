@@ -122,7 +122,7 @@ def synthetic_batch(cfg, batch: int, seed: int) -> dict:
 def build(ctx: Ctx, preset: str, batch: int, *extra: str, world: int = 1, precision: str = "bf16"):
     """The training state of ``mst-ds train`` (engine, teacher, EMA, photometric) for ``batch`` per rank."""
     from mst_ds.config import derive, load_config
-    from mst_ds.train import build_training
+    from mst_ds.trainer import build_training
 
     cfg = load_config(preset, ctx.sets(f"optim.batch_size={batch * world}", *extra, precision=precision)).config
     t, _ = build_training(cfg, derive(cfg, world, 10**7))

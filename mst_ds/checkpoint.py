@@ -42,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_for(*parts: int) -> int:
+    """A stable 63-bit seed from integers (crc32 chain; never Python's hash())."""
+    h = 0
+    for p in parts:
+        h = zlib.crc32(int(p).to_bytes(8, "little", signed=False), h)
+    return (h << 31) ^ zlib.crc32(repr(parts).encode())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -336,7 +336,7 @@ class MSTConfig(Section):
 
         ``data.num_workers`` counts: each worker reads its own slice of the epoch, so the batches of a
         mid-epoch resume depend on it. ``data.train`` is left out because the path may change (shards
-        moved); the data's identity is checked from its manifest instead (``train.data_identity``)."""
+        moved); the data's identity is checked from its manifest instead (``checkpoint_manager.data_identity``)."""
         d = self.to_dict()
         for key in ignore:
             parts = key.split(".")

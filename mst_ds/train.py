@@ -18,29 +18,26 @@ once when :func:`train` starts): ``nan@N``, ``kill_in_save@N``.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mst_ds import atomic, job
 from mst_ds import checkpoint as ckpt
 from mst_ds import engine as eng
-from mst_ds.config import ConfigError, Derived, MSTConfig, config_diff, config_from_file, load_config
-from mst_ds.data.manifest import Manifest, fingerprint_difference
-from mst_ds.data.reader import derive_for_training
-from mst_ds.ema import EMATeacher
+from mst_ds import job
+from mst_ds.checkpoint_manager import resume, save
+from mst_ds.config import MSTConfig, load_config
+from mst_ds.data.corrupt import CorruptLog
+from mst_ds.data.reader import make_train_loader
 from mst_ds.faults import Faults
 from mst_ds.health import RunHealth
 from mst_ds.metrics import MODEL_SCALARS, MetricsLogger, peak_memory_mb
 from mst_ds.run_dir import RunDir
+from mst_ds.trainer import Training, broadcast, check, check_training_data, setup
 
 # Scalars all-reduced (averaged over ranks) at every micro-batch; two more slots flag a non-finite loss
 # and a stop signal (SIGTERM/SIGUSR1) on some rank.
@@ -51,44 +48,14 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def seed_for(*parts: int) -> int:
-    """A stable 63-bit seed from integers (crc32 chain; never Python's hash())."""
-    h = 0
-    for p in parts:
-        h = zlib.crc32(int(p).to_bytes(8, "little", signed=False), h)
-    return (h << 31) ^ zlib.crc32(repr(parts).encode())
-
-
 def step_generator(seed: int, step: int, micro: int, rank: int, purpose: int) -> torch.Generator:
     """CPU generator of one micro-batch's draws (purpose 0: photometric, 1: masks)."""
-    return torch.Generator().manual_seed(seed_for(seed, step, micro, rank, purpose))
+    return torch.Generator().manual_seed(ckpt.seed_for(seed, step, micro, rank, purpose))
 
 
 # --------------------------------------------------------------------------------------------------
-# The training state
+# The step
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class Training:
-    cfg: MSTConfig
-    derived: Derived
-    engine: Any
-    teacher: torch.nn.Module
-    ema: EMATeacher
-    schedules: Any
-    photometric: Any
-    gate: eng.GradientGate
-    device: torch.device
-    rank: int
-    world: int
-    precision: str
-    step: int = 0  # optimizer steps done
-    skipped: int = 0  # overflow-skipped steps (fp16 loss scale)
-    nonfinite: int = 0  # steps skipped by nan_policy=skip
-    corrupt: int = 0
-    data_id: dict[str, Any] | None = None  # data_identity(cfg), recorded in every checkpoint
-    faults: Faults = field(default_factory=Faults)  # test-only fault injection; none by default
-
-
 def _all_mean(values: torch.Tensor) -> torch.Tensor:
     """(k,) float64 → mean over ranks (sum for the flag slot is recovered by × world)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -161,242 +128,6 @@ def train_step(t: Training, batches: list[dict[str, Any]], stop: job.StopSignals
 
 
 # --------------------------------------------------------------------------------------------------
-# Setup
-# --------------------------------------------------------------------------------------------------
-def check_training_data(cfg: MSTConfig) -> None:
-    """Fail on a missing or unreadable manifest, a missing shard, or missing monitor data, before paying
-    for DeepSpeed's start (one line, exit 2)."""
-    from mst_ds.data.reader import open_manifest
-    from mst_ds.eval.features import check_labelled
-
-    if not cfg.data.train:
-        raise ConfigError("data.train: no training shards given (write them with `mst-shards write`, then --set data.train=DIR)")
-    open_manifest(cfg.data.train)
-    for name in ("bank", "query"):
-        source = getattr(cfg.eval.monitor, name)
-        if source is not None:
-            try:
-                check_labelled(source)
-            except ConfigError as err:
-                raise ConfigError(f"eval.monitor.{name}: {err}") from None
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def write_run_files(run_dir: Path, cfg: MSTConfig, derived: Derived, ds_config: dict, precision: str) -> None:
-    """Resolved config, final DeepSpeed JSON and provenance, written by rank 0 at every (re)start.
-
-    A relaunch with an allowed config change keeps the previous config as config.<its hash>.yaml, so the
-    checkpoints written under it can still be described."""
-    import deepspeed
-
-    run = RunDir(run_dir)
-    if run.config.exists():
-        previous = config_from_file(run.config)
-        if previous.hash() != cfg.hash():
-            atomic.write_text(run.config_of(previous.hash()), previous.to_yaml())
-    atomic.write_text(run.config, cfg.to_yaml())
-    atomic.write_json(run.ds_config, ds_config, indent=1)
-    info = {"git_sha": git_sha(), "config_hash": cfg.hash(), "precision": precision, "derived": derived.as_dict(),
-            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "argv": sys.argv, "time": time.time()}
-    atomic.write_json(run.run_info, info, indent=1)
-    atomic.write_text(run.git_sha, info["git_sha"] + "\n")
-
-
-def _broadcast(obj: Any) -> Any:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def data_identity(cfg: MSTConfig) -> dict[str, Any]:
-    """The training data's fingerprint (:meth:`Manifest.fingerprint`), recorded in every checkpoint."""
-    return Manifest.load(cfg.data.train).fingerprint()
-
-
-def _written_config(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
-    """The resolved config a checkpoint was written with: its meta, else the run's config files."""
-    if isinstance(meta.get("config"), dict):
-        return meta["config"]
-    for path in (RunDir(run_dir).config_of(meta["config_hash"]), RunDir(run_dir).config):
-        if path.is_file():
-            old = config_from_file(path)
-            if old.hash() == meta["config_hash"]:
-                return old.to_dict()
-    return None
-
-
-def find_resume(cfg: MSTConfig, ckpt_dir: Path, data_id: dict[str, Any] | None = None, *,
-                check_files: bool = True) -> tuple[str | None, dict[str, Any] | None]:
-    """(tag, meta) of the checkpoint to resume from, or (None, None). Refuses a different config or
-    other training data (unless checkpoint.allow_config_change). With ``check_files``, a damaged
-    newest checkpoint is renamed aside (TAG.damaged) and the newest intact one is used, saying so."""
-    if not ckpt.complete_tags(ckpt_dir):
-        return None, None
-    if not cfg.checkpoint.resume:
-        raise ConfigError(f"checkpoint.resume: {ckpt_dir} holds checkpoints and resume is off; use a new --run-dir")
-    if not check_files:  # the pre-flight: markers only (reading every file is the ranks' work)
-        tag, damaged = ckpt.newest_complete(ckpt_dir), [(t, ckpt.marker_problem(ckpt_dir / t) or "")
-                                                         for t in ckpt.complete_tags(ckpt_dir)[-1:]]
-    else:
-        tag, damaged = ckpt.newest_intact(ckpt_dir)
-    if tag is None:
-        bad, why = damaged[0]
-        raise ConfigError(f"checkpoint: no intact checkpoint in {ckpt_dir} ({bad}: {why}); move the damaged "
-                          f"ones away to start over, or use a new --run-dir")
-    if check_files:
-        for bad, why in damaged:
-            aside = ckpt.set_aside(ckpt_dir, bad)
-            print(f"mst-ds: warning: checkpoint {bad} is damaged ({why}); moved it to {aside}, resuming from {tag}",
-                  file=sys.stderr, flush=True)
-    meta = ckpt.read_meta(ckpt_dir / tag)
-    allow = cfg.checkpoint.allow_config_change
-    if meta["config_hash"] != cfg.hash() and not allow:
-        old = _written_config(ckpt_dir.parent, meta)
-        what = ", ".join(config_diff(old, cfg.to_dict())) if old is not None else (
-            f"config {meta['config_hash']}, this run is {cfg.hash()}")
-        raise ConfigError(f"checkpoint: {ckpt_dir / tag} was written with other settings ({what}); use a new "
-                          f"--run-dir or --set checkpoint.allow_config_change=true")
-    if data_id is not None and isinstance(meta.get("data"), dict) and meta["data"].get("digest") != data_id["digest"] \
-            and not allow:
-        raise ConfigError(f"data.train: {cfg.data.train} is not the data {tag} was trained on "
-                          f"({fingerprint_difference(meta['data'], data_id)}); use a new --run-dir, or --set "
-                          f"checkpoint.allow_config_change=true to continue on it")
-    if check_files:
-        supersede_newer(ckpt_dir, tag)
-    return tag, meta
-
-
-def supersede_newer(ckpt_dir: Path, tag: str) -> None:
-    """A resume from ``tag`` while newer tags exist is a rollback (``latest`` was pointed back): the
-    newer tags belong to an abandoned trajectory. They are renamed ``TAG.superseded`` (kept, never
-    deleted), so that every tag left, and ``latest``, is on the trajectory the run continues."""
-    for newer in ckpt.newer_than(ckpt_dir, tag):
-        aside = ckpt.set_aside(ckpt_dir, newer, "superseded")
-        print(f"mst-ds: warning: {newer} is newer than {tag}, where this run resumes ({ckpt.LATEST} names an "
-              f"older step: a rollback); moved it to {aside}", file=sys.stderr, flush=True)
-
-
-def check(cfg: MSTConfig, run_dir: Path, *, probe_lock: bool = True) -> None:
-    """Everything a launch can get wrong before any rank starts (one line, exit 2): the config, the
-    training data, the run directory's lock and resume compatibility; then DeepSpeed's CPU comm op is
-    built once, so ranks never compile it side by side."""
-    check_training_data(cfg)
-    if probe_lock:
-        job.probe(run_dir)
-    find_resume(cfg, RunDir(run_dir).checkpoints, data_identity(cfg), check_files=False)
-    if os.environ.get("DS_ACCELERATOR") == "cpu":
-        job.build_comm_op()
-
-
-def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = False) -> tuple[Training, dict]:
-    """Model, teacher (copied before ``deepspeed.initialize``), engine, EMA → (Training, ds_config).
-
-    torch.distributed must be started (:func:`mst_ds.engine.init_distributed`).
-    """
-    from mst_ds.data.augment import Photometric
-    from mst_ds.model.mst import MSTModel
-    from mst_ds.schedules import Schedules
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if cfg.engine.nan_policy == "skip" and cfg.engine.grad_accum_steps != 1:
-        raise ConfigError("engine.nan_policy: skip needs engine.grad_accum_steps=1 (a partly accumulated step cannot be undone)")
-    precision = eng.resolve_precision(cfg.engine.precision, eng.DeviceInfo.current())
-    dev = eng.device()
-    ckpt.seed_everything(cfg.run.seed)  # identical initial weights on every rank
-    model = MSTModel.from_config(cfg)
-    model, _ = eng.convert_sync_bn(model, world, cfg.engine.sync_bn, dev)
-    teacher = model.make_teacher().to(dev)  # before deepspeed.initialize (SPEC §7)
-    engine, ds_config = eng.build_engine(model.to(dev), cfg, derived, precision, load_universal=load_universal)
-    low = precision in ("bf16", "fp16")
-    t = Training(cfg=cfg, derived=derived, engine=engine, teacher=teacher,
-                 ema=EMATeacher(teacher, engine.module, zero_stage=cfg.engine.zero_stage, low_precision=low),
-                 schedules=Schedules.from_config(cfg, derived), photometric=Photometric.from_config(cfg.augment),
-                 gate=eng.GradientGate(eng.frozen_params(engine.module)), device=dev, rank=rank, world=world,
-                 precision=precision)
-    return t, ds_config
-
-
-def setup(cfg: MSTConfig, run_dir: Path, lock: job.RunLock) -> tuple[Training, str | None, dict[str, Any] | None]:
-    """Distributed start, the run-directory lock (rank 0), the training state, run files; the resume
-    point (tag, meta) if any."""
-    rank, world = eng.init_distributed()
-    derived = derive_for_training(cfg, world)
-    ckpt_dir = RunDir(run_dir).checkpoints
-    found: tuple[Any, Any, Any] | str = (None, None, None)
-    if rank == 0:
-        try:
-            lock.acquire()  # held by rank 0 for the run's life: a second job on RUN is refused
-            data_id = data_identity(cfg)
-            found = (*find_resume(cfg, ckpt_dir, data_id), data_id)
-        except ConfigError as err:
-            found = str(err)
-    found = _broadcast(found)  # every rank stops on a refused resume, not only rank 0
-    if isinstance(found, str):
-        job.stop_together(ConfigError(found), rank)  # rank 0 says why, in one line
-    tag, meta, data_id = found
-    universal = meta is not None and ckpt.needs_universal(meta, world, cfg.engine.zero_stage)
-    t, ds_config = build_training(cfg, derived, load_universal=universal)
-    t.data_id = data_id
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_files(run_dir, cfg, derived, ds_config, t.precision)
-    return t, tag, meta
-
-
-def resume(t: Training, ckpt_dir: Path, tag: str, meta: dict[str, Any]) -> None:
-    """Load engine + teacher + counters (+ this rank's RNG when the world size is unchanged)."""
-    same_world = meta["world_size"] == t.world
-    if ckpt.needs_universal(meta, t.world, t.cfg.engine.zero_stage):
-        tag = ckpt.convert_to_universal(ckpt_dir, tag, t.rank)
-    state = ckpt.load(t.engine, ckpt_dir, tag, rank=t.rank, same_world=same_world)
-    t.teacher.load_state_dict(state["teacher"])
-    with torch.no_grad():
-        for name, buf in t.engine.module.named_buffers():
-            buf.copy_(state["student_buffers"][name])
-    # The position is the samples seen: with an allowed change of the global batch the schedules
-    # continue from the same point of the data, not from the same step number.
-    t.step = state["samples"] // t.derived.global_batch
-    t.skipped, t.nonfinite = state["skipped"], state["nonfinite"]
-    t.corrupt = state.get("corrupt_samples", 0)  # run total over ranks (RUN/corrupt.jsonl holds the samples)
-    if not same_world:
-        # Per-rank RNG streams cannot be carried over to other ranks: restart them from the position.
-        ckpt.seed_everything(seed_for(t.cfg.run.seed, t.step, t.rank, 2))
-
-
-def save(t: Training, ckpt_dir: Path, spe: int) -> str:
-    """A complete checkpoint of step t.step (all ranks); spe = optimizer steps per loader epoch."""
-    accum = t.derived.grad_accum_steps
-    epoch = t.step // spe
-    # Student buffers (the DINO center, BN running statistics) travel in client_state too: the universal
-    # checkpoint (resume on another world size) restores parameters and optimizer state only.
-    buffers = {n: b.detach().cpu().clone() for n, b in t.engine.module.named_buffers()}
-    client = {"teacher": t.teacher.state_dict(), "student_buffers": buffers, "step": t.step, "epoch": epoch,
-              "skipped": t.skipped, "corrupt_samples": t.corrupt,
-              "nonfinite": t.nonfinite, "samples": t.step * t.derived.global_batch, "config_hash": t.cfg.hash()}
-    meta = {"world_size": t.world, "zero_stage": t.cfg.engine.zero_stage, "precision": t.precision,
-            "config_hash": t.cfg.hash(), "epoch": epoch, "samples": t.step * t.derived.global_batch,
-            "data": t.data_id, "config": t.cfg.to_dict()}
-    if t.faults.at("kill_in_save", t.step):
-        t.engine.save_checkpoint(str(ckpt_dir), tag=ckpt.tag_for(t.step), client_state=client, save_latest=False)
-        os.kill(os.getpid(), signal.SIGKILL)
-    return ckpt.save(t.engine, ckpt_dir, step=t.step, client_state=client, meta=meta,
-                     loader_position={"epoch": t.step // spe, "skip_batches": (t.step % spe) * accum},
-                     keep_last=t.cfg.checkpoint.keep_last, rank=t.rank, faults=t.faults)
-
-
-# --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
 def _micro_batches(loader, accum: int):
@@ -425,9 +156,6 @@ def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True, stop: job.Sto
 
 def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool, stop: job.StopSignals,
            faults: Faults) -> int:
-    from mst_ds.data.corrupt import CorruptLog
-    from mst_ds.data.reader import make_train_loader
-
     t, tag, meta = setup(cfg, run_dir, lock)
     t.faults = faults
     ckpt_dir = RunDir(run_dir).checkpoints
@@ -468,7 +196,7 @@ def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool, 
                 corrupt.collect(loader, t.step, epoch)
                 # Rank 0's clock decides for all (ranks must stop at the same step); without a time
                 # limit there is no collective here, so a cluster run pays no extra sync per step.
-                time_up = deadline is not None and bool(_broadcast(time.monotonic() > deadline))
+                time_up = deadline is not None and bool(broadcast(time.monotonic() > deadline))
                 epoch_end = t.step % spe == 0
                 log_now = t.step % cfg.run.log_every == 0 or t.step == end
                 if health.observe(t, stats, epoch=epoch, epoch_end=epoch_end, log_now=log_now):

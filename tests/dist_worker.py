@@ -14,7 +14,8 @@ import torch
 
 from mst_ds import engine as eng
 from mst_ds.config import derive, load_config
-from mst_ds.train import build_training, train_step
+from mst_ds.train import train_step
+from mst_ds.trainer import build_training
 
 GLOBAL_BATCH, STEPS = 8, 3
 SETS = [f"optim.batch_size={GLOBAL_BATCH}", "engine.zero_stage=2", "engine.precision=fp32", "run.schedule_steps=40",

@@ -92,7 +92,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint_resumable(trained_run, tmp
 
 def test_run_files_keep_the_previous_config_on_an_allowed_change(tmp_path):
     from mst_ds.config import config_from_file, derive, load_config
-    from mst_ds.train import write_run_files
+    from mst_ds.trainer import write_run_files
 
     first = load_config("tiny").config
     second = load_config("tiny", ["optim.base_lr=0.001"]).config

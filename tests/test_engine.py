@@ -155,7 +155,8 @@ ENGINE_RUNS = [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")]
 @pytest.fixture(scope="module")
 def engine_runs(deepspeed_cpu):
     """3 steps of the tiny model at every (stage, precision) of ENGINE_RUNS, same data → results."""
-    from mst_ds.train import build_training, train_step
+    from mst_ds.train import train_step
+    from mst_ds.trainer import build_training
 
     eng.init_distributed()
     out = {}
@@ -204,7 +205,8 @@ def test_last_layer_frozen_and_groups_follow_schedules_under_zero2(engine_runs):
     """schedule_steps=40 over 20 epochs → the last layer is frozen for steps 0–1, free from step 2."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from mst_ds.train import build_training, train_step
+    from mst_ds.train import train_step
+    from mst_ds.trainer import build_training
 
     t = engine_runs[(2, "fp32")]["t"]
     cfg = t.cfg

@@ -47,7 +47,8 @@ def _split(batch: dict, k: int) -> list[dict]:
 
 
 def _run_accumulated(stage: int, accum: int, steps: int = 3):
-    from mst_ds.train import build_training, train_step
+    from mst_ds.train import train_step
+    from mst_ds.trainer import build_training
 
     eng.init_distributed()
     cfg = load_config("tiny", [*DETERMINISTIC, f"engine.zero_stage={stage}", f"engine.grad_accum_steps={accum}"]).config

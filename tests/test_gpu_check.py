@@ -42,7 +42,7 @@ def test_engine_compile_wraps_the_student_in_place(deepspeed_cpu):
     forward; its speed is measured by gpu_check on GPUs.)"""
     from mst_ds import engine as eng
     from mst_ds.config import derive, load_config
-    from mst_ds.train import build_training
+    from mst_ds.trainer import build_training
 
     eng.init_distributed()
     assert load_config("tiny").config.engine.compile is False

@@ -18,9 +18,9 @@ from conftest import TRAIN_SETS, train_in_process
 
 from mst_ds import checkpoint as ckpt
 from mst_ds import job
+from mst_ds.checkpoint_manager import data_identity, find_resume
 from mst_ds.cli import main
 from mst_ds.config import ConfigError, RunFailure, load_config
-from mst_ds.train import data_identity, find_resume
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,171 @@
+"""The run's lifecycle around the loop of :mod:`mst_ds.train`: check a launch, build the training state
+(model, teacher, DeepSpeed engine, EMA, schedules, views), start a run (distributed start, the run lock,
+the resume point agreed by every rank, the run files). Resume and save: :mod:`mst_ds.checkpoint_manager`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mst_ds import atomic, job
+from mst_ds import checkpoint as ckpt
+from mst_ds import engine as eng
+from mst_ds.checkpoint_manager import data_identity, find_resume
+from mst_ds.config import ConfigError, Derived, MSTConfig, config_from_file
+from mst_ds.data.augment import Photometric
+from mst_ds.data.reader import derive_for_training, open_manifest
+from mst_ds.ema import EMATeacher
+from mst_ds.eval.features import check_labelled
+from mst_ds.faults import Faults
+from mst_ds.model.mst import MSTModel
+from mst_ds.run_dir import RunDir
+from mst_ds.schedules import Schedules
+
+
+@dataclass
+class Training:
+    cfg: MSTConfig
+    derived: Derived
+    engine: Any
+    teacher: torch.nn.Module
+    ema: EMATeacher
+    schedules: Any
+    photometric: Any
+    gate: eng.GradientGate
+    device: torch.device
+    rank: int
+    world: int
+    precision: str
+    step: int = 0  # optimizer steps done
+    skipped: int = 0  # overflow-skipped steps (fp16 loss scale)
+    nonfinite: int = 0  # steps skipped by nan_policy=skip
+    corrupt: int = 0
+    data_id: dict[str, Any] | None = None  # data_identity(cfg), recorded in every checkpoint
+    faults: Faults = field(default_factory=Faults)  # test-only fault injection; none by default
+
+
+def check_training_data(cfg: MSTConfig) -> None:
+    """Fail on a missing or unreadable manifest, a missing shard, or missing monitor data, before paying
+    for DeepSpeed's start (one line, exit 2)."""
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training shards given (write them with `mst-shards write`, then --set data.train=DIR)")
+    open_manifest(cfg.data.train)
+    for name in ("bank", "query"):
+        source = getattr(cfg.eval.monitor, name)
+        if source is not None:
+            try:
+                check_labelled(source)
+            except ConfigError as err:
+                raise ConfigError(f"eval.monitor.{name}: {err}") from None
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_run_files(run_dir: Path, cfg: MSTConfig, derived: Derived, ds_config: dict, precision: str) -> None:
+    """Resolved config, final DeepSpeed JSON and provenance, written by rank 0 at every (re)start.
+
+    A relaunch with an allowed config change keeps the previous config as config.<its hash>.yaml, so the
+    checkpoints written under it can still be described."""
+    import deepspeed  # not at the top: DeepSpeed picks its accelerator when imported (after run() sets DS_ACCELERATOR)
+
+    run = RunDir(run_dir)
+    if run.config.exists():
+        previous = config_from_file(run.config)
+        if previous.hash() != cfg.hash():
+            atomic.write_text(run.config_of(previous.hash()), previous.to_yaml())
+    atomic.write_text(run.config, cfg.to_yaml())
+    atomic.write_json(run.ds_config, ds_config, indent=1)
+    info = {"git_sha": git_sha(), "config_hash": cfg.hash(), "precision": precision, "derived": derived.as_dict(),
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "argv": sys.argv, "time": time.time()}
+    atomic.write_json(run.run_info, info, indent=1)
+    atomic.write_text(run.git_sha, info["git_sha"] + "\n")
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (unchanged in a world of one)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def check(cfg: MSTConfig, run_dir: Path, *, probe_lock: bool = True) -> None:
+    """Everything a launch can get wrong before any rank starts (one line, exit 2): the config, the
+    training data, the run directory's lock and resume compatibility; then DeepSpeed's CPU comm op is
+    built once, so ranks never compile it side by side."""
+    check_training_data(cfg)
+    if probe_lock:
+        job.probe(run_dir)
+    find_resume(cfg, RunDir(run_dir).checkpoints, data_identity(cfg), check_files=False)
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        job.build_comm_op()
+
+
+def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = False) -> tuple[Training, dict]:
+    """Model, teacher (copied before ``deepspeed.initialize``), engine, EMA → (Training, ds_config).
+
+    torch.distributed must be started (:func:`mst_ds.engine.init_distributed`).
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.engine.nan_policy == "skip" and cfg.engine.grad_accum_steps != 1:
+        raise ConfigError("engine.nan_policy: skip needs engine.grad_accum_steps=1 (a partly accumulated step cannot be undone)")
+    precision = eng.resolve_precision(cfg.engine.precision, eng.DeviceInfo.current())
+    dev = eng.device()
+    ckpt.seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    model = MSTModel.from_config(cfg)
+    model, _ = eng.convert_sync_bn(model, world, cfg.engine.sync_bn, dev)
+    teacher = model.make_teacher().to(dev)  # before deepspeed.initialize (SPEC §7)
+    engine, ds_config = eng.build_engine(model.to(dev), cfg, derived, precision, load_universal=load_universal)
+    low = precision in ("bf16", "fp16")
+    t = Training(cfg=cfg, derived=derived, engine=engine, teacher=teacher,
+                 ema=EMATeacher(teacher, engine.module, zero_stage=cfg.engine.zero_stage, low_precision=low),
+                 schedules=Schedules.from_config(cfg, derived), photometric=Photometric.from_config(cfg.augment),
+                 gate=eng.GradientGate(eng.frozen_params(engine.module)), device=dev, rank=rank, world=world,
+                 precision=precision)
+    return t, ds_config
+
+
+def setup(cfg: MSTConfig, run_dir: Path, lock: job.RunLock) -> tuple[Training, str | None, dict[str, Any] | None]:
+    """Distributed start, the run-directory lock (rank 0), the training state, run files; the resume
+    point (tag, meta) if any."""
+    rank, world = eng.init_distributed()
+    derived = derive_for_training(cfg, world)
+    ckpt_dir = RunDir(run_dir).checkpoints
+    found: tuple[Any, Any, Any] | str = (None, None, None)
+    if rank == 0:
+        try:
+            lock.acquire()  # held by rank 0 for the run's life: a second job on RUN is refused
+            data_id = data_identity(cfg)
+            found = (*find_resume(cfg, ckpt_dir, data_id), data_id)
+        except ConfigError as err:
+            found = str(err)
+    found = broadcast(found)  # every rank stops on a refused resume, not only rank 0
+    if isinstance(found, str):
+        job.stop_together(ConfigError(found), rank)  # rank 0 says why, in one line
+    tag, meta, data_id = found
+    universal = meta is not None and ckpt.needs_universal(meta, world, cfg.engine.zero_stage)
+    t, ds_config = build_training(cfg, derived, load_universal=universal)
+    t.data_id = data_id
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_files(run_dir, cfg, derived, ds_config, t.precision)
+    return t, tag, meta
