@@ -389,7 +389,7 @@ def safe_yaml(text: str) -> Any:
         raise ConfigError("YAML nested too deeply") from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = safe_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -401,12 +401,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1} (model.timm_kwargs stays one value: its keys are timm's, not ours)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping) and v and key != "model.timm_kwargs":
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
@@ -415,7 +416,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = HASH_IGNORE) -> list[str]:
     """``["section.key old → new", ...]`` over the settings the hash covers (two ``to_dict()`` forms)."""
     skip = tuple(ignore)
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     out = []
     for key in sorted(a.keys() | b.keys()):
         if any(key == s or key.startswith(s + ".") for s in skip):
@@ -436,7 +437,7 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _recipe_chain(name_or_path: str) -> list[tuple[str, dict[str, Any]]]:
+def recipe_chain(name_or_path: str) -> list[tuple[str, dict[str, Any]]]:
     """[(source label, overrides)] from the root parent down to the named recipe."""
     chain: list[tuple[str, dict[str, Any]]] = []
     seen: set[str] = set()
@@ -450,7 +451,7 @@ def _recipe_chain(name_or_path: str) -> list[tuple[str, dict[str, Any]]]:
         if str(path) in seen:
             raise ConfigError(f"{path}: parent cycle")
         seen.add(str(path))
-        data = _read_yaml(path)
+        data = read_yaml(path)
         current = data.pop("parent", None)
         chain.append((f"preset:{path.stem}" if path.parent == PRESET_DIR else f"file:{path}", data))
     return list(reversed(chain))
@@ -502,9 +503,9 @@ def build_config(raw: Mapping[str, Any]) -> MSTConfig:
 def load_config(preset: str = "mst_deit_s_100ep", sets: Iterable[str] = (), overrides: Mapping[str, Any] | None = None) -> LoadedConfig:
     """Resolve preset chain + ``--set`` items (+ programmatic ``overrides``) into a validated config."""
     raw: dict[str, Any] = {}
-    sources = {k: "default" for k in _flatten(MSTConfig().to_dict())}
-    for label, data in _recipe_chain(preset):
-        for key, value in _flatten(data).items():
+    sources = {k: "default" for k in flatten(MSTConfig().to_dict())}
+    for label, data in recipe_chain(preset):
+        for key, value in flatten(data).items():
             _set_dotted(raw, key, copy.deepcopy(value))
             sources[key] = label
     items = [parse_set(s) for s in sets] + list((overrides or {}).items())
@@ -519,7 +520,7 @@ def config_from_file(path: str | Path) -> MSTConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such config file")
-    data = json.loads(path.read_text()) if path.suffix == ".json" else _read_yaml(path)
+    data = json.loads(path.read_text()) if path.suffix == ".json" else read_yaml(path)
     return build_config(data)
 
 

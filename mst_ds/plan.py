@@ -23,11 +23,11 @@ from mst_ds.config import (
     Derived,
     LoadedConfig,
     MSTConfig,
-    _flatten,
-    _read_yaml,
     derive,
+    flatten,
     list_presets,
     load_config,
+    read_yaml,
 )
 from mst_ds.schedules import Schedules
 
@@ -57,7 +57,7 @@ def presets() -> int:
         table.add_column(col, overflow="fold")
     for name in list_presets():
         path = PRESET_DIR / f"{name}.yaml"
-        table.add_row(name, str(_read_yaml(path).get("parent") or "—"), _describe(path))
+        table.add_row(name, str(read_yaml(path).get("parent") or "—"), _describe(path))
     Console().print(table)
     return 0
 
@@ -78,7 +78,7 @@ def config_table(loaded: LoadedConfig) -> Table:
     table.add_column("key")
     table.add_column("value", overflow="fold")
     table.add_column("source")
-    for key, value in _flatten(loaded.config.to_dict()).items():
+    for key, value in flatten(loaded.config.to_dict()).items():
         source = loaded.sources.get(key, "default")
         style = None if source == "default" else "bold"
         table.add_row(key, _fmt(value), source, style=style)

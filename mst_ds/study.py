@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from mst_ds import atomic, job
-from mst_ds.config import ConfigError, MSTConfig, RunFailure, UsageError, _flatten, _recipe_chain, load_config
+from mst_ds.config import ConfigError, MSTConfig, RunFailure, UsageError, flatten, load_config, recipe_chain
 from mst_ds.run_dir import STUDY_DONE, RunDir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,12 +80,12 @@ def parse_rows(text: str) -> tuple[list[str], str | None]:
 
 def row_difference(preset: str) -> dict[str, Any]:
     """The recipe of a row: flattened keys its chain sets below the paper root, ``run`` excluded."""
-    chain = _recipe_chain(preset)
+    chain = recipe_chain(preset)
     labels = [label for label, _ in chain]
     start = labels.index(f"preset:{PAPER_ROOT}") + 1 if f"preset:{PAPER_ROOT}" in labels else 0
     diff: dict[str, Any] = {}
     for _, data in chain[start:]:
-        diff.update({k: v for k, v in _flatten(data).items() if not k.startswith("run.")})
+        diff.update({k: v for k, v in flatten(data).items() if not k.startswith("run.")})
     return diff
 
 
