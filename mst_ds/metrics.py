@@ -114,3 +114,23 @@ class MetricsLogger:
         for tracker in self._trackers:
             tracker.close()
         self._trackers = []
+
+
+class Throughput:
+    """Images per second of training between two logged steps: the online monitor's and the saves' time
+    (``pause``) is not training time."""
+
+    def __init__(self, step: int) -> None:
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.tick, self.step, self.paused = time.monotonic(), step, 0.0
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
+    def img_per_s(self, step: int, global_batch: int) -> float:
+        now = time.monotonic()
+        rate = (step - self.step) * global_batch / max(now - self.tick - self.paused, 1e-9)
+        self.tick, self.step, self.paused = now, step, 0.0
+        return rate

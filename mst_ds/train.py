@@ -35,7 +35,7 @@ from mst_ds.data.corrupt import CorruptLog
 from mst_ds.data.reader import make_train_loader
 from mst_ds.faults import Faults
 from mst_ds.health import RunHealth
-from mst_ds.metrics import MODEL_SCALARS, MetricsLogger, peak_memory_mb
+from mst_ds.metrics import MODEL_SCALARS, MetricsLogger, Throughput, peak_memory_mb
 from mst_ds.run_dir import RunDir
 from mst_ds.trainer import Training, broadcast, check, check_training_data, setup
 
@@ -158,81 +158,136 @@ def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool, 
            faults: Faults) -> int:
     t, tag, meta = setup(cfg, run_dir, lock)
     t.faults = faults
-    ckpt_dir = RunDir(run_dir).checkpoints
     if tag is not None:
-        resume(t, ckpt_dir, tag, meta)
-    d = t.derived
-    end = min(d.total_steps, cfg.run.max_steps or d.total_steps)
+        resume(t, RunDir(run_dir).checkpoints, tag, meta)
+    return Loop(t, RunDir(run_dir), stop, progress=progress).run()
 
-    def loader_at(step: int):
-        epoch, pos = divmod(step, spe)
-        return epoch, make_train_loader(cfg.data.train, cfg, rank=t.rank, world_size=t.world, micro_batch=d.micro_batch,
-                                        epoch=epoch, skip_batches=pos * d.grad_accum_steps)
 
-    spe = d.steps_per_epoch  # the loader's plan (derive_for_training): schedules and epochs agree
-    log = MetricsLogger(run_dir, enabled=t.rank == 0, start_step=t.step, total_steps=end,
-                        steps_per_epoch=spe, progress=progress, cfg=cfg)
-    corrupt = CorruptLog(run_dir, rank=t.rank, total=t.corrupt, start_step=t.step)
-    started = time.monotonic()
-    deadline = started + cfg.run.time_limit_min * 60 if cfg.run.time_limit_min else None
-    health = RunHealth(t, run_dir, end=end)  # diagnostics, online k-NN, alerts (issue 10)
-    try:
-        health.start(t, log)
-        while t.step < end:
-            epoch, loader = loader_at(t.step)
-            if len(loader) < d.grad_accum_steps:
-                raise RuntimeError(f"the loader of epoch {epoch} has no batch left at step {t.step} (plan mismatch)")
-            tick, tick_step, paused = time.monotonic(), t.step, 0.0  # paused: monitor and saves, not training
-            for batches in _micro_batches(loader, d.grad_accum_steps):
-                health.arm(t.step + 1)
-                try:
-                    stats = train_step(t, batches, stop)
-                except NonFiniteLoss as err:
-                    health.nonfinite(t.step + 1)
-                    if t.rank == 0:
-                        print(f"mst-ds: error: {err}; stopping without saving (last good checkpoint: "
-                              f"{ckpt.newest_complete(ckpt_dir) or 'none'})", file=sys.stderr)
-                    return 1
-                corrupt.collect(loader, t.step, epoch)
-                # Rank 0's clock decides for all (ranks must stop at the same step); without a time
-                # limit there is no collective here, so a cluster run pays no extra sync per step.
-                time_up = deadline is not None and bool(broadcast(time.monotonic() > deadline))
-                epoch_end = t.step % spe == 0
-                log_now = t.step % cfg.run.log_every == 0 or t.step == end
-                if health.observe(t, stats, epoch=epoch, epoch_end=epoch_end, log_now=log_now):
-                    t.corrupt = corrupt.sync()  # all ranks: the same steps
-                    now = time.monotonic()
-                    paused += stats.get("monitor_s", 0.0)
-                    stats.update(corrupt_samples=t.corrupt, peak_mem_mb=peak_memory_mb(t.device),
-                                 img_per_s=(t.step - tick_step) * d.global_batch / max(now - tick - paused, 1e-9))
-                    tick, tick_step, paused = now, t.step, 0.0
-                    log.log(t.step, epoch, stats)
-                log.progress(t.step, epoch, stats)
-                every = cfg.checkpoint.every_steps and t.step % cfg.checkpoint.every_steps == 0
-                at_epoch = epoch_end and cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0
-                if every or at_epoch or t.step == end or time_up or health.stop or stop.agreed:
-                    t.corrupt = corrupt.sync()  # the saved total covers every record in corrupt.jsonl
-                    saving = time.monotonic()
-                    save(t, ckpt_dir, spe)
-                    paused += time.monotonic() - saving
-                if health.stop:
-                    if t.rank == 0:
-                        print(f"mst-ds: error: stopped at step {t.step} on a health alert (run.on_alert=stop; "
-                              f"{RunDir(run_dir).alerts}); checkpoint {ckpt.tag_for(t.step)} saved", file=sys.stderr)
-                    return 1
-                if time_up:
-                    return 0
-                if stop.agreed and t.step < end:
-                    if t.rank == 0:
-                        print(f"mst-ds: stopped by {stop.requested or 'a stop signal on another rank'} after step "
-                              f"{t.step}; checkpoint {ckpt.tag_for(t.step)} saved, relaunch to resume "
-                              f"(exit {job.EXIT_STOPPED})", file=sys.stderr, flush=True)
-                    return job.EXIT_STOPPED
-                if t.step >= end or epoch_end:
-                    break
-    finally:
-        log.close()
-    return 0
+class Loop:
+    """The loop of one run after setup and resume (DINO's ``train_one_epoch``, per loader epoch): for each
+    step, step, observe, log, maybe save, then the stop checks. Every rank runs it alike; whatever ends the
+    loop is decided the same at the same step on every rank (a collective or a step number)."""
+
+    def __init__(self, t: Training, run: RunDir, stop: job.StopSignals, *, progress: bool) -> None:
+        cfg, d = t.cfg, t.derived
+        self.t, self.run_dir, self.stop = t, run, stop
+        self.end = min(d.total_steps, cfg.run.max_steps or d.total_steps)
+        self.spe = d.steps_per_epoch  # the loader's plan (derive_for_training): schedules and epochs agree
+        self.log = MetricsLogger(run.root, enabled=t.rank == 0, start_step=t.step, total_steps=self.end,
+                                 steps_per_epoch=self.spe, progress=progress, cfg=cfg)
+        self.corrupt = CorruptLog(run.root, rank=t.rank, total=t.corrupt, start_step=t.step)
+        self.deadline = time.monotonic() + cfg.run.time_limit_min * 60 if cfg.run.time_limit_min else None
+        self.health = RunHealth(t, run.root, end=self.end)  # diagnostics, online k-NN, alerts (issue 10)
+        self.clock = Throughput(t.step)
+
+    def run(self) -> int:
+        """Train to ``end`` → exit code (0, 1 on a non-finite loss or a health stop, job.EXIT_STOPPED)."""
+        try:
+            self.health.start(self.t, self.log)
+            while self.t.step < self.end:
+                code = self.train_one_epoch()
+                if code is not None:
+                    return code
+        finally:
+            self.log.close()
+        return 0
+
+    def train_one_epoch(self) -> int | None:
+        """The steps of the loader epoch ``t.step`` lies in, up to its end or ``end`` → an exit code to
+        stop with, or None to go on."""
+        t = self.t
+        epoch, loader = self.loader_at(t.step)
+        self.clock.restart(t.step)
+        for batches in _micro_batches(loader, t.derived.grad_accum_steps):
+            stats = self.step(batches)
+            if stats is None:
+                return 1
+            self.corrupt.collect(loader, t.step, epoch)
+            time_up = self.time_up()
+            epoch_end = t.step % self.spe == 0
+            self.observe(stats, epoch, epoch_end)
+            if self.save_due(epoch, epoch_end) or time_up or self.health.stop or self.stop.agreed:
+                self.save_checkpoint()
+            code = self.stop_code(time_up)
+            if code is not None:
+                return code
+            if t.step >= self.end or epoch_end:
+                break
+        return None
+
+    def loader_at(self, step: int):
+        """(epoch, the training loader positioned at ``step``: the epoch's consumed micro-batches skipped)."""
+        t, d = self.t, self.t.derived
+        epoch, pos = divmod(step, self.spe)
+        loader = make_train_loader(t.cfg.data.train, t.cfg, rank=t.rank, world_size=t.world, micro_batch=d.micro_batch,
+                                   epoch=epoch, skip_batches=pos * d.grad_accum_steps)
+        if len(loader) < d.grad_accum_steps:
+            raise RuntimeError(f"the loader of epoch {epoch} has no batch left at step {step} (plan mismatch)")
+        return epoch, loader
+
+    def step(self, batches: list[dict[str, Any]]) -> dict[str, float] | None:
+        """:func:`train_step` → its scalars, or None after a non-finite loss (said on rank 0; no save)."""
+        t = self.t
+        self.health.arm(t.step + 1)
+        try:
+            return train_step(t, batches, self.stop)
+        except NonFiniteLoss as err:
+            self.health.nonfinite(t.step + 1)
+            if t.rank == 0:
+                print(f"mst-ds: error: {err}; stopping without saving (last good checkpoint: "
+                      f"{ckpt.newest_complete(self.run_dir.checkpoints) or 'none'})", file=sys.stderr)
+            return None
+
+    def time_up(self) -> bool:
+        """Rank 0's clock decides for all (ranks must stop at the same step); without a time limit there is
+        no collective here, so a cluster run pays no extra sync per step."""
+        return self.deadline is not None and bool(broadcast(time.monotonic() > self.deadline))
+
+    def observe(self, stats: dict[str, float], epoch: int, epoch_end: bool) -> None:
+        """Health (diagnostics, monitor, alerts) on every step; on logged steps the run's counters and
+        throughput join the scalars and go to metrics.jsonl and the trackers; the progress line."""
+        t = self.t
+        log_now = t.step % t.cfg.run.log_every == 0 or t.step == self.end
+        if self.health.observe(t, stats, epoch=epoch, epoch_end=epoch_end, log_now=log_now):
+            t.corrupt = self.corrupt.sync()  # all ranks: the same steps
+            self.clock.pause(stats.get("monitor_s", 0.0))
+            stats.update(corrupt_samples=t.corrupt, peak_mem_mb=peak_memory_mb(t.device),
+                         img_per_s=self.clock.img_per_s(t.step, t.derived.global_batch))
+            self.log.log(t.step, epoch, stats)
+        self.log.progress(t.step, epoch, stats)
+
+    def save_due(self, epoch: int, epoch_end: bool) -> bool:
+        """The schedule of checkpoint.every_steps / every_epochs, and the last step."""
+        t, c = self.t, self.t.cfg.checkpoint
+        every = c.every_steps and t.step % c.every_steps == 0
+        at_epoch = epoch_end and c.every_epochs and (epoch + 1) % c.every_epochs == 0
+        return bool(every or at_epoch or t.step == self.end)
+
+    def save_checkpoint(self) -> None:
+        t = self.t
+        t.corrupt = self.corrupt.sync()  # the saved total covers every record in corrupt.jsonl
+        saving = time.monotonic()
+        save(t, self.run_dir.checkpoints, self.spe)
+        self.clock.pause(time.monotonic() - saving)
+
+    def stop_code(self, time_up: bool) -> int | None:
+        """The exit code when the run stops after this step (saved): a health stop, the time limit, a stop
+        signal before the end; None to go on."""
+        t = self.t
+        if self.health.stop:
+            if t.rank == 0:
+                print(f"mst-ds: error: stopped at step {t.step} on a health alert (run.on_alert=stop; "
+                      f"{self.run_dir.alerts}); checkpoint {ckpt.tag_for(t.step)} saved", file=sys.stderr)
+            return 1
+        if time_up:
+            return 0
+        if self.stop.agreed and t.step < self.end:
+            if t.rank == 0:
+                print(f"mst-ds: stopped by {self.stop.requested or 'a stop signal on another rank'} after step "
+                      f"{t.step}; checkpoint {ckpt.tag_for(t.step)} saved, relaunch to resume "
+                      f"(exit {job.EXIT_STOPPED})", file=sys.stderr, flush=True)
+            return job.EXIT_STOPPED
+        return None
 
 
 def run(args) -> int:
