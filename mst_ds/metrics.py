@@ -18,20 +18,8 @@ import torch
 from mst_ds import atomic
 from mst_ds.config import MSTConfig
 from mst_ds.run_dir import RunDir
+from mst_ds.scalars import HEALTH_SCALARS, MODEL_SCALARS, MONITOR_SCALARS, SCALARS  # noqa: F401 (named here too)
 from mst_ds.trackers import open_trackers
-
-# The scalars MSTModel.forward returns (averaged over ranks every step); the last two are diagnostics
-# beyond the issue's list: teacher attention and output entropies (collapse watch).
-MODEL_SCALARS = ("loss", "dino", "restore", "dino_weighted", "restore_weighted", "mask_ratio", "center_norm",
-                 "attn_entropy", "teacher_entropy",
-                 # run-health diagnostics (issue 10, mst_ds.health)
-                 "teacher_entropy_rel", "teacher_usage_entropy_rel", "agreement", "teacher_cls_std", "attn_guidance")
-# Added by the loop at every logged step (mst_ds.health.RunHealth); the monitor's keys only where it ran.
-HEALTH_SCALARS = ("restore_loss_share", "restore_grad_share", "alerts")
-MONITOR_SCALARS = ("monitor_knn_top1", "monitor_knn_top5", "monitor_s", "monitor_time_share")
-# Every scalar logged every run.log_every steps (issue 4, Build 5).
-SCALARS = MODEL_SCALARS + ("lr", "weight_decay", "momentum", "teacher_temp", "grad_norm", "loss_scale",
-                           "skipped_steps", "nonfinite_steps", "corrupt_samples", "img_per_s", "peak_mem_mb") + HEALTH_SCALARS
 
 
 def peak_memory_mb(dev: torch.device) -> float:

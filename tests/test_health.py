@@ -13,6 +13,7 @@ from mst_ds.config import load_config
 from mst_ds.health import RULES, AlertBook, Context, GradProbe
 from mst_ds.model import MSTModel
 from mst_ds.model.diagnostics import attention_guidance, forward_diagnostics
+from mst_ds.scalars import DIAGNOSTICS, MODEL_SCALARS, MONITOR_SCALARS, SCALARS
 
 
 def test_attention_guidance_is_one_for_flat_attention_and_below_one_on_low_attention_patches():
@@ -63,7 +64,8 @@ def test_model_returns_the_diagnostics():
     g = torch.Generator().manual_seed(0)
     views = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)] + [torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)]
     out = model(views, teacher, 0.04, torch.Generator().manual_seed(1))
-    for key in ("teacher_entropy_rel", "teacher_usage_entropy_rel", "agreement", "teacher_cls_std", "attn_guidance"):
+    assert set(out) == set(MODEL_SCALARS)  # the names the loop all-reduces and logs
+    for key in DIAGNOSTICS:
         assert out[key].ndim == 0 and not out[key].requires_grad, key
     assert 0 <= float(out["teacher_entropy_rel"]) <= 1 and 0 <= float(out["agreement"]) <= 1
     assert float(out["attn_guidance"]) < 1.0  # attention-guided: the masked patches have the lowest attention
@@ -224,3 +226,20 @@ def test_demo_health_table_shows_start_end_and_alerts(tmp_path):
     assert "49.300 (step 0)" in text and "76.600 (step 10)" in text and "k=20" in text
     assert "0.400 (step 5)" in text and "0.200 (step 10)" in text  # CLS std × √64
     assert "0.050 (step 10)" in text and "0.990" not in text  # the monitor share: end only
+
+
+def test_every_scalar_a_reader_selects_is_one_the_run_logs():
+    """Health rules, report curves, the study's table and the demo's health table select logged scalars by
+    name: each name is one of mst_ds.scalars (the forward's diagnostics are DIAGNOSTICS exactly)."""
+    from mst_ds import demo, study
+    from mst_ds.eval import report
+
+    logged = set(SCALARS) | set(MONITOR_SCALARS)
+    derived = {"teacher_cls_std_sqrt_d"}  # the demo's table scales teacher_cls_std by sqrt(D)
+    selected = {r.metric for r in RULES} | {k for keys in report.CURVES.values() for k in keys} \
+        | set(study.HEALTH_KEYS) | {row[0] for row in demo.HEALTH_ROWS}
+    assert selected - derived <= logged, sorted(selected - derived - logged)
+    B, K = 2, 5
+    d = forward_diagnostics([torch.randn(B, K)] * 3, torch.softmax(torch.randn(2 * B, K), -1), torch.randn(2 * B, 4),
+                            None, torch.zeros(2 * B, 4, dtype=torch.bool))
+    assert set(d) == set(DIAGNOSTICS)

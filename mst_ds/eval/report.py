@@ -22,13 +22,11 @@ from typing import Any
 from mst_ds.config import UsageError
 from mst_ds.run_dir import ALERTS as ALERTS_FILE  # noqa: F401 (tests name it)
 from mst_ds.run_dir import RunDir
+from mst_ds.scalars import ATTENTION, COLLAPSE, LOSSES, SHARES
 
-CURVES = {"loss": ("loss", "dino", "restore"), "lr": ("lr",), "mask_ratio": ("mask_ratio",),
+CURVES = {"loss": LOSSES[:3], "lr": ("lr",), "mask_ratio": ("mask_ratio",),
           # run health (issue 10, mst_ds.health): online k-NN, collapse, attention, loss balance
-          "online_knn": ("monitor_knn_top1",),
-          "collapse": ("teacher_entropy_rel", "teacher_usage_entropy_rel", "agreement", "teacher_cls_std"),
-          "attention": ("attn_entropy", "attn_guidance"),
-          "loss_share": ("restore_loss_share", "restore_grad_share")}
+          "online_knn": ("monitor_knn_top1",), "collapse": COLLAPSE, "attention": ATTENTION, "loss_share": SHARES}
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float | None]:
@@ -63,11 +61,8 @@ def run_metrics(run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-# Logged shares summarised over the whole run: the loss balance is a property of the trajectory, not
-# of one step (§10's "roughly equally weighted" at λ2 = 0.6).
-SHARES = ("restore_loss_share", "restore_grad_share")
-
-
+# The logged SHARES are summarised over the whole run: the loss balance is a property of the trajectory,
+# not of one step (§10's "roughly equally weighted" at λ2 = 0.6).
 def health_metrics(run_dir: Path) -> dict[str, float]:
     """From metrics.jsonl: the online k-NN's last value and, per logged share, its first, mean over the
     logged steps and last value; from alerts.jsonl: the number of alerts (each when present)."""
