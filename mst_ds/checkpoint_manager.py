@@ -22,9 +22,10 @@ from mst_ds.data.manifest import Manifest, fingerprint_difference
 from mst_ds.run_dir import RunDir
 
 
-def data_identity(cfg: MSTConfig) -> dict[str, Any]:
-    """The training data's fingerprint (:meth:`Manifest.fingerprint`), recorded in every checkpoint."""
-    return Manifest.load(cfg.data.train).fingerprint()
+def data_identity(cfg: MSTConfig, manifest: Manifest | None = None) -> dict[str, Any]:
+    """The training data's fingerprint (:meth:`Manifest.fingerprint`), recorded in every checkpoint
+    (``manifest``: the one already read from ``cfg.data.train``)."""
+    return (Manifest.load(cfg.data.train) if manifest is None else manifest).fingerprint()
 
 
 def _written_config(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ from mst_ds import job
 from mst_ds.checkpoint_manager import resume, save
 from mst_ds.config import MSTConfig, load_config
 from mst_ds.data.corrupt import CorruptLog
+from mst_ds.data.manifest import Manifest
 from mst_ds.data.reader import make_train_loader
 from mst_ds.faults import Faults
 from mst_ds.health import RunHealth
@@ -141,22 +142,23 @@ def _micro_batches(loader, accum: int):
 
 
 def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True, stop: job.StopSignals | None = None,
-          faults: Faults | None = None) -> int:
+          faults: Faults | None = None, manifest: Manifest | None = None) -> int:
     """Train (or resume) to the end of the schedule / max_steps → exit code (0 ok, 1 non-finite loss,
     job.EXIT_STOPPED stopped by ``stop``'s signals with a checkpoint of the last step).
-    ``faults``: test-only fault injection, by default read from the environment here, once."""
+    ``faults``: test-only fault injection, by default read from the environment here, once.
+    ``manifest``: the training data's, when the caller read it already (else read here, once)."""
     run_dir = Path(run_dir)
     lock = job.RunLock(run_dir)
     try:
         return _train(cfg, run_dir, lock, progress=progress, stop=stop or job.StopSignals(),
-                      faults=faults or Faults.from_env())
+                      faults=faults or Faults.from_env(), manifest=manifest)
     finally:
         lock.release()
 
 
 def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool, stop: job.StopSignals,
-           faults: Faults) -> int:
-    t, tag, meta = setup(cfg, run_dir, lock)
+           faults: Faults, manifest: Manifest | None) -> int:
+    t, tag, meta = setup(cfg, run_dir, lock, manifest)
     t.faults = faults
     if tag is not None:
         resume(t, RunDir(run_dir).checkpoints, tag, meta)
@@ -220,7 +222,7 @@ class Loop:
         t, d = self.t, self.t.derived
         epoch, pos = divmod(step, self.spe)
         loader = make_train_loader(t.cfg.data.train, t.cfg, rank=t.rank, world_size=t.world, micro_batch=d.micro_batch,
-                                   epoch=epoch, skip_batches=pos * d.grad_accum_steps)
+                                   epoch=epoch, skip_batches=pos * d.grad_accum_steps, manifest=t.manifest)
         if len(loader) < d.grad_accum_steps:
             raise RuntimeError(f"the loader of epoch {epoch} has no batch left at step {step} (plan mismatch)")
         return epoch, loader
@@ -303,8 +305,8 @@ def run(args) -> int:
     if getattr(args, "check", False):
         check(cfg, run_dir, probe_lock=os.environ.get("MST_DS_NODE_RANK", "0") == "0")
         return 0
-    check_training_data(cfg)
+    manifest = check_training_data(cfg)  # the one read of the training manifest in this process
     stop = job.StopSignals().install()  # SIGTERM/SIGUSR1: finish the step, save it, exit EXIT_STOPPED
     if "LOCAL_RANK" in os.environ:  # started by a launcher: die with it, never train on as an orphan
         job.die_with_launcher(stop)
-    return train(cfg, run_dir, stop=stop)
+    return train(cfg, run_dir, stop=stop, manifest=manifest)

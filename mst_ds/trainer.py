@@ -22,6 +22,7 @@ from mst_ds import engine as eng
 from mst_ds.checkpoint_manager import data_identity, find_resume
 from mst_ds.config import ConfigError, Derived, MSTConfig, config_from_file
 from mst_ds.data.augment import Photometric
+from mst_ds.data.manifest import Manifest
 from mst_ds.data.reader import derive_for_training, open_manifest
 from mst_ds.ema import EMATeacher
 from mst_ds.eval.features import check_labelled
@@ -50,15 +51,16 @@ class Training:
     nonfinite: int = 0  # steps skipped by nan_policy=skip
     corrupt: int = 0
     data_id: dict[str, Any] | None = None  # data_identity(cfg), recorded in every checkpoint
+    manifest: Manifest | None = None  # the training data's, read once (setup)
     faults: Faults = field(default_factory=Faults)  # test-only fault injection; none by default
 
 
-def check_training_data(cfg: MSTConfig) -> None:
+def check_training_data(cfg: MSTConfig) -> Manifest:
     """Fail on a missing or unreadable manifest, a missing shard, or missing monitor data, before paying
     for DeepSpeed's start (one line, exit 2)."""
     if not cfg.data.train:
         raise ConfigError("data.train: no training shards given (write them with `mst-shards write`, then --set data.train=DIR)")
-    open_manifest(cfg.data.train)
+    manifest = open_manifest(cfg.data.train)
     for name in ("bank", "query"):
         source = getattr(cfg.eval.monitor, name)
         if source is not None:
@@ -66,6 +68,7 @@ def check_training_data(cfg: MSTConfig) -> None:
                 check_labelled(source)
             except ConfigError as err:
                 raise ConfigError(f"eval.monitor.{name}: {err}") from None
+    return manifest
 
 
 def git_sha() -> str:
@@ -112,10 +115,10 @@ def check(cfg: MSTConfig, run_dir: Path, *, probe_lock: bool = True) -> None:
     """Everything a launch can get wrong before any rank starts (one line, exit 2): the config, the
     training data, the run directory's lock and resume compatibility; then DeepSpeed's CPU comm op is
     built once, so ranks never compile it side by side."""
-    check_training_data(cfg)
+    manifest = check_training_data(cfg)
     if probe_lock:
         job.probe(run_dir)
-    find_resume(cfg, RunDir(run_dir).checkpoints, data_identity(cfg), check_files=False)
+    find_resume(cfg, RunDir(run_dir).checkpoints, data_identity(cfg, manifest), check_files=False)
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         job.build_comm_op()
 
@@ -144,17 +147,20 @@ def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = F
     return t, ds_config
 
 
-def setup(cfg: MSTConfig, run_dir: Path, lock: job.RunLock) -> tuple[Training, str | None, dict[str, Any] | None]:
+def setup(cfg: MSTConfig, run_dir: Path, lock: job.RunLock,
+          manifest: Manifest | None = None) -> tuple[Training, str | None, dict[str, Any] | None]:
     """Distributed start, the run-directory lock (rank 0), the training state, run files; the resume
-    point (tag, meta) if any."""
+    point (tag, meta) if any. ``manifest``: the training data's, when the caller read it already."""
     rank, world = eng.init_distributed()
-    derived = derive_for_training(cfg, world)
+    if manifest is None and cfg.data.train:
+        manifest = open_manifest(cfg.data.train)  # read once per process, passed on
+    derived = derive_for_training(cfg, world, manifest)
     ckpt_dir = RunDir(run_dir).checkpoints
     found: tuple[Any, Any, Any] | str = (None, None, None)
     if rank == 0:
         try:
             lock.acquire()  # held by rank 0 for the run's life: a second job on RUN is refused
-            data_id = data_identity(cfg)
+            data_id = data_identity(cfg, manifest)
             found = (*find_resume(cfg, ckpt_dir, data_id), data_id)
         except ConfigError as err:
             found = str(err)
@@ -164,7 +170,7 @@ def setup(cfg: MSTConfig, run_dir: Path, lock: job.RunLock) -> tuple[Training, s
     tag, meta, data_id = found
     universal = meta is not None and ckpt.needs_universal(meta, world, cfg.engine.zero_stage)
     t, ds_config = build_training(cfg, derived, load_universal=universal)
-    t.data_id = data_id
+    t.data_id, t.manifest = data_id, manifest
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_files(run_dir, cfg, derived, ds_config, t.precision)

@@ -98,3 +98,14 @@ def test_a_fixed_one_rank_run_is_bit_identical_to_the_pinned_one(trained_run, tm
     from conftest import assert_pinned
 
     assert_pinned(trained_run, tmp_path / "teacher.safetensors", PINNED_PLATFORM, PINNED)
+
+
+def test_the_training_manifest_is_read_once_per_process(digits_shards, tmp_path, monkeypatch, deepspeed_cpu):
+    """Setup (sizes, steps per epoch), the data identity and the loaders share one read of the manifest
+    (issue 18: it was read four times before the first step); its shards are still checked each epoch."""
+    from mst_ds.data.manifest import Manifest
+
+    reads, load = [], Manifest.load.__func__
+    monkeypatch.setattr(Manifest, "load", classmethod(lambda cls, *a, **kw: reads.append(a[0]) or load(cls, *a, **kw)))
+    assert train_in_process(tmp_path / "run", digits_shards, "run.max_steps=2") == 0
+    assert [str(r) for r in reads] == [str(digits_shards)]

@@ -62,13 +62,15 @@ def _is_local(url: str) -> bool:
     return not url.startswith(("http://", "https://", "pipe:"))
 
 
-def open_manifest(source: str) -> Manifest:
+def open_manifest(source: str, manifest: Manifest | None = None) -> Manifest:
     """The manifest of ``source``, with every local shard it lists present at its recorded size.
 
     One stat per shard (no hashing): a missing, truncated or replaced shard is a one-line error naming
     it, before any rank pays for a start. Remote shards (http, pipe:) are checked while reading.
+    ``manifest``: the one this process already read from ``source`` (its shards are checked again, its
+    file is not read again).
     """
-    manifest = Manifest.load(source)
+    manifest = Manifest.load(source) if manifest is None else manifest
     for url, info in zip(manifest.urls(), manifest.shards):
         if not _is_local(url):
             continue
@@ -438,21 +440,23 @@ class TrainLoader:
             raise RuntimeError(f"loader delivered batches out of plan (next {expected}, held {sorted(pending)})")
 
 
-def _resolve_manifest(source: str) -> Manifest:
-    return open_manifest(source)  # ManifestError / MissingShardError are ConfigErrors: one line, exit 2
+def _resolve_manifest(source: str, manifest: Manifest | None = None) -> Manifest:
+    return open_manifest(source, manifest)  # ManifestError / MissingShardError are ConfigErrors: one line, exit 2
 
 
 def make_train_loader(source: str, cfg: MSTConfig, *, rank: int, world_size: int, micro_batch: int, epoch: int,
-                      skip_batches: int = 0, num_workers: int | None = None) -> TrainLoader:
+                      skip_batches: int = 0, num_workers: int | None = None,
+                      manifest: Manifest | None = None) -> TrainLoader:
     """The training loader of ``rank`` for ``epoch`` (see the module doc).
 
     The batch composition depends on (manifest, seed, epoch, world_size, micro_batch,
     ``cfg.data.num_workers``, ``cfg.data.shuffle_buffer``) only. ``num_workers=0`` loads in the calling
-    process and yields exactly the same batches as the worker processes would.
+    process and yields exactly the same batches as the worker processes would. ``manifest``: the one
+    already read from ``source`` (:func:`open_manifest`).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    manifest = _resolve_manifest(source)
+    manifest = _resolve_manifest(source, manifest)
     streams = max(1, cfg.data.num_workers)
     plan = plan_epoch([s.count for s in manifest.shards], seed=cfg.run.seed, epoch=epoch, world_size=world_size,
                       streams=streams, batch_size=micro_batch)
@@ -467,21 +471,23 @@ def make_train_loader(source: str, cfg: MSTConfig, *, rank: int, world_size: int
                        shuffle_buffer=cfg.data.shuffle_buffer, corrupt_policy=cfg.data.corrupt_policy)
 
 
-def derive_for_training(cfg: MSTConfig, world_size: int) -> Derived:
+def derive_for_training(cfg: MSTConfig, world_size: int, manifest: Manifest | None = None) -> Derived:
     """``derive()`` for a run on ``cfg.data.train``: the manifest's size, and the steps per epoch the
     loader's equal-per-rank plan really yields, so schedules, epochs and checkpoints share one count.
-    Without shards (``mst-ds plan`` before they exist): ``data.num_samples``."""
+    Without shards (``mst-ds plan`` before they exist): ``data.num_samples``. ``manifest``: the one
+    already read from ``cfg.data.train``."""
     if not cfg.data.train:
         return derive(cfg, world_size)
-    manifest = _resolve_manifest(cfg.data.train)
+    manifest = _resolve_manifest(cfg.data.train, manifest)
     micro = derive(cfg, world_size, manifest.total).micro_batch
-    batches = batches_per_epoch(cfg.data.train, cfg, world_size=world_size, micro_batch=micro)
+    batches = batches_per_epoch(cfg.data.train, cfg, world_size=world_size, micro_batch=micro, manifest=manifest)
     return derive(cfg, world_size, manifest.total, steps_per_epoch=batches // cfg.engine.grad_accum_steps)
 
 
-def batches_per_epoch(source: str, cfg: MSTConfig, *, world_size: int, micro_batch: int, epoch: int = 0) -> int:
+def batches_per_epoch(source: str, cfg: MSTConfig, *, world_size: int, micro_batch: int, epoch: int = 0,
+                      manifest: Manifest | None = None) -> int:
     """``len()`` of a fresh training loader, without building one."""
-    manifest = _resolve_manifest(source)
+    manifest = _resolve_manifest(source, manifest)
     return plan_epoch([s.count for s in manifest.shards], seed=cfg.run.seed, epoch=epoch, world_size=world_size,
                       streams=max(1, cfg.data.num_workers), batch_size=micro_batch).n_batches
 
