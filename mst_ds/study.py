@@ -268,13 +268,27 @@ def accept(study: Study, runs: list[Run], train_id: dict[str, Any]) -> None:
                              f"({fingerprint_difference(data, train_id)}); use a new --out")
 
 
-def _stream(cmd: list[str], log: Path, env: dict[str, str]) -> int:
-    """Run one command (an argument list, never a shell), its output appended to ``log``."""
+def _stream(cmd: list[str], log: Path, env: dict[str, str], *, echo: bool = False) -> int:
+    """Run one command (an argument list, never a shell), its output appended to ``log`` (and, with
+    ``echo``, shown here as it comes)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as fh:
         fh.write(f"$ {shlex.join(cmd)}\n")
         fh.flush()
-        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd(), env=env).returncode
+        if not echo:
+            return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd(), env=env).returncode
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=os.getcwd(), env=env,
+                              text=True, bufsize=1) as proc:
+            for line in proc.stdout:
+                fh.write(line)
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        return proc.returncode
+
+
+def _env(study: Study) -> dict[str, str]:
+    """The environment of the study's commands: its own, with this Python's scripts first on PATH."""
+    return {**study.env, "PATH": f"{Path(sys.executable).parent}:{study.env.get('PATH', '')}"}
 
 
 def _tail(log: Path, n: int = 12) -> str:
@@ -291,10 +305,9 @@ def train_run(study: Study, run: Run, index: str) -> None:
     for s in run.sets:
         cmd += ["--set", s]
     cmd = job.tied_command(cmd)  # launch.sh dies with the study (kill -9 included), and its ranks with it
-    env = {**study.env, "PATH": f"{Path(sys.executable).parent}:{study.env.get('PATH', '')}"}
     log = study.out / "logs" / f"{run.name}.train.log"
     t0 = time.time()
-    rc = _stream(cmd, log, env)
+    rc = _stream(cmd, log, _env(study))
     wall = time.time() - t0
     if rc != 0:
         print(_tail(log), file=sys.stderr)
@@ -312,9 +325,7 @@ def train_run(study: Study, run: Run, index: str) -> None:
 def evaluate_run(study: Study, run: Run, index: str, data: dict[str, Any]) -> None:
     """``mst-ds knn`` (and ``linear``) of a trained run; a result is kept only while the identity of
     its bank and query (``data``: {"train", "val"} of :func:`mst_ds.eval.features.data_identity`) is
-    what it records."""
-    from mst_ds.cli import main as mst_ds
-
+    what it records. Run like training: a command of its own, tied to the study, logged (and shown)."""
     common = ["--ckpt", str(run.run_dir), "--train", study.train, "--val", study.val, "--out",
               str(RunDir(run.run_dir).eval), "--num-workers", "0"]
     todo = [("knn.json", ["knn", *common])]
@@ -326,7 +337,8 @@ def evaluate_run(study: Study, run: Run, index: str, data: dict[str, Any]) -> No
             continue
         why = " (its bank or query was other data: redone)" if kept is not None else ""
         print(f"{index} {run.name}: mst-ds {argv[0]}{why}", flush=True)
-        rc = mst_ds(argv)
+        rc = _stream(job.tied_command([sys.executable, "-m", "mst_ds.cli", *argv]),
+                     study.out / "logs" / f"{run.name}.eval.log", _env(study), echo=True)
         if rc != 0:
             raise RunFailure(f"{run.name}: mst-ds {argv[0]} failed (exit {rc})")
 
