@@ -112,3 +112,30 @@ def test_monitor_keeps_resume_bit_identical(digits_shards, monitor_data, trained
     assert [r["loss"] for r in _records(trained_run)] == [r["loss"] for r in a[1:]]
     t_c, s_c = ckpt.load_teacher_student(trained_run)
     assert all(torch.equal(t_a[k], t_c[k]) for k in t_a) and all(torch.equal(s_a[k], s_c[k]) for k in s_a)
+
+
+def test_monitor_keeps_decoded_images_and_gives_the_same_numbers(monitor_data, tmp_path):
+    """The monitor's images are decoded once and kept (they fit): a second evaluation reads no file and
+    gives the numbers of a monitor that decodes every time; over the memory bound nothing is kept."""
+    import shutil
+
+    from mst_ds.config import UsageError, load_config
+    from mst_ds.eval.monitor import OnlineKNN
+    from mst_ds.model import MSTModel
+
+    folder = tmp_path / "val"
+    shutil.copytree(monitor_data, folder)
+    cfg = load_config("tiny", [f"eval.monitor.bank={folder}", "eval.monitor.k=5"]).config
+    torch.manual_seed(0)
+    teacher = MSTModel.from_config(cfg).make_teacher().backbone
+    cpu = torch.device("cpu")
+    every_time = OnlineKNN(cfg, rank=0, world=1, device=cpu, keep_bytes=0)
+    too_small = OnlineKNN(cfg, rank=0, world=1, device=cpu, keep_bytes=1)
+    kept = OnlineKNN(cfg, rank=0, world=1, device=cpu)
+    reference = every_time.evaluate(teacher)
+    assert too_small.evaluate(teacher) == reference and not too_small.kept and str(folder) in too_small.too_big
+    assert kept.evaluate(teacher) == reference and str(folder) in kept.kept
+    shutil.rmtree(folder)  # the kept monitor must not need the files any more
+    assert kept.evaluate(teacher) == reference
+    with pytest.raises(UsageError, match="no such data"):  # one that decodes every time does
+        every_time.evaluate(teacher)
