@@ -27,7 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mst_ds.config import MSTConfig
+from mst_ds.config import MSTConfig, RunFailure
+from mst_ds.data.augment import eval_transform
+from mst_ds.eval import features as fx
+from mst_ds.eval.knn import normalize_, weighted_knn
 
 # Per rank and source: the digits' 1,797 images at 32 px take 22 MiB; an ImageNet-sized monitor at
 # 224 px (600 KiB an image) does not fit and is decoded at every evaluation, as before.
@@ -57,8 +60,6 @@ class OnlineKNN:
 
     def __init__(self, cfg: MSTConfig, *, rank: int, world: int, device: torch.device,
                  keep_bytes: int = KEEP_BYTES) -> None:
-        from mst_ds.eval import features as fx
-
         self.cfg, self.m = cfg, cfg.eval.monitor
         for source in (self.m.bank, self.m.query):
             if source is not None:
@@ -79,9 +80,6 @@ class OnlineKNN:
     def _batches(self, source: str):
         """→ (this rank's (images, labels, keys) batches of ``source``, class names); decoded once and
         kept while they fit in ``keep_bytes``, decoded again at every evaluation otherwise."""
-        from mst_ds.data.augment import eval_transform
-        from mst_ds.eval import features as fx
-
         if source in self.kept:
             return iter(self.kept[source][0]), self.kept[source][1]
         cfg = self.cfg
@@ -109,8 +107,6 @@ class OnlineKNN:
         return stream(), classes
 
     def _features(self, backbone, source: str) -> tuple[Tensor, Tensor, list[str], list[str]]:
-        from mst_ds.eval import features as fx
-
         batches, classes = self._batches(source)
         feats, labels, keys = fx.extract_features(backbone, batches, device=self.dist.device, dist_info=self.dist,
                                                   show_progress=False, return_keys=True)
@@ -119,10 +115,6 @@ class OnlineKNN:
     @torch.no_grad()
     def evaluate(self, backbone: torch.nn.Module) -> dict[str, float] | None:
         """Top-1 / top-5 (percent) on rank 0, None elsewhere. ``backbone``: the teacher's."""
-        from mst_ds.config import RunFailure
-        from mst_ds.eval import features as fx
-        from mst_ds.eval.knn import normalize_, weighted_knn
-
         started = time.monotonic()
         was_training = backbone.training
         with rng_untouched(self.dist.device):
