@@ -461,7 +461,10 @@ def convert_to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
     if rank == 0:
         try:
             if not is_complete(out) or damage(out):
-                shutil.rmtree(out, ignore_errors=True)
+                if out.exists() and not is_complete(out) and not _looks_ours(out):
+                    raise RunFailure(f"{out}: exists, is not a universal checkpoint and holds files this "
+                                     "program did not write; move it away")
+                shutil.rmtree(out, ignore_errors=True)  # ours: our marker, or nothing but checkpoint files
                 cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                        str(ckpt_dir / tag), "--output_folder", str(out), "--inject_missing_state",
                        "--num_extract_workers", "1", "--num_merge_workers", "1"]

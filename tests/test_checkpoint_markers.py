@@ -107,3 +107,18 @@ def test_a_forged_future_step_in_an_older_tag_does_not_make_it_the_newest(traine
     assert ckpt.newest_complete(d) == "step00000004"
     assert ckpt.resolve(run) == (d, "step00000004")
     assert "step" in ckpt.damage(d / "step00000002")
+
+
+def test_a_foreign_folder_at_the_universal_tag_is_refused_not_deleted(tmp_path):
+    """The universal conversion replaces only what it wrote: a folder at its tag name holding a user's file
+    is one line and stays as it was."""
+    from mst_ds.config import RunFailure
+
+    ckpt_dir = tmp_path / "checkpoints"
+    (ckpt_dir / "step00000004").mkdir(parents=True)
+    foreign = ckpt_dir / ("step00000004" + ckpt.UNIVERSAL_SUFFIX)
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(RunFailure, match="did not write"):
+        ckpt.convert_to_universal(ckpt_dir, "step00000004", rank=0)
+    assert (foreign / "notes.txt").read_text() == "mine"
