@@ -152,7 +152,7 @@ def run(args) -> int:
 
     # 3. k-NN on the held-out split: trained teacher vs the same network at random init
     common = ["--train", str(shards["train"]), "--val", str(shards["val"]), "--num-workers", "0"]
-    _mst_ds("knn", "--ckpt", str(run_dir), "--out", str(RunDir(run_dir).eval), *common)  # where `report` looks
+    _mst_ds("knn", "--ckpt", str(run_dir), "--out", str(RunDir(run_dir).eval_dir), *common)  # where `report` looks
     _mst_ds("knn", "--preset", PRESET, "--out", str(out / "eval" / "random"), *common)
     t = mark("k-NN", t)
 
@@ -163,7 +163,7 @@ def run(args) -> int:
     _mst_ds("report", str(run_dir), "--out", str(out / "report"))
     mark("figures", t)
 
-    trained = json.loads((RunDir(run_dir).eval / "knn.json").read_text())["results"]
+    trained = json.loads((RunDir(run_dir).eval_dir / "knn.json").read_text())["results"]
     random_init = json.loads((out / "eval" / "random" / "knn.json").read_text())["results"]
     console = Console()
     table = Table(title=f"MST {PRESET} on {folders.train_count} real digits, {steps} steps × {args.procs} DeepSpeed CPU processes — "

@@ -156,7 +156,7 @@ def timm_config(cfg: MSTConfig, model_cfg: dict[str, Any]) -> dict[str, Any]:
 def _results(run_dir: Path) -> list[tuple[str, float]]:
     """(metric, value) of the run's own evaluations (``RUN/eval/knn.json``, ``linear_*.json``)."""
     found: list[tuple[str, float]] = []
-    for path in [RunDir(run_dir).eval / "knn.json", *sorted(RunDir(run_dir).eval.glob("linear_*.json"))]:
+    for path in [RunDir(run_dir).eval_dir / "knn.json", *sorted(RunDir(run_dir).eval_dir.glob("linear_*.json"))]:
         if not path.is_file() or path.name.endswith("_state.json"):
             continue
         try:

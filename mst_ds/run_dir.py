@@ -121,7 +121,7 @@ class RunDir:
         return self.checkpoints / tag
 
     @property
-    def eval(self) -> Path:
+    def eval_dir(self) -> Path:
         return self.root / EVAL
 
     @property

@@ -327,12 +327,12 @@ def evaluate_run(study: Study, run: Run, index: str, data: dict[str, Any]) -> No
     its bank and query (``data``: {"train", "val"} of :func:`mst_ds.eval.features.data_identity`) is
     what it records. Run like training: a command of its own, tied to the study, logged (and shown)."""
     common = ["--ckpt", str(run.run_dir), "--train", study.train, "--val", study.val, "--out",
-              str(RunDir(run.run_dir).eval), "--num-workers", "0"]
+              str(RunDir(run.run_dir).eval_dir), "--num-workers", "0"]
     todo = [("knn.json", ["knn", *common])]
     if study.linear:
         todo.append(("linear_cls.json", ["linear", "--probe", "cls", *common]))
     for result, argv in todo:
-        kept = _read_json(RunDir(run.run_dir).eval / result)
+        kept = _read_json(RunDir(run.run_dir).eval_dir / result)
         if isinstance(kept, dict) and kept.get("data") == data:
             continue
         why = " (its bank or query was other data: redone)" if kept is not None else ""

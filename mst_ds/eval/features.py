@@ -536,10 +536,10 @@ def default_out_dir(ckpt: str | None, preset: str) -> Path:
         return path.parent / f"eval_{path.name}"
     run_dir = ckpt_mod.run_dir_of(path)
     if run_dir is not None:
-        return RunDir(run_dir).eval
+        return RunDir(run_dir).eval_dir
     if path.is_file():
         return path.parent / f"eval_{path.stem}"
-    return RunDir(path).eval
+    return RunDir(path).eval_dir
 
 
 class EvalContext:

@@ -41,7 +41,7 @@ def mean_and_se(values: list[float]) -> tuple[float, float | None]:
 
 def result_files(run_dir: Path) -> list[Path]:
     found: list[Path] = []
-    for folder in (RunDir(run_dir).eval, run_dir):
+    for folder in (RunDir(run_dir).eval_dir, run_dir):
         if folder.is_dir():
             found += sorted(folder.glob("knn.json")) + sorted(folder.glob("linear_*.json"))
     return [f for f in found if not f.name.endswith("_state.json")]
