@@ -13,7 +13,7 @@ so a run resumed after a kill stays bit-identical with the monitor on.
 
 Each rank keeps its decoded, transformed monitor images in memory after the first evaluation when they
 fit in ``KEEP_BYTES`` (the eval transform has no random op, so the kept tensors are exactly what a new
-pass would decode): on the demo, reading and decoding the shards was half of every evaluation.
+pass would decode): on the demo this took an evaluation from 1.45 to 1.1 s in one process.
 """
 
 from __future__ import annotations
