@@ -133,6 +133,9 @@ def test_monitor_keeps_decoded_images_and_gives_the_same_numbers(monitor_data, t
     too_small = OnlineKNN(cfg, rank=0, world=1, device=cpu, keep_bytes=1)
     kept = OnlineKNN(cfg, rank=0, world=1, device=cpu)
     reference = every_time.evaluate(teacher)
+    assert cfg.eval.monitor.batch_size == 64  # the tiny preset's (faster on CPU): batch 256 gives the same numbers
+    wide = load_config("tiny", [f"eval.monitor.bank={folder}", "eval.monitor.k=5", "eval.monitor.batch_size=256"]).config
+    assert OnlineKNN(wide, rank=0, world=1, device=cpu, keep_bytes=0).evaluate(teacher) == reference
     assert too_small.evaluate(teacher) == reference and not too_small.kept and str(folder) in too_small.too_big
     assert kept.evaluate(teacher) == reference and str(folder) in kept.kept
     shutil.rmtree(folder)  # the kept monitor must not need the files any more

@@ -131,3 +131,29 @@ def test_bad_inputs_are_one_line_errors():
     bad[0, 0] = float("nan")
     with pytest.raises(UsageError, match="NaN"):
         weighted_knn(bad, y, x, y, [5])
+
+
+def _gather_worker(rank: int, init: str, counts: list[int], out: str) -> None:
+    import torch.distributed as dist
+
+    from mst_ds.eval import features as fx
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(counts))
+    fx.GATHER_ROWS = 3  # several rounds, the last one short
+    mine = torch.arange(counts[rank] * 2, dtype=torch.float32).view(-1, 2) + 100 * rank
+    parts = fx._all_gather_rows(mine, counts, torch.device("cpu"))
+    torch.save(parts, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_rows_of_unequal_parts_are_gathered_in_short_rounds(tmp_path):
+    """Each rank's rows come back whole and in order, in rounds no longer than the longest part needs."""
+    import torch.multiprocessing as mp
+
+    counts = [5, 2]
+    mp.spawn(_gather_worker, args=(f"file://{tmp_path / 'store'}", counts, str(tmp_path / "parts")), nprocs=2)
+    expected = [torch.arange(n * 2, dtype=torch.float32).view(-1, 2) + 100 * r for r, n in enumerate(counts)]
+    for rank in range(2):
+        parts = torch.load(tmp_path / f"parts.{rank}")
+        assert [p.shape[0] for p in parts] == counts
+        assert all(torch.equal(p, e) for p, e in zip(parts, expected))

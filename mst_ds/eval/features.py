@@ -456,14 +456,17 @@ def _all_gather_rows(x: Tensor, counts: list[int], device: torch.device) -> list
     out: list[list[Tensor]] = [[] for _ in range(world)]
     tail = tuple(x.shape[1:])
     for start in range(0, max(counts), GATHER_ROWS):
-        piece = x.new_zeros((GATHER_ROWS, *tail))
-        mine = x[start:start + GATHER_ROWS]
+        # As many rows as the longest part still has: a monitor's 900 rows were padded to 65,536 (16 MiB
+        # of 64-wide features sent per rank at every evaluation).
+        rows = min(GATHER_ROWS, max(counts) - start)
+        piece = x.new_zeros((rows, *tail))
+        mine = x[start:start + rows]
         piece[: len(mine)] = mine
         piece = piece.to(device)
         bufs = [torch.empty_like(piece) for _ in range(world)]
         dist.all_gather(bufs, piece)
         for r in range(world):
-            valid = max(0, min(GATHER_ROWS, counts[r] - start))
+            valid = max(0, min(rows, counts[r] - start))
             if valid:
                 out[r].append(bufs[r][:valid].cpu())
     return [torch.cat(parts) if parts else x.new_zeros((0, *tail)) for parts in out]
