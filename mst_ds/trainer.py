@@ -27,6 +27,7 @@ from mst_ds.data.reader import derive_for_training, open_manifest
 from mst_ds.ema import EMATeacher
 from mst_ds.eval.features import check_labelled
 from mst_ds.faults import Faults
+from mst_ds.host_memory import keep_freed_memory
 from mst_ds.model.mst import MSTModel
 from mst_ds.run_dir import RunDir
 from mst_ds.schedules import Schedules
@@ -133,6 +134,8 @@ def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = F
         raise ConfigError("engine.nan_policy: skip needs engine.grad_accum_steps=1 (a partly accumulated step cannot be undone)")
     precision = eng.resolve_precision(cfg.engine.precision, eng.DeviceInfo.current())
     dev = eng.device()
+    if dev.type == "cpu":  # no caching allocator: keep the step's freed memory instead of re-faulting it
+        keep_freed_memory()
     ckpt.seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model = MSTModel.from_config(cfg)
     model, _ = eng.convert_sync_bn(model, world, cfg.engine.sync_bn, dev)
