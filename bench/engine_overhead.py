@@ -38,6 +38,7 @@ from _report import bench_line  # noqa: E402
 
 from mst_ds import engine as eng  # noqa: E402
 from mst_ds.config import derive, load_config  # noqa: E402
+from mst_ds.host_memory import keep_freed_memory  # noqa: E402
 
 MODELS = {
     "tiny": ("tiny", ["optim.batch_size=16"]),
@@ -207,6 +208,7 @@ def main() -> None:
         return
     warmup, steps = (1, 4) if args.quick else (2, 10)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as training on CPU does (mst_ds.trainer), for the plain loop and the engine alike
     eng.init_distributed()
     print(f"torch threads {torch.get_num_threads()}, {warmup} warm-up + {steps} timed steps, interleaved; "
           "median s/step (forward / backward / step)\n")
