@@ -6,7 +6,7 @@ fresh mappings, and every new step zero-fills those pages again through minor pa
 slow in a VM. Measured on the DeiT-S shapes of ``bench/`` (2-core KVM, one thread): 18,000-54,000
 page faults in the decoder's forward alone at every step (0 when the same decoder ran by itself), its
 forward 0.06-0.26 s inside the step against 0.037 s alone; with the settings below 0 faults, 0.037 s,
-the plain-PyTorch step 0.62 -> 0.49 s and the MST step's restoration branch 0.22 -> 0.005 of a DINO step.
+the plain-PyTorch step 0.62 -> 0.49 s and the MST step's restoration branch 0.22 -> 0.005-0.02 of a DINO step.
 
 :func:`keep_freed_memory` fixes the mmap threshold at glibc's largest (32 MiB; only larger blocks are
 mapped) and turns trimming off, so the process keeps its peak: what CUDA's caching allocator does on a
