@@ -80,8 +80,8 @@ def decoder_time(model: MSTModel, cfg: MSTConfig, batch: int, reps: int) -> floa
 
 
 def compare(name: str, preset: str, sets: list[str], batch: int, reps: int) -> dict[str, float | str]:
-    models = {v: build(preset, sets, v)[0] for v in VARIANTS}
-    cfg = load_config(preset, sets).config
+    built = {v: build(preset, sets, v) for v in VARIANTS}
+    models, cfg = {v: m for v, (m, _) in built.items()}, built["mst"][1]
     teachers = {v: m.make_teacher() for v, m in models.items()}
     views = make_views(cfg, batch)
     gen = torch.Generator().manual_seed(0)

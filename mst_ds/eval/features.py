@@ -455,10 +455,11 @@ def _all_gather_rows(x: Tensor, counts: list[int], device: torch.device) -> list
     world = len(counts)
     out: list[list[Tensor]] = [[] for _ in range(world)]
     tail = tuple(x.shape[1:])
-    for start in range(0, max(counts), GATHER_ROWS):
+    longest = max(counts)
+    for start in range(0, longest, GATHER_ROWS):
         # As many rows as the longest part still has: a monitor's 900 rows were padded to 65,536 (16 MiB
         # of 64-wide features sent per rank at every evaluation).
-        rows = min(GATHER_ROWS, max(counts) - start)
+        rows = min(GATHER_ROWS, longest - start)
         piece = x.new_zeros((rows, *tail))
         mine = x[start:start + rows]
         piece[: len(mine)] = mine
