@@ -102,6 +102,7 @@ class AugmentConfig(Section):
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="ImageNet normalisation mean.")
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="ImageNet normalisation std.")
     interpolation: Literal["bicubic", "bilinear"] = Field("bicubic", description="[D] DINO resize interpolation.")
+    fuse_cpu: bool = Field(True, description="When the photometric stage runs on CPU, compile its element-wise steps into fused loops (torch.compile, inductor C++): bit-identical to eager, ~30 % less photometric time at 224/96-px views. The one-off compile costs ~3 s per process (~15 s on a fresh machine), so the small CPU presets turn it off.")
 
 
 class HeadConfig(Section):
@@ -293,7 +294,7 @@ class HealthConfig(Section):
 
 # Settings that do not change the training trajectory: left out of MSTConfig.hash().
 HASH_IGNORE = ("run.name", "run.output_dir", "run.log_every", "run.max_steps", "run.time_limit_min", "run.on_alert",
-               "run.loggers", "run.tracker_project",
+               "run.loggers", "run.tracker_project", "augment.fuse_cpu",
                "checkpoint", "eval", "health", "data.train", "data.val")
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 from data_tools.sample_data import skimage_photo
-from mst_ds.config import AugmentConfig
+from mst_ds.config import AugmentConfig, load_config
 from mst_ds.data.augment import (
     MultiCropCPU,
     Photometric,
@@ -130,6 +133,51 @@ def test_probabilities_of_each_op(photo_crops):
     for v, p in ((0, 1.0), (1, 0.1), (2, 0.5)):
         changed = (only_blur.augment_view(u8, v, g, normalize=False) != u8.float() / 255).flatten(1).any(1)
         assert abs(changed.float().mean().item() - p) < 0.05
+
+
+def test_fused_cpu_stage_is_bit_identical_to_eager(photo_crops):
+    """augment.fuse_cpu compiles the element-wise steps into fused C++ loops: every output bit equals
+    eager's, over all 24 orders of the jitter, grey pixels (zero chroma), grayscale, every blur radius,
+    solarize, normalisation, and a batch of one. The switch does not change the run's identity."""
+    _, u8 = photo_crops
+    cfg = AugmentConfig()
+    assert cfg.fuse_cpu
+    eager = Photometric.from_config(cfg.model_copy(update={"fuse_cpu": False}))
+    fused = Photometric.from_config(cfg)
+    assert eager.fused is None and fused.fused is not None
+    first = u8[:300].clone()
+    first[:10] = 128  # grey: the hue rotation's c == 0 branch
+    views = [first, u8[300:600], u8[600:900, :, :16, :16], u8[900:901]]
+    a = eager(views, torch.Generator().manual_seed(3))
+    b = fused(views, torch.Generator().manual_seed(3))
+    assert fused.fused.error is None, fused.fused.error
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, fused(views, torch.Generator().manual_seed(4))))
+    assert load_config("tiny").config.hash() == load_config("tiny", ["augment.fuse_cpu=true"]).config.hash()
+
+
+_NO_COMPILER = """
+import warnings, torch
+from mst_ds.config import AugmentConfig, load_config
+from mst_ds.data.augment import Photometric
+u8 = torch.randint(0, 256, (8, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+ph = Photometric.from_config(AugmentConfig())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = ph([u8, u8], torch.Generator().manual_seed(0))
+ref = Photometric.from_config(AugmentConfig(fuse_cpu=False))([u8, u8], torch.Generator().manual_seed(0))
+assert all(torch.equal(x, y) for x, y in zip(out, ref))
+assert ph.fused.error and "compiler" in ph.fused.error, ph.fused.error
+assert sum(w.category is RuntimeWarning and "running eager" in str(w.message) for w in caught) == 1
+print("eager fallback ok")
+"""
+
+
+def test_fused_cpu_stage_without_a_compiler_runs_eager_with_one_warning(tmp_path):
+    """No working C++ compiler (a machine without g++): the stage warns once and gives eager's numbers."""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", _NO_COMPILER], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "eager fallback ok" in r.stdout, r.stderr[-2000:]
 
 
 def test_blur_and_solarize_match_pil_ops():
