@@ -147,11 +147,12 @@ def test_fused_cpu_stage_is_bit_identical_to_eager(photo_crops):
     assert eager.fused is None and fused.fused is not None
     first = u8[:300].clone()
     first[:10] = 128  # grey: the hue rotation's c == 0 branch
-    views = [first, u8[300:600], u8[600:900, :, :16, :16], u8[900:901]]
-    a = eager(views, torch.Generator().manual_seed(3))
-    b = fused(views, torch.Generator().manual_seed(3))
-    assert fused.fused.error is None, fused.fused.error
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    local = [u8[i:i + 300, :, :16, :16] for i in (600, 900, 1200)]
+    for views in ([first, u8[300:600], *local], [v[:1] for v in (first, u8[300:600], *local)]):
+        a = eager(views, torch.Generator().manual_seed(3))
+        b = fused(views, torch.Generator().manual_seed(3))
+        assert fused.fused.error is None, fused.fused.error
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, fused(views, torch.Generator().manual_seed(4))))
     assert load_config("tiny").config.hash() == load_config("tiny", ["augment.fuse_cpu=true"]).config.hash()
 
@@ -203,6 +204,8 @@ def test_photometric_is_seeded_batched_and_normalised(photo_crops):
     b = ph(views, torch.Generator().manual_seed(5))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert [x.shape for x in a] == [v.shape for v in views] and a[0].dtype == torch.float32
+    mixed = [*views, u8[192:200]]  # local views of two sizes: each its own batch
+    assert [x.shape for x in ph(mixed, torch.Generator().manual_seed(5))] == [v.shape for v in mixed]
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std).view(1, 3, 1, 1)
     assert ((a[0] * std + mean) >= -1e-5).all() and ((a[0] * std + mean) <= 1 + 1e-5).all()

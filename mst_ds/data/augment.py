@@ -342,8 +342,17 @@ class Photometric:
         return self._run("normalize", x, inv_std, shift)
 
     def __call__(self, views: list[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """views: [uint8 (B,3,S,S)] in view order → [float32 (B,3,S,S)] augmented and normalised."""
-        return [self.augment_view(u8, v, generator) for v, u8 in enumerate(views)]
+        """views: [uint8 (B,3,S,S)] in view order → [float32 (B,3,S,S)] augmented and normalised.
+
+        Local views of one size go through as one batch (their draws stay per view, in view order):
+        fewer and larger groups per jitter order and blur radius, the same numbers."""
+        local = views[2:]
+        if len({u8.shape[1:] for u8 in local}) != 1:
+            return [self.augment_view(u8, v, generator) for v, u8 in enumerate(views)]
+        out = [self.augment_view(u8, v, generator) for v, u8 in enumerate(views[:2])]
+        draws = [self.draw(u8.shape[0], v, generator) for v, u8 in enumerate(local, start=2)]
+        x = self.apply(torch.cat(local).float().div_(255.0), {k: torch.cat([d[k] for d in draws]) for k in draws[0]})
+        return out + list(x.split([u8.shape[0] for u8 in local]))
 
     def augment_view(self, u8: torch.Tensor, v: int, generator: torch.Generator | None = None,
                      normalize: bool = True) -> torch.Tensor:
