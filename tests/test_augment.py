@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -135,10 +137,21 @@ def test_probabilities_of_each_op(photo_crops):
         assert abs(changed.float().mean().item() - p) < 0.05
 
 
+# sha256 of the stage's output below as the code before the CPU speed-ups computed it (ce2e477: eager,
+# NCHW blur, advanced indexing, one batch per view): they changed no bit.
+PHOTOMETRIC_BEFORE_SPEEDUPS = "b7111cacefa54ccd8cc8a49147b14c44734debe2d3d6c8980759f3714f646a07"
+
+
+def _digest(views: list[torch.Tensor]) -> str:
+    return hashlib.sha256(b"".join(v.numpy().tobytes() for v in views)).hexdigest()
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler to fuse with")
 def test_fused_cpu_stage_is_bit_identical_to_eager(photo_crops):
     """augment.fuse_cpu compiles the element-wise steps into fused C++ loops: every output bit equals
-    eager's, over all 24 orders of the jitter, grey pixels (zero chroma), grayscale, every blur radius,
-    solarize, normalisation, and a batch of one. The switch does not change the run's identity."""
+    eager's and the earlier code's, over all 24 orders of the jitter, grey pixels (zero chroma),
+    grayscale, every blur radius, solarize, normalisation, and a batch of one. The switch does not
+    change the run's identity."""
     _, u8 = photo_crops
     cfg = AugmentConfig()
     assert cfg.fuse_cpu
@@ -153,6 +166,8 @@ def test_fused_cpu_stage_is_bit_identical_to_eager(photo_crops):
         b = fused(views, torch.Generator().manual_seed(3))
         assert fused.fused.error is None, fused.fused.error
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+        if len(views[0]) == 300:
+            assert _digest(a) == PHOTOMETRIC_BEFORE_SPEEDUPS
     assert not all(torch.equal(x, y) for x, y in zip(a, fused(views, torch.Generator().manual_seed(4))))
     assert load_config("tiny").config.hash() == load_config("tiny", ["augment.fuse_cpu=true"]).config.hash()
 
@@ -199,12 +214,14 @@ def test_photometric_is_seeded_batched_and_normalised(photo_crops):
     _, u8 = photo_crops
     cfg = AugmentConfig()
     ph = Photometric.from_config(cfg)
-    views = [u8[:64], u8[64:128], u8[128:192, :, :16, :16]]
+    views = [u8[:64], u8[64:128], u8[128:192, :, :16, :16], u8[192:256, :, :16, :16]]
     a = ph(views, torch.Generator().manual_seed(5))
     b = ph(views, torch.Generator().manual_seed(5))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert [x.shape for x in a] == [v.shape for v in views] and a[0].dtype == torch.float32
-    mixed = [*views, u8[192:200]]  # local views of two sizes: each its own batch
+    g = torch.Generator().manual_seed(5)  # the local views as one batch: the same as view after view
+    assert all(torch.equal(x, ph.augment_view(v, i, g)) for i, (x, v) in enumerate(zip(a, views)))
+    mixed = [*views, u8[256:264]]  # local views of two sizes: each its own batch
     assert [x.shape for x in ph(mixed, torch.Generator().manual_seed(5))] == [v.shape for v in mixed]
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std).view(1, 3, 1, 1)

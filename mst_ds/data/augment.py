@@ -202,19 +202,24 @@ def _blur_fixed_radius(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> tor
     return y.contiguous().view(b, c, h, w)
 
 
-def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """x[rows] for a list of batch indices (index_select: ~8× faster on CPU than advanced indexing here)."""
-    return x.index_select(0, torch.tensor(rows, device=x.device))
+def rows_of(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Batch indices (int64, on ``device``) of the True entries of a CPU bool mask (B,)."""
+    return torch.nonzero(mask).flatten().to(device)
 
 
-def put_rows(x: torch.Tensor, rows: list[int], y: torch.Tensor) -> torch.Tensor:
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[rows] (index_select: ~8× faster on CPU than advanced indexing here)."""
+    return x.index_select(0, rows)
+
+
+def put_rows(x: torch.Tensor, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x[rows] = y in place, → x. On CPU as one copy per sample: ATen's index_put computes an offset per
     element and ran 2–3× slower than the row copies on 224-px views."""
     if x.device.type == "cpu":
-        for j, i in enumerate(rows):
+        for j, i in enumerate(rows.tolist()):
             x[i].copy_(y[j])
     else:
-        x.index_copy_(0, torch.tensor(rows, device=x.device), y)
+        x.index_copy_(0, rows, y)
     return x
 
 
@@ -227,7 +232,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return _blur_fixed_radius(x, sigma, int(radius[0]))
     out = torch.empty_like(x)
     for r in torch.unique(radius).tolist():
-        rows = torch.nonzero(radius == r).flatten().tolist()
+        rows = torch.nonzero(radius == r).flatten()
         put_rows(out, rows, _blur_fixed_radius(take_rows(x, rows), take_rows(sigma, rows), int(r)))
     return out
 
@@ -312,11 +317,12 @@ class Photometric:
             groups.setdefault(tuple(p["order"][i].tolist()), []).append(i)
         factors = p["factors"].to(x.device)
         for perm, members in groups.items():
-            y, f = take_rows(x, members), take_rows(factors, members)
+            rows = torch.tensor(members, dtype=torch.int64, device=x.device)
+            y, f = take_rows(x, rows), take_rows(factors, rows)
             for t in perm:
                 if not identity[t]:
                     y = self._adjust(t, y, f[:, t])
-            put_rows(x, members, y)
+            put_rows(x, rows, y)
         return x
 
     def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
@@ -324,14 +330,17 @@ class Photometric:
         May modify ``x`` in place: use the result."""
         dev = x.device
         x = self.color_jitter(x, p)
-        if rows := torch.nonzero(p["gray"]).flatten().tolist():
+        if p["gray"].any():
+            rows = rows_of(p["gray"], dev)
             put_rows(x, rows, _gray(take_rows(x, rows)).expand(-1, 3, -1, -1))
         sigma = p["sigma"].to(dev)
-        if p["blur"].all():  # global view 1 (p 1.0): the whole batch, without a gather and a scatter copy
+        if len(x) and p["blur"].all():  # global view 1 (p 1.0): the whole batch, without a gather and a scatter copy
             x = gaussian_blur(x, sigma)
-        elif rows := torch.nonzero(p["blur"]).flatten().tolist():
+        elif p["blur"].any():
+            rows = rows_of(p["blur"], dev)
             put_rows(x, rows, gaussian_blur(take_rows(x, rows), take_rows(sigma, rows)))
-        if rows := torch.nonzero(p["solarize"]).flatten().tolist():
+        if p["solarize"].any():
+            rows = rows_of(p["solarize"], dev)
             xs = take_rows(x, rows)
             # PIL's solarize inverts pixels >= 128 (of 255).
             put_rows(x, rows, torch.where(xs >= 127.5 / 255.0, 1.0 - xs, xs))
@@ -344,15 +353,25 @@ class Photometric:
     def __call__(self, views: list[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """views: [uint8 (B,3,S,S)] in view order → [float32 (B,3,S,S)] augmented and normalised.
 
-        Local views of one size go through as one batch (their draws stay per view, in view order):
-        fewer and larger groups per jitter order and blur radius, the same numbers."""
+        On CPU, local views of one size go through as one batch (their draws stay per view, in view
+        order): fewer and larger groups per jitter order and blur radius, the same numbers."""
         local = views[2:]
-        if len({u8.shape[1:] for u8 in local}) != 1:
+        if not self._batch_locals(local):
             return [self.augment_view(u8, v, generator) for v, u8 in enumerate(views)]
         out = [self.augment_view(u8, v, generator) for v, u8 in enumerate(views[:2])]
         draws = [self.draw(u8.shape[0], v, generator) for v, u8 in enumerate(local, start=2)]
         x = self.apply(torch.cat(local).float().div_(255.0), {k: torch.cat([d[k] for d in draws]) for k in draws[0]})
         return out + list(x.split([u8.shape[0] for u8 in local]))
+
+    @staticmethod
+    def _batch_locals(local: list[torch.Tensor]) -> bool:
+        """Whether batching ``local`` cannot change a bit: a sample's contrast mean must be summed the
+        same way whatever its group. ATen on CPU sums a sample below its grain (32,768 values) in one
+        serial pass; above it, alone in its group, in two passes split over threads. CUDA sizes its
+        reduction blocks by the group, so other devices keep one batch per view."""
+        shapes = {tuple(u8.shape[1:]) for u8 in local}
+        return (len(shapes) == 1 and local[0].device.type == "cpu"
+                and local[0].shape[-2] * local[0].shape[-1] < 2**15)
 
     def augment_view(self, u8: torch.Tensor, v: int, generator: torch.Generator | None = None,
                      normalize: bool = True) -> torch.Tensor:

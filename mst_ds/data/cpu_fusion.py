@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping
 import torch
 
 # Inductor's defaults, pinned so that an environment variable cannot turn them on: a·b + c contracted
-# into one rounding (FMA) changes the last bit of the blend and hue steps (the test fails with it).
+# into one rounding (FMA) changes the last bit of the blend and hue steps (the test fails with it), and
+# -fno-unsafe-math-optimizations also undoes the -fno-signed-zeros in inductor's flag list.
 EXACT = {"cpp.enable_floating_point_contract_flag": "off", "cpp.enable_unsafe_math_opt_flag": False}
 
 
@@ -34,12 +35,21 @@ class FusedCPU:
 
     def __call__(self, name: str, *args: torch.Tensor) -> torch.Tensor:
         if self.error is None:
-            try:
-                if name not in self._compiled:  # dynamic: one compile serves every batch and view size
-                    self._compiled[name] = torch.compile(self._eager[name], dynamic=True, options=EXACT)
-                return self._compiled[name](*args)
-            except Exception as e:  # noqa: BLE001 — eager reruns below and raises whatever is a real error
-                self.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                warnings.warn(f"fused CPU kernels unavailable, running eager (same numbers, slower): {self.error}",
-                              RuntimeWarning, stacklevel=2)
+            fn = self._compiled.get(name)
+            if fn is None:
+                try:  # dynamic: one compile serves every batch and view size
+                    fn = self._compiled[name] = torch.compile(self._eager[name], dynamic=True, options=EXACT)
+                except Exception as e:  # noqa: BLE001 — torch.compile refusing this platform: eager does the same work
+                    self._give_up(e)
+            if fn is not None:
+                try:
+                    return fn(*args)
+                except torch._dynamo.exc.TorchDynamoException as e:  # compiling failed (no C++ compiler, …)
+                    self._give_up(e)
         return self._eager[name](*args)
+
+    def _give_up(self, e: Exception) -> None:
+        text = str(e).strip()
+        self.error = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+        warnings.warn(f"fused CPU kernels unavailable, running eager (same numbers, slower): {self.error}",
+                      RuntimeWarning, stacklevel=3)
