@@ -134,10 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         bench_line(f"MST / DINO-only step ({r['setting']}, batch {r['batch']})", r["ratio"], "<=", TARGET)
     console.print("decoder+L1 in the step: MST minus MST without the restoration branch (same masking); alone: the "
-                  "decoder + L1 timed by themselves on random tokens of the same shape. At DeiT-S the branch cost "
-                  "several times more inside the step than alone on this CPU (its 112² maps compete with the "
-                  "backbone's memory). On the tiny preset every op is overhead-bound (~1–3 ms each regardless of "
-                  "width), so the decoder's ~20 small ops weigh more against a 4-block, 64-wide ViT.")
+                  "decoder + L1 timed by themselves on random tokens of the same shape. On the tiny preset the "
+                  "decoder's ~20 small ops (4 × 4 tokens; their cost does not shrink with the width) weigh more "
+                  "against a 4-block, 64-wide ViT.")
     return 0
 
 

