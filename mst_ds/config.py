@@ -274,6 +274,7 @@ class RunConfig(Section):
         default_factory=lambda: ["tensorboard"], description="Experiment trackers of rank 0 (mst_ds.trackers); "
         "wandb / mlflow need pip install '.[wandb]' / '.[mlflow]'. metrics.jsonl is always written.")
     tracker_project: str = Field("mst_ds", min_length=1, description="W&B project / MLflow experiment name.")
+    deterministic: bool = Field(False, description="GPU runs repeat bit for bit (mst_ds.determinism): torch's deterministic algorithms (strict), CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN deterministic without autotuning, no cuDNN attention and, on ROCm, only the math attention backend. CPU runs are bit-identical either way. Cost: README, On a cluster → Resume. Not part of the run's identity: it picks kernels, not the method, and a resumed run may switch it.")
 
 
 class HealthConfig(Section):
@@ -294,7 +295,7 @@ class HealthConfig(Section):
 
 # Settings that do not change the training trajectory: left out of MSTConfig.hash().
 HASH_IGNORE = ("run.name", "run.output_dir", "run.log_every", "run.max_steps", "run.time_limit_min", "run.on_alert",
-               "run.loggers", "run.tracker_project", "augment.fuse_cpu",
+               "run.loggers", "run.tracker_project", "run.deterministic", "augment.fuse_cpu",
                "checkpoint", "eval", "health", "data.train", "data.val")
 
 

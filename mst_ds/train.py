@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from mst_ds import checkpoint as ckpt
+from mst_ds import determinism, job
 from mst_ds import engine as eng
-from mst_ds import job
 from mst_ds.checkpoint_manager import resume, save
 from mst_ds.config import MSTConfig, load_config
 from mst_ds.data.corrupt import CorruptLog
@@ -158,6 +158,7 @@ def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True, stop: job.Sto
 
 def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool, stop: job.StopSignals,
            faults: Faults, manifest: Manifest | None) -> int:
+    determinism.apply(cfg.run.deterministic)  # before any CUDA work: cuBLAS reads its workspace setting once
     t, tag, meta = setup(cfg, run_dir, lock, manifest)
     t.faults = faults
     if tag is not None:
