@@ -9,7 +9,7 @@ uninterrupted one only to a tolerance (``bench/gpu_check.py`` measures it). With
 - ``torch.use_deterministic_algorithms(True)`` (strict, not ``warn_only``): deterministic kernels where
   torch has them, a RuntimeError naming the op where it has none. Strict mode is also what switches
   SDPA's flash and memory-efficient backward on CUDA to their deterministic (non-atomic) dQ paths and
-  excludes cuDNN attention; torch also fills uninitialised memory (``torch.empty``) with NaN then.
+  excludes cuDNN attention (the backend table of pytorch/pytorch#182551, checked on CUDA by its author); torch also fills uninitialised memory (``torch.empty``) with NaN then.
 - ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS ≥ 10.2 reproducibility): it must be in the environment
   before the first cuBLAS handle, so it is set before the engine is built, and a process whose CUDA
   was initialised earlier without it is refused in one line.
