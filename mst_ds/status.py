@@ -89,12 +89,11 @@ def _number(record: dict[str, Any], key: str) -> float | None:
 def _pace(records: list[dict[str, Any]]) -> tuple[float | None, float | None]:
     """(seconds per step, usual seconds between logged steps) over the newest logged steps of the newest
     job (``time`` counts from each job's start, so the run of increasing times is that job's)."""
-    recent = records[-RECENT:]
+    recent = [r for r in records[-RECENT:] if _number(r, "time") is not None]
     start = len(recent) - 1
-    while start > 0 and _number(recent[start - 1], "time") is not None \
-            and recent[start - 1]["time"] < recent[start]["time"]:
+    while start > 0 and recent[start - 1]["time"] < recent[start]["time"]:
         start -= 1
-    same_job = recent[start:]
+    same_job = recent[max(start, 0):]
     if len(same_job) < 2:
         return None, None
     gaps = [b["time"] - a["time"] for a, b in zip(same_job, same_job[1:])]

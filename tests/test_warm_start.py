@@ -70,7 +70,7 @@ def test_a_dino_checkpoint_is_read_weights_only_with_its_head(trained_run, digit
     t, cfg, _ = _started(tmp_path, digits_shards, f"model.init_from={path}", "model.init_from_parts=backbone+head")
     assert all(torch.equal(v, teacher[k]) for k, v in t.teacher.state_dict().items() if k.startswith(("backbone.vit", "head.")))
     said = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warm start from")]
-    assert len(said) == 1 and "extra_token (2,)" in said[0] and "1 source key(s) not loaded" in said[0]
+    assert len(said) == 1 and "extra_token" in said[0] and "1 source key(s) not loaded" in said[0]
 
 
 def test_a_file_that_is_not_weights_only_is_refused_in_one_line(tmp_path):
