@@ -3,15 +3,19 @@ throughput, measured and logged (img/s in all and per device, data-wait share, p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
 import pytest
 from conftest import TRAIN_SETS
 
-from mst_ds.cli import main
+from mst_ds import job
+from mst_ds.config import load_config
+from mst_ds.eval import report
 from mst_ds.metrics import Throughput, log_line
 from mst_ds.scalars import MFU, THROUGHPUT
+from mst_ds.train import flops_per_image, train
 
 
 def test_a_log_line_is_one_full_line_with_every_field():
@@ -39,18 +43,32 @@ def test_throughput_counts_the_loader_wait_and_the_mfu():
     assert MFU not in Throughput(0).rates(1, 8)  # no peak (CPU): no MFU
 
 
-def test_a_run_with_stdout_not_a_terminal_prints_full_lines_and_logs_throughput(digits_shards, tmp_path, capsys):
-    """In-process run (stdout captured: not a terminal): one line per logged step (run.log_every 2,
-    run.log_every_s 0), the last step's included; metrics.jsonl holds the throughput and, with
-    run.peak_tflops given, the MFU from the model's FLOPs per image."""
-    from mst_ds.config import load_config
-    from mst_ds.train import flops_per_image, train
+class _Watcher(job.StopSignals):
+    """Never asks to stop; at each step's vote (inside the step) reads what the job's output file holds."""
 
+    def __init__(self, out) -> None:
+        super().__init__()
+        self.out, self.seen = out, []
+
+    def vote(self) -> float:
+        self.seen.append(sum(x.startswith("train step") for x in self.out.read_text().splitlines()))
+        return 0.0
+
+
+def test_a_run_with_stdout_to_a_file_prints_full_lines_while_it_trains_and_logs_throughput(digits_shards, tmp_path):
+    """In-process run with stdout redirected to a file (not a terminal), as sbatch runs a job: one line per
+    logged step (run.log_every 2, run.log_every_s 0) is in the file while later steps still run, the
+    last step's included; metrics.jsonl holds the throughput and, with run.peak_tflops given, the MFU
+    from the model's FLOPs per image; `mst-ds report` aggregates them."""
     sets = [*TRAIN_SETS, f"data.train={digits_shards}", "run.max_steps=5", "run.log_every=2", "run.log_every_s=0",
             "run.peak_tflops=0.5"]
     cfg = load_config("tiny", sets).config
-    assert train(cfg, tmp_path / "run", progress=True) == 0
-    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("train step")]
+    out = tmp_path / "job.out"
+    watcher = _Watcher(out)
+    with open(out, "w") as fh, contextlib.redirect_stdout(fh):
+        assert train(cfg, tmp_path / "run", progress=True, stop=watcher) == 0
+    assert watcher.seen == [0, 0, 1, 1, 2]  # seen by steps 1-5: the lines of steps 2 and 4 before the end
+    lines = [x for x in out.read_text().splitlines() if x.startswith("train step")]
     assert [x.split()[2] for x in lines] == ["2/5", "4/5", "5/5"], lines
     assert all("img/s" in x and "data wait" in x and "peak mem" in x and "MFU" in x for x in lines)
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -60,10 +78,7 @@ def test_a_run_with_stdout_not_a_terminal_prints_full_lines_and_logs_throughput(
     flops = flops_per_image(cfg)
     assert flops > 1e6  # a real count of the tiny model's step
     assert last[MFU] == pytest.approx(last["img_per_s_per_device"] * flops / 0.5e12, rel=1e-9)
-    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
-    agg = json.loads((tmp_path / "report" / "report.json").read_text())
-    agg = agg.get("metrics", agg)
-    for key in ("img_per_s_median", "img_per_s_per_device_median", "data_wait_share_median", "peak_mem_gb_max",
-                "mfu_median"):
-        assert key in agg, sorted(agg)
-    assert (tmp_path / "report" / "throughput.png").is_file()
+    summary = report.throughput_metrics(tmp_path / "run")  # what `mst-ds report` aggregates over seeds
+    assert summary["img_per_s_median"] > 0 and summary["peak_mem_gb_max"] == max(r["peak_mem_gb"] for r in recs)
+    assert {"img_per_s_per_device_median", "data_wait_share_median", "mfu_median"} <= summary.keys()
+    assert "img_per_s_per_device" in report.CURVES["throughput"]
