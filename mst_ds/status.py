@@ -200,9 +200,10 @@ def describe(s: dict[str, Any]) -> str:
     c = s["checkpoint"]
     lines = [f"{s['run']}: {s['state']} — step {s['step']}/{s['total']} (epoch {s['epoch']}), eta {_duration(s['eta_s'])}, "
              f"last logged step {_duration(s['last_step_age_s'])} ago",
-             f"  losses: {losses}; lr {s['lr'] if s['lr'] is not None else '-'}",
+             f"  losses: {losses}; lr {format(s['lr'], '.3g') if s['lr'] is not None else '-'}",
              f"  throughput: {speed}",
-             f"  online k-NN top-1: {s['knn_top1'] if s['knn_top1'] is not None else '-'}; health: {s['health']}",
+             f"  online k-NN top-1: {format(s['knn_top1'], '.1f') if s['knn_top1'] is not None else '-'}; "
+             f"health: {s['health']}",
              f"  checkpoint: {c['tag']} ({_duration(c['age_s'])} old)" if c else "  checkpoint: none complete"]
     if s["held_by"]:
         lines.append(f"  held by: {s['held_by']}")
