@@ -162,6 +162,14 @@ def _report(p):
     p.add_argument("--out", default=None, help="output directory (default: the first run's parent)")
 
 
+@command("status", "mst_ds.status", "how a run (or each run of a study folder) is doing, from its directory alone")
+def _status(p):
+    p.add_argument("run", help="run directory, or a study folder (one row per run)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.add_argument("--watch", type=float, default=None, metavar="S",
+                   help="print it again every S seconds until every run has finished, was preempted or failed")
+
+
 @command("study", "mst_ds.study", "the paper's ablations: rows × seeds trained, evaluated, tabulated (resumable)")
 def _study(p):
     _add_study_grid_flags(p, required=True)

@@ -124,6 +124,8 @@ class ModelConfig(Section):
     pos_embed_interp: Literal["dino", "timm"] = Field("dino", description="[D] how the position embedding is resampled for a view whose token grid differs from the model's (local crops; eval at another size). dino (DINO's interpolate_pos_encoding, SPEC §9): plain bicubic with scale_factor = (new + 0.1) / old, no antialias. timm (dynamic_img_size's resample_abs_pos_embed): bicubic to the exact size with antialias — 0.82 relative difference from dino on a 6 × 6 grid at init.")
     cls_token_init: Literal["dino", "timm"] = Field("dino", description="[D] dino: the class token starts as DINO's, truncated normal std 0.02 (SPEC §9). timm: timm's own init (std 1e-6), kept so runs made before the DINO-parity defaults (issue 19) reproduce bit for bit with pos_embed_interp: timm.")
     head: HeadConfig = Field(default_factory=HeadConfig)
+    init_from: str | None = Field(None, description="Warm start (a fresh run only; a resume loads its checkpoint): initial weights from a timm model folder (config.json + model.safetensors), this project's .safetensors export, or a DINO-format checkpoint (.pth, read with torch.load(weights_only=True)). Optimizer and schedules start fresh; the teacher starts equal to the student. Its path and sha256 go to run_info.json and the export's model card.")
+    init_from_parts: Literal["backbone", "backbone+head"] = Field("backbone", description="What init_from loads: the backbone, or the backbone and the DINO projection head (a DINO checkpoint holds one; timm exports do not).")
 
 
 class MaskConfig(Section):
@@ -275,6 +277,8 @@ class RunConfig(Section):
         "wandb / mlflow need pip install '.[wandb]' / '.[mlflow]'. metrics.jsonl is always written.")
     tracker_project: str = Field("mst_ds", min_length=1, description="W&B project / MLflow experiment name.")
     deterministic: bool = Field(False, description="GPU runs repeat bit for bit (mst_ds.determinism): torch's deterministic algorithms (strict), CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN deterministic without autotuning, no cuDNN attention and, on ROCm, only the math attention backend. CPU runs are bit-identical either way. Cost: README, On a cluster → Resume. Not part of the run's identity: it picks kernels, not the method, and a resumed run may switch it.")
+    log_every_s: float = Field(30.0, ge=0, description="When stdout is not a terminal (a job's output file), one plain progress line per logged step, at most one every this many seconds (and the last step's).")
+    peak_tflops: float | None = Field(None, gt=0, description="One device's peak TFLOPS at the training precision, for the logged MFU; default: a table of bf16/fp16 GPU peaks (mst_ds.metrics.PEAK_TFLOPS); no MFU on CPU unless given.")
 
 
 class HealthConfig(Section):
@@ -295,7 +299,9 @@ class HealthConfig(Section):
 
 # Settings that do not change the training trajectory: left out of MSTConfig.hash().
 HASH_IGNORE = ("run.name", "run.output_dir", "run.log_every", "run.max_steps", "run.time_limit_min", "run.on_alert",
-               "run.loggers", "run.tracker_project", "run.deterministic", "augment.fuse_cpu",
+               "run.loggers", "run.tracker_project", "run.deterministic", "run.log_every_s", "run.peak_tflops",
+               "augment.fuse_cpu",
+               "model.init_from", "model.init_from_parts",  # the initial weights: recorded in run_info.json
                "checkpoint", "eval", "health", "data.train", "data.val")
 
 

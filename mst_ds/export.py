@@ -176,6 +176,15 @@ def _preset(run_dir: Path) -> str:
         return "unknown"
 
 
+def _init_from(run_dir: Path) -> dict[str, Any] | None:
+    """The warm start's source the run recorded (run_info.json ``init_from``: path, sha256), else None."""
+    try:
+        source = json.loads(RunDir(run_dir).run_info.read_text()).get("init_from")
+        return source if isinstance(source, dict) else None
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def model_card(run_dir: Path, model_cfg: dict[str, Any], config: dict[str, Any], out: Path) -> str:
     src = model_cfg["source"]
     results = _results(run_dir)
@@ -192,6 +201,9 @@ def model_card(run_dir: Path, model_cfg: dict[str, Any], config: dict[str, Any],
              f"| config hash | `{src['config_hash']}` |",
              f"| input | {config['pretrained_cfg']['input_size'][1]} px, mean {config['pretrained_cfg']['mean']}, "
              f"std {config['pretrained_cfg']['std']} |"]
+    init = _init_from(run_dir)
+    lines.append(f"| initial weights | warm start from `{init.get('path')}` (sha256 `{init.get('sha256')}`, "
+                 f"{init.get('parts')}) |" if init else "| initial weights | random (no warm start) |")
     if results:
         lines += ["", "Evaluations of the run (`RUN/eval`, top-1 %):", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in results]

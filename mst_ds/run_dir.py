@@ -7,6 +7,7 @@
     RUN/run_info.json           provenance (git sha, versions, derived sizes, argv)
     RUN/git_sha.txt
     RUN/.lock                   held by rank 0 while a job trains in RUN
+    RUN/exit.json               how the last job on RUN ended (exit code, why); none while one trains
     RUN/metrics.jsonl, RUN/tb/  scalars (rank 0)
     RUN/alerts.jsonl            health alerts
     RUN/corrupt.jsonl           samples skipped as corrupt
@@ -28,6 +29,7 @@ DS_CONFIG = "ds_config.json"
 RUN_INFO = "run_info.json"
 GIT_SHA = "git_sha.txt"
 LOCK = ".lock"
+EXIT = "exit.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 ALERTS = "alerts.jsonl"
@@ -96,6 +98,10 @@ class RunDir:
     @property
     def lock(self) -> Path:
         return self.root / LOCK
+
+    @property
+    def exit(self) -> Path:
+        return self.root / EXIT
 
     @property
     def metrics(self) -> Path:

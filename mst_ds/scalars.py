@@ -19,6 +19,11 @@ ATTENTION = ("attn_entropy", "attn_guidance")
 SHARES = ("restore_loss_share", "restore_grad_share")
 HEALTH_SCALARS = (*SHARES, "alerts")
 MONITOR_SCALARS = ("monitor_knn_top1", "monitor_knn_top5", "monitor_s", "monitor_time_share")
+# Throughput between two logged steps (issue 31; mst_ds.metrics.Throughput): images per second in all and
+# per device, the share of the wall time the loop waited for the loader (rank 0), the highest peak memory
+# of any device (GiB); the model FLOP utilisation only where a device peak is known (absent on CPU).
+THROUGHPUT = ("img_per_s", "img_per_s_per_device", "data_wait_share", "peak_mem_gb")
+MFU = "mfu"
 # Every scalar logged every run.log_every steps (issue 4, Build 5).
 SCALARS = MODEL_SCALARS + ("lr", "weight_decay", "momentum", "teacher_temp", "grad_norm", "loss_scale",
-                           "skipped_steps", "nonfinite_steps", "corrupt_samples", "img_per_s", "peak_mem_mb") + HEALTH_SCALARS
+                           "skipped_steps", "nonfinite_steps", "corrupt_samples") + THROUGHPUT + HEALTH_SCALARS

@@ -25,18 +25,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 
+from mst_ds import atomic, job
 from mst_ds import checkpoint as ckpt
 from mst_ds import determinism, job
 from mst_ds import engine as eng
 from mst_ds.checkpoint_manager import resume, save
-from mst_ds.config import MSTConfig, load_config
+from mst_ds.config import ConfigError, MSTConfig, load_config
 from mst_ds.data.corrupt import CorruptLog
 from mst_ds.data.manifest import Manifest
 from mst_ds.data.reader import make_train_loader
 from mst_ds.faults import Faults
 from mst_ds.health import RunHealth
-from mst_ds.metrics import MODEL_SCALARS, MetricsLogger, Throughput, peak_memory_mb
+from mst_ds.metrics import MODEL_SCALARS, MetricsLogger, Throughput, device_peak_tflops, peak_memory_gb
+from mst_ds.model.mst import MSTModel
 from mst_ds.run_dir import RunDir
 from mst_ds.trainer import Training, broadcast, check, check_training_data, setup
 
@@ -141,6 +144,46 @@ def _micro_batches(loader, accum: int):
             group = []
 
 
+def _timed(items, clock: Throughput):
+    """``items`` unchanged; the time each ``next`` blocks (waiting for the loader) goes to ``clock.wait``."""
+    it = iter(items)
+    while True:
+        start = time.monotonic()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        clock.wait(time.monotonic() - start)
+        yield item
+
+
+def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value's maximum over the ranks (one small all-reduce; every rank calls it at the same steps)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    box = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return box.cpu().tolist()
+
+
+def flops_per_image(cfg: MSTConfig) -> float:
+    """Model FLOPs of one training image in one MST step — teacher forward, student forward and backward,
+    decoder — counted by torch's FlopCounterMode on a fresh CPU copy of the model (batch of 2: BatchNorm
+    needs two samples), so the run's weights, gradients and random streams are untouched.
+    (:func:`mst_ds.study.step_cost` counts the same step for ``plan --study``.)"""
+    a, batch = cfg.augment, 2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MSTModel.from_config(cfg)
+        teacher = model.make_teacher()
+        views = [torch.randn(batch, 3, a.global_crop_size, a.global_crop_size) for _ in range(2)] + \
+            [torch.randn(batch, 3, a.local_crop_size, a.local_crop_size) for _ in range(a.n_local_crops)]
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(views, teacher, cfg.loss.teacher_temp, torch.Generator().manual_seed(0))["loss"].backward()
+    return counter.get_total_flops() / batch
+
+
 def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True, stop: job.StopSignals | None = None,
           faults: Faults | None = None, manifest: Manifest | None = None) -> int:
     """Train (or resume) to the end of the schedule / max_steps → exit code (0 ok, 1 non-finite loss,
@@ -149,11 +192,25 @@ def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True, stop: job.Sto
     ``manifest``: the training data's, when the caller read it already (else read here, once)."""
     run_dir = Path(run_dir)
     lock = job.RunLock(run_dir)
+    code, why = 1, None
     try:
-        return _train(cfg, run_dir, lock, progress=progress, stop=stop or job.StopSignals(),
+        code = _train(cfg, run_dir, lock, progress=progress, stop=stop or job.StopSignals(),
                       faults=faults or Faults.from_env(), manifest=manifest)
+        return code
+    except BaseException as err:
+        code, why = _exit_code(err), (str(err).splitlines() or [type(err).__name__])[0]
+        raise
     finally:
+        if lock.fd is not None:  # this process holds the run (rank 0): say how the job ended, for `mst-ds status`
+            atomic.write_json(RunDir(run_dir).exit, {"code": code, "error": why, "time": time.time()})
         lock.release()
+
+
+def _exit_code(err: BaseException) -> int:
+    """The exit code ``mst-ds`` ends with when ``err`` leaves :func:`train` (see mst_ds.cli.main)."""
+    if isinstance(err, SystemExit):
+        return err.code if isinstance(err.code, int) else 1
+    return 130 if isinstance(err, KeyboardInterrupt) else 2 if isinstance(err, ConfigError) else 1
 
 
 def _train(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, *, progress: bool, stop: job.StopSignals,
@@ -181,7 +238,12 @@ class Loop:
         self.corrupt = CorruptLog(run.root, rank=t.rank, total=t.corrupt, start_step=t.step)
         self.deadline = time.monotonic() + cfg.run.time_limit_min * 60 if cfg.run.time_limit_min else None
         self.health = RunHealth(t, run.root, end=self.end)  # diagnostics, online k-NN, alerts (issue 10)
-        self.clock = Throughput(t.step)
+        # MFU where a device peak is known (a GPU in the table, or run.peak_tflops); only rank 0 logs it.
+        peak = device_peak_tflops(t.device, t.precision, cfg.run.peak_tflops) if t.rank == 0 else None
+        self.clock = Throughput(t.step, world=t.world, peak_tflops=peak,
+                                flops_per_image=flops_per_image(cfg) if peak else None)
+        if t.rank == 0:  # a job holds the run now: the previous job's ending no longer describes it
+            run.exit.unlink(missing_ok=True)
 
     def run(self) -> int:
         """Train to ``end`` → exit code (0, 1 on a non-finite loss or a health stop, job.EXIT_STOPPED)."""
@@ -201,7 +263,7 @@ class Loop:
         t = self.t
         epoch, loader = self.loader_at(t.step)
         self.clock.restart(t.step)
-        for batches in _micro_batches(loader, t.derived.grad_accum_steps):
+        for batches in _timed(_micro_batches(loader, t.derived.grad_accum_steps), self.clock):
             stats = self.step(batches)
             if stats is None:
                 return 1
@@ -251,13 +313,22 @@ class Loop:
         throughput join the scalars and go to metrics.jsonl and the trackers; the progress line."""
         t = self.t
         log_now = t.step % t.cfg.run.log_every == 0 or t.step == self.end
-        if self.health.observe(t, stats, epoch=epoch, epoch_end=epoch_end, log_now=log_now):
+        logged = self.health.observe(t, stats, epoch=epoch, epoch_end=epoch_end, log_now=log_now)
+        if logged:
             t.corrupt = self.corrupt.sync()  # all ranks: the same steps
             self.clock.pause(stats.get("monitor_s", 0.0))
-            stats.update(corrupt_samples=t.corrupt, peak_mem_mb=peak_memory_mb(t.device),
-                         img_per_s=self.clock.img_per_s(t.step, t.derived.global_batch))
+            stats.update(corrupt_samples=t.corrupt, **self.throughput())
             self.log.log(t.step, epoch, stats)
-        self.log.progress(t.step, epoch, stats)
+        self.log.progress(t.step, epoch, stats, logged=logged)
+
+    def throughput(self) -> dict[str, float]:
+        """Throughput since the last logged step; the data-wait share and peak memory are the highest of
+        any rank (the slowest loader, the fullest device: one small all-reduce, on logged steps only)."""
+        t = self.t
+        rates = self.clock.rates(t.step, t.derived.global_batch)
+        rates["data_wait_share"], rates["peak_mem_gb"] = _max_over_ranks(
+            [rates["data_wait_share"], peak_memory_gb(t.device)], t.device)
+        return rates
 
     def save_due(self, epoch: int, epoch_end: bool) -> bool:
         """The schedule of checkpoint.every_steps / every_epochs, and the last step."""

@@ -5,6 +5,7 @@ the resume point agreed by every rank, the run files). Resume and save: :mod:`ms
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from mst_ds.host_memory import keep_freed_memory
 from mst_ds.model.mst import MSTModel
 from mst_ds.run_dir import RunDir
 from mst_ds.schedules import Schedules
+from mst_ds.warm_start import warm_start, weights_file
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Training:
     data_id: dict[str, Any] | None = None  # data_identity(cfg), recorded in every checkpoint
     manifest: Manifest | None = None  # the training data's, read once (setup)
     faults: Faults = field(default_factory=Faults)  # test-only fault injection; none by default
+    init_source: dict[str, Any] | None = None  # model.init_from's identity (warm start of a fresh run)
 
 
 def check_training_data(cfg: MSTConfig) -> Manifest:
@@ -62,6 +65,8 @@ def check_training_data(cfg: MSTConfig) -> Manifest:
     if not cfg.data.train:
         raise ConfigError("data.train: no training shards given (write them with `mst-shards write`, then --set data.train=DIR)")
     manifest = open_manifest(cfg.data.train)
+    if cfg.model.init_from and not weights_file(Path(cfg.model.init_from)).is_file():
+        raise ConfigError(f"model.init_from: {cfg.model.init_from}: no such file (or a folder without its weights)")
     for name in ("bank", "query"):
         source = getattr(cfg.eval.monitor, name)
         if source is not None:
@@ -83,8 +88,10 @@ def git_sha() -> str:
         return "unknown"
 
 
-def write_run_files(run_dir: Path, cfg: MSTConfig, derived: Derived, ds_config: dict, precision: str) -> None:
-    """Resolved config, final DeepSpeed JSON and provenance, written by rank 0 at every (re)start.
+def write_run_files(run_dir: Path, cfg: MSTConfig, derived: Derived, ds_config: dict, precision: str,
+                    init_source: dict[str, Any] | None = None) -> None:
+    """Resolved config, final DeepSpeed JSON and provenance, written by rank 0 at every (re)start; the
+    warm start's source (``init_source``, a fresh run's) is kept over the restarts.
 
     A relaunch with an allowed config change keeps the previous config as config.<its hash>.yaml, so the
     checkpoints written under it can still be described."""
@@ -95,10 +102,17 @@ def write_run_files(run_dir: Path, cfg: MSTConfig, derived: Derived, ds_config: 
         previous = config_from_file(run.config)
         if previous.hash() != cfg.hash():
             atomic.write_text(run.config_of(previous.hash()), previous.to_yaml())
+    if init_source is None and run.run_info.is_file():
+        try:
+            init_source = json.loads(run.run_info.read_text()).get("init_from")
+        except (json.JSONDecodeError, AttributeError):
+            init_source = None  # an unreadable run_info.json of ours is rewritten below
     atomic.write_text(run.config, cfg.to_yaml())
     atomic.write_json(run.ds_config, ds_config, indent=1)
     info = {"git_sha": git_sha(), "config_hash": cfg.hash(), "precision": precision, "derived": derived.as_dict(),
             "torch": torch.__version__, "deepspeed": deepspeed.__version__, "argv": sys.argv, "time": time.time()}
+    if init_source is not None:
+        info["init_from"] = init_source
     atomic.write_json(run.run_info, info, indent=1)
     atomic.write_text(run.git_sha, info["git_sha"] + "\n")
 
@@ -124,8 +138,10 @@ def check(cfg: MSTConfig, run_dir: Path, *, probe_lock: bool = True) -> None:
         job.build_comm_op()
 
 
-def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = False) -> tuple[Training, dict]:
+def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = False,
+                   warm: bool = False) -> tuple[Training, dict]:
     """Model, teacher (copied before ``deepspeed.initialize``), engine, EMA → (Training, ds_config).
+    ``warm``: a fresh run, whose weights come from ``model.init_from`` when given (the teacher copies them).
 
     torch.distributed must be started (:func:`mst_ds.engine.init_distributed`).
     """
@@ -138,6 +154,8 @@ def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = F
         keep_freed_memory()
     ckpt.seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model = MSTModel.from_config(cfg)
+    init_source = warm_start(model, cfg.model.init_from, cfg.model.init_from_parts, say=rank == 0) \
+        if warm and cfg.model.init_from else None
     model, _ = eng.convert_sync_bn(model, world, cfg.engine.sync_bn, dev)
     teacher = model.make_teacher().to(dev)  # before deepspeed.initialize (SPEC §7)
     engine, ds_config = eng.build_engine(model.to(dev), cfg, derived, precision, load_universal=load_universal)
@@ -146,7 +164,7 @@ def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = F
                  ema=EMATeacher(teacher, engine.module, zero_stage=cfg.engine.zero_stage, low_precision=low),
                  schedules=Schedules.from_config(cfg, derived), photometric=Photometric.from_config(cfg.augment),
                  gate=eng.GradientGate(eng.frozen_params(engine.module)), device=dev, rank=rank, world=world,
-                 precision=precision)
+                 precision=precision, init_source=init_source)
     return t, ds_config
 
 
@@ -172,9 +190,9 @@ def setup(cfg: MSTConfig, run_dir: Path, lock: job.RunLock,
         job.stop_together(ConfigError(found), rank)  # rank 0 says why, in one line
     tag, meta, data_id = found
     universal = meta is not None and ckpt.needs_universal(meta, world, cfg.engine.zero_stage)
-    t, ds_config = build_training(cfg, derived, load_universal=universal)
+    t, ds_config = build_training(cfg, derived, load_universal=universal, warm=tag is None)
     t.data_id, t.manifest = data_id, manifest
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_files(run_dir, cfg, derived, ds_config, t.precision)
+        write_run_files(run_dir, cfg, derived, ds_config, t.precision, t.init_source)
     return t, tag, meta

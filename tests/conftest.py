@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mst_ds.scalars import MFU, THROUGHPUT
+
 # Before anything imports DeepSpeed: this machine has no GPU, tests run the real engine on CPU (gloo).
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -73,7 +75,7 @@ def one_thread():
 
 
 # Keys of metrics.jsonl that depend on the clock or the machine's load, not on the computation.
-_TIMING_KEYS = {"time", "img_per_s", "peak_mem_mb", "monitor_s", "monitor_time_share"}
+_TIMING_KEYS = {"time", "peak_mem_mb", "monitor_s", "monitor_time_share", *THROUGHPUT, MFU}
 
 
 def _tensor_digest(h, obj) -> None:

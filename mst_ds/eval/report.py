@@ -8,7 +8,9 @@ aggregated as mean ± standard error, SE = sample standard deviation (ddof = 1) 
 ``loss.png`` (total, DINO and restoration loss), ``lr.png``, ``mask_ratio.png`` and the run-health curves
 (``online_knn.png``, ``collapse.png``, ``attention.png``, ``loss_share.png``), one line per run. The
 alerts of each run (``RUN/alerts.jsonl``) are listed; the online k-NN's last value and the alert count
-are aggregated like the evaluators' metrics.
+are aggregated like the evaluators' metrics, and so is the throughput (median img/s in all and per device,
+data-wait share and MFU over the logged steps, the highest peak memory; curves ``throughput.png`` and
+``data_wait.png``).
 Runs whose configs differ in more than the ``run`` section (seed, name) are flagged in the report.
 """
 
@@ -16,17 +18,20 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
 from mst_ds.config import UsageError
 from mst_ds.run_dir import ALERTS as ALERTS_FILE  # noqa: F401 (tests name it)
 from mst_ds.run_dir import RunDir
-from mst_ds.scalars import ATTENTION, COLLAPSE, LOSSES, SHARES
+from mst_ds.scalars import ATTENTION, COLLAPSE, LOSSES, MFU, SHARES, THROUGHPUT
 
 CURVES = {"loss": LOSSES[:3], "lr": ("lr",), "mask_ratio": ("mask_ratio",),
           # run health (issue 10, mst_ds.health): online k-NN, collapse, attention, loss balance
-          "online_knn": ("monitor_knn_top1",), "collapse": COLLAPSE, "attention": ATTENTION, "loss_share": SHARES}
+          "online_knn": ("monitor_knn_top1",), "collapse": COLLAPSE, "attention": ATTENTION, "loss_share": SHARES,
+          # throughput (issue 31): is the speed normal, is the loader keeping up
+          "throughput": THROUGHPUT[:2], "data_wait": ("data_wait_share",)}
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float | None]:
@@ -79,6 +84,22 @@ def health_metrics(run_dir: Path) -> dict[str, float]:
                 out |= {f"{key}_first": vals[0], f"{key}_mean": sum(vals) / len(vals), f"{key}_last": vals[-1]}
     if run.alerts.is_file():
         out["alerts"] = float(len(read_jsonl(run.alerts)))
+    return out
+
+
+def throughput_metrics(run_dir: Path) -> dict[str, float]:
+    """From metrics.jsonl: the median over the logged steps of img_per_s, img_per_s_per_device,
+    data_wait_share and mfu (a median: the first interval pays for start-up), and the highest peak_mem_gb."""
+    run = RunDir(run_dir)
+    if not run.metrics.is_file():
+        return {}
+    recs = read_jsonl(run.metrics)
+    out: dict[str, float] = {}
+    for key in (*THROUGHPUT, MFU):
+        vals = sorted(float(r[key]) for r in recs if isinstance(r.get(key), int | float) and math.isfinite(r[key]))
+        if vals:
+            out[f"{key}_max" if key == "peak_mem_gb" else f"{key}_median"] = \
+                vals[-1] if key == "peak_mem_gb" else statistics.median(vals)
     return out
 
 
@@ -184,7 +205,7 @@ def run(args) -> int:
     for r in run_dirs:
         seed = run_seed(r)
         labels[str(r)] = r.name if seed is None else f"{r.name} (seed {seed})"
-    per_run = {str(r): {**run_metrics(r), **health_metrics(r)} for r in run_dirs}
+    per_run = {str(r): {**run_metrics(r), **health_metrics(r), **throughput_metrics(r)} for r in run_dirs}
     alerts = {labels[str(r)]: read_jsonl(RunDir(r).alerts) for r in run_dirs if RunDir(r).alerts.is_file()}
     series = {labels[str(r)]: read_jsonl(RunDir(r).metrics) for r in run_dirs if RunDir(r).metrics.is_file()}
     if not any(per_run.values()) and not series:
