@@ -32,7 +32,7 @@ from typing import Any
 
 import xxhash
 from braceexpand import braceexpand
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 
 from mst_ds import atomic
 from mst_ds.config import ConfigError, format_validation_error
@@ -89,15 +89,23 @@ class _ShardShape(BaseModel):
     name: StrictStr
     count: StrictInt = Field(ge=1, le=MAX_COUNT)
     bytes: StrictInt = Field(ge=0, le=MAX_BYTES)
-    sha256: StrictStr | None = None
-    xxh3_128: StrictStr | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checksum(cls, d: Any) -> Any:
+        """The checksum this code reads first (a key of CHECKSUMS) is a string."""
+        if isinstance(d, dict):
+            algorithm = next((a for a in CHECKSUMS if a in d), None)
+            if algorithm is not None and not isinstance(d[algorithm], str):
+                raise ValueError(f"{algorithm} is not a string")
+        return d
 
 
 class _ClassShape(BaseModel):
     model_config = ConfigDict(extra="allow")
     index: StrictInt = Field(ge=0, le=MAX_COUNT)
-    wnid: StrictStr | None = None
-    name: StrictStr | None = None
+    wnid: StrictStr
+    name: StrictStr
 
 
 class _ManifestShape(BaseModel):
