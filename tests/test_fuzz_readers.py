@@ -64,7 +64,7 @@ def _mutations(doc: Any, seed: int) -> list[bytes]:
         for value in WRONG:
             out.append(json.dumps(_replace(doc, path, value)).encode())
         if path and isinstance(path[-1], str):  # the key missing
-            parent = _replace(doc, (), doc)
+            parent = json.loads(json.dumps(doc))
             target = parent
             for key in path[:-1]:
                 target = target[key]

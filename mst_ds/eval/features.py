@@ -101,7 +101,7 @@ def weights_file(ckpt: str | None) -> str | None:
 
 def check_timm_config(folder: Path) -> None:
     """timm reads ``config.json``, mst-ds the weights' metadata: they must say the same (architecture,
-    model arguments, input size, mean, std), else one line — an edited config.json would make the two
+    input size, mean, std), else one line — an edited config.json would make the two
     evaluate different networks or inputs under one name."""
     path = folder / TIMM_CONFIG
     try:
@@ -116,9 +116,9 @@ def check_timm_config(folder: Path) -> None:
         raise UsageError(f"{path}: not a timm config (no pretrained_cfg object)")
     settings = meta.get("eval_settings", {})
     size = settings.get("eval.image_size")
-    args = config.get("model_args") if isinstance(config.get("model_args"), dict) else {}
+    # (model_args are not compared: timm rewrites some, e.g. img_size 32 → [32, 32]; a changed shape
+    # fails the weights' load in timm and in mst-ds alike)
     pairs = [("architecture", config.get("architecture"), meta.get("architecture")),
-             *((f"model_args.{k}", args[k], v) for k, v in meta.get("model_args", {}).items() if k in args),
              ("pretrained_cfg.mean", pcfg.get("mean"), settings.get("augment.mean")),
              ("pretrained_cfg.std", pcfg.get("std"), settings.get("augment.std")),
              ("pretrained_cfg.input_size", pcfg.get("input_size"), None if size is None else [3, size, size])]
@@ -537,13 +537,20 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def run_preset(run_dir: Path) -> str | None:
-    """The ``--preset`` a run was started with (its run_info.json argv), None when it does not say."""
+    """The ``--preset`` a run was started with (its run_info.json argv; ``mst-ds train``'s default when the
+    argv has none), None when run_info.json does not say."""
     try:
-        argv = json.loads(RunDir(run_dir).run_info.read_text(encoding="utf-8")).get("argv") or []
-        found = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError, TypeError):
+        argv = json.loads(RunDir(run_dir).run_info.read_text(encoding="utf-8")).get("argv")
+    except (OSError, ValueError, RecursionError, AttributeError):
         return None
-    return found if isinstance(found, str) else None
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        return None
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--preset="):
+            return a.split("=", 1)[1]
+    return DEFAULT_PRESET if "train" in argv else None
 
 
 def recorded_preset(ckpt: str | None, given: str | None) -> str | None:

@@ -336,6 +336,8 @@ def run(args) -> int:
         notes.append("some runs share a seed")
     notes += identity_notes
     out = Path(args.out) if args.out else run_dirs[0].resolve().parent / "report"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
     for path, ours in outputs(out).items():  # before anything is written: only our own files are replaced
         refuse_foreign(path, ours, "mst-ds report", bool(getattr(args, "force", False)))
     out.mkdir(parents=True, exist_ok=True)
