@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="images whose header claims more pixels are unreadable (decompression bombs)")
     w.add_argument("--classes", default=None, metavar="FILE|imagenet100",
-                   help="write only these classes: a file of one wnid or folder name per line, or imagenet100 "
+                   help="write only these classes: a file of one wnid or folder name per line ('#' starts a comment; "
+                        "a name with '#' or surrounding spaces as a JSON string), or imagenet100 "
                         "(CMC's ImageNet-100); kept classes are numbered 0..K-1 in source order (use the same list for train and val)")
     w.add_argument("--checksum", choices=list(CHECKSUMS), default=DEFAULT_CHECKSUM,
                    help="per-shard checksum in the manifest (xxh3_128: memory speed; sha256: as manifests before it)")

@@ -11,6 +11,7 @@ unchanged as "ImageNet-100" by solo-learn and many self-supervised papers.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from data_tools.writer import WriteError
@@ -33,17 +34,22 @@ BUILTIN = {"imagenet100": IMAGENET100}
 
 def read_class_list(spec: str) -> tuple[str, list[str]]:
     """``--classes`` → (what to record, class names). A built-in name or a file of one wnid / folder
-    name per line (blank lines and ``#`` comments skipped). Duplicates or an empty list: an error."""
+    name per line: blank lines and ``#`` comments skipped, surrounding spaces dropped, a UTF-8 BOM
+    ignored; a name that holds ``#`` or surrounding spaces is written as a JSON string (``"a # b "``).
+    Duplicates, an empty list, or a built-in name that is also a file here (which one was meant?): an error."""
     if spec in BUILTIN:
+        if Path(spec).exists():
+            raise WriteError(f"--classes {spec}: both a built-in list and a file in this folder; give ./{spec} for "
+                             "the file (the built-in list is used only when no such file exists)")
         return spec, list(BUILTIN[spec])
     path = Path(spec)
     if not path.is_file():
         raise WriteError(f"--classes {spec}: neither a file nor a built-in list ({', '.join(BUILTIN)})")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise WriteError(f"--classes {spec}: unreadable ({type(err).__name__})") from None
-    names = [ln.split("#", 1)[0].strip() for ln in lines]
+    names = [_name(ln, spec, n) for n, ln in enumerate(lines, 1)]
     names = [n for n in names if n]
     if not names:
         raise WriteError(f"--classes {spec}: no class names (one wnid or folder name per line)")
@@ -52,3 +58,17 @@ def read_class_list(spec: str) -> tuple[str, list[str]]:
     if dupes:
         raise WriteError(f"--classes {spec}: {dupes[0]} is listed twice")
     return str(path), names
+
+
+def _name(line: str, spec: str, n: int) -> str:
+    """One line's class name ('' for none): a JSON string verbatim, else the text before ``#``, stripped."""
+    text = line.strip()
+    if text.startswith('"'):
+        try:
+            name = json.loads(text)
+        except ValueError:
+            raise WriteError(f"--classes {spec}: line {n} starts with a quote but is not one JSON string") from None
+        if not isinstance(name, str) or not name:
+            raise WriteError(f"--classes {spec}: line {n} is not a non-empty JSON string")
+        return name
+    return text.split("#", 1)[0].strip()

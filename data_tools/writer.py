@@ -32,6 +32,7 @@ import stat
 import tarfile
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from mst_ds.data.manifest import (
     CHECKSUMS,
     DEFAULT_CHECKSUM,
     INDEX_NAME,
+    PROGRESS_DIR,
     Manifest,
     ShardInfo,
     file_checksum,
@@ -55,7 +57,7 @@ from mst_ds.faults import Faults
 from mst_ds.job import FileLock
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-PROGRESS_DIR = ".mst-shards"  # per-shard records of finished shards (resume after interruption)
+# PROGRESS_DIR (.mst-shards): per-shard records of finished shards (resume after interruption)
 
 
 class WriteError(ValueError):
@@ -355,7 +357,10 @@ def list_source(src: Path, layout: str, split: str, val_labels: Path | None) -> 
 def select_classes(listing: SourceListing, names: list[str], label: str) -> tuple[SourceListing, dict]:
     """Keep the listed classes (matched by wnid or folder name), renumbered 0…K−1 in source order →
     (subset listing, manifest record). A name the source does not have is an error."""
-    known = {c["wnid"]: c for c in listing.classes} | {c["name"]: c for c in listing.classes}
+    # Matched in Unicode NFC: a list typed on one system and folders made on another (macOS writes NFD)
+    # spell "é" differently with the same look.
+    known = {nfc(c["wnid"]): c for c in listing.classes} | {nfc(c["name"]): c for c in listing.classes}
+    names = [nfc(n) for n in names]
     unknown = [n for n in names if n not in known]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f", … ({len(unknown)} in all)" if len(unknown) > 5 else "")
@@ -368,10 +373,25 @@ def select_classes(listing: SourceListing, names: list[str], label: str) -> tupl
     wnids = [c["wnid"] for c in classes]
     record = {"list": label, "count": len(classes), "of": len(listing.classes),
               "sha256": hashlib.sha256("\n".join(wnids).encode()).hexdigest()[:16]}
-    # Unreadable inputs of the classes left out are no concern of this subset.
-    dropped = {c["name"] for c in listing.classes if c["index"] not in wanted}
-    unreadable = [u for u in listing.unreadable if u.split("/", 1)[0] not in dropped]
+    # Unreadable inputs of the classes left out are no concern of this subset. A record names its input as
+    # ``CLASS/...: why`` or ``CLASS: why`` (an ImageFolder) or ``WNID.tar/...: why`` (ILSVRC's class tars).
+    dropped: set[str] = set()
+    for c in listing.classes:
+        if c["index"] not in wanted:
+            dropped |= {c["name"], c["wnid"], f"{c['wnid']}.tar"}
+    unreadable = [u for u in listing.unreadable if unreadable_head(u) not in dropped]
     return SourceListing(samples, classes, unreadable), record
+
+
+def nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def unreadable_head(record: str) -> str:
+    """The first path component of an unreadable-input record ``PATH: why`` (``./`` parts skipped)."""
+    path = record.split(": ", 1)[0]
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return parts[0] if parts else path
 
 
 # --------------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="feature-extraction batch per rank")
     p.add_argument("--num-workers", type=int, default=None, help="loader workers")
     p.add_argument("--no-cache", action="store_true", help="recompute features even if OUT/features holds them")
+    p.add_argument("--force", action="store_true", help="replace a result file in --out that this command did not write")
     p.add_argument("--unknown-classes", choices=["error", "exclude"], default="error",
                    help="val classes the training data does not have (classes are matched by name): "
                         "an error, or left out and reported")
@@ -159,7 +160,8 @@ def _attn(p):
 @command("report", "mst_ds.eval.report", "mean ± standard error over seeds, and training curves")
 def _report(p):
     p.add_argument("run_dirs", nargs="+", help="run directories holding eval results and metrics.jsonl")
-    p.add_argument("--out", default=None, help="output directory (default: the first run's parent)")
+    p.add_argument("--out", default=None, help="output directory (default: the first run's parent/report)")
+    p.add_argument("--force", action="store_true", help="replace report files in --out that mst-ds report did not write")
 
 
 @command("status", "mst_ds.status", "how a run (or each run of a study folder) is doing, from its directory alone")

@@ -34,7 +34,8 @@ from mst_ds import checkpoint as ckpt_mod
 from mst_ds.config import MSTConfig, UsageError
 from mst_ds.eval.features import TIMM_CONFIG as CONFIG
 from mst_ds.eval.features import TIMM_WEIGHTS as WEIGHTS
-from mst_ds.eval.features import ExportMeta, export_settings
+from mst_ds.eval.features import ExportMeta, export_settings, run_preset
+from mst_ds.eval.identity import network_identity, same_network
 from mst_ds.model.backbone import Backbone
 from mst_ds.run_dir import RunDir
 
@@ -153,27 +154,24 @@ def timm_config(cfg: MSTConfig, model_cfg: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _results(run_dir: Path) -> list[tuple[str, float]]:
-    """(metric, value) of the run's own evaluations (``RUN/eval/knn.json``, ``linear_*.json``)."""
+def _results(run_dir: Path, network: dict[str, Any]) -> list[tuple[str, float]]:
+    """(metric, value) of the run's own evaluations (``RUN/eval/knn.json``, ``linear_*.json``) of this very
+    network (the reuse rule: a result recording another checkpoint, ``--which`` or no identity is left out)."""
     found: list[tuple[str, float]] = []
     for path in [RunDir(run_dir).eval_dir / "knn.json", *sorted(RunDir(run_dir).eval_dir.glob("linear_*.json"))]:
         if not path.is_file() or path.name.endswith("_state.json"):
             continue
         try:
-            metrics = json.loads(path.read_text()).get("metrics") or {}
-        except (json.JSONDecodeError, AttributeError, OSError):
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, OSError, RecursionError):
             continue  # a result this card cannot read is left out, not guessed
-        found += [(k, float(v)) for k, v in metrics.items() if isinstance(v, int | float)]
+        if not isinstance(record, dict) or not same_network(record.get("model"), network):
+            continue
+        metrics = record.get("metrics")
+        if isinstance(metrics, dict):
+            found += [(str(k), float(v)) for k, v in metrics.items()
+                      if isinstance(v, int | float) and not isinstance(v, bool)]
     return found
-
-
-def _preset(run_dir: Path) -> str:
-    """The ``--preset`` the run was started with (its run_info.json argv), else "unknown"."""
-    try:
-        argv = json.loads(RunDir(run_dir).run_info.read_text()).get("argv") or []
-        return next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), "unknown")
-    except (OSError, json.JSONDecodeError, AttributeError, TypeError):
-        return "unknown"
 
 
 def _init_from(run_dir: Path) -> dict[str, Any] | None:
@@ -185,9 +183,10 @@ def _init_from(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def model_card(run_dir: Path, model_cfg: dict[str, Any], config: dict[str, Any], out: Path) -> str:
+def model_card(run_dir: Path, model_cfg: dict[str, Any], config: dict[str, Any], out: Path,
+               network: dict[str, Any]) -> str:
     src = model_cfg["source"]
-    results = _results(run_dir)
+    results = _results(run_dir, network)
     lines = [CARD_MARK, "---", "library_name: timm", "tags: [image-feature-extraction, self-supervised, mst]", "---",
              "", f"# MST backbone ({config['architecture']}, {src['which']})", "",
              "Masked Self-supervised Transformer (Li et al., NeurIPS 2021) pre-trained with mst_ds.", "",
@@ -195,7 +194,7 @@ def model_card(run_dir: Path, model_cfg: dict[str, Any], config: dict[str, Any],
              f"model = timm.create_model({('local-dir:' + str(out))!r}, pretrained=True)  # (B, 3, H, W) → (B, "
              f"{config.get('num_features', '?')}) class-token features", "```", "",
              "| | |", "|---|---|",
-             f"| preset | `{_preset(run_dir)}` |",
+             f"| preset | `{run_preset(run_dir) or 'unknown'}` |",
              f"| optimizer steps | {src['step']} |",
              f"| network | {src['which']} |",
              f"| config hash | `{src['config_hash']}` |",
@@ -205,10 +204,11 @@ def model_card(run_dir: Path, model_cfg: dict[str, Any], config: dict[str, Any],
     lines.append(f"| initial weights | warm start from `{init.get('path')}` (sha256 `{init.get('sha256')}`, "
                  f"{init.get('parts')}) |" if init else "| initial weights | random (no warm start) |")
     if results:
-        lines += ["", "Evaluations of the run (`RUN/eval`, top-1 %):", "", "| metric | value |", "|---|---|"]
+        lines += ["", "Evaluations of this checkpoint's network (`RUN/eval`, top-1 %):", "", "| metric | value |",
+                  "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in results]
     else:
-        lines += ["", "No k-NN or linear results were found in the run's `eval/` folder."]
+        lines += ["", "No k-NN or linear result of this checkpoint's network was found in the run's `eval/` folder."]
     return "\n".join(lines) + "\n"
 
 
@@ -221,11 +221,12 @@ def export_folder(path: str | Path, out: str | Path, which: str = "teacher", *, 
     refuse_foreign(targets, force)
     tensors, model_cfg, cfg, run_dir = backbone_tensors(path, which)
     config = timm_config(cfg, model_cfg)
+    network = network_identity(model_cfg["source"]["checkpoint"], cfg, which)
     with _writing(out):
         out.mkdir(parents=True, exist_ok=True)
         _write_weights(tensors, model_cfg, out / WEIGHTS)
         atomic.write_text(out / CONFIG, json.dumps(config, indent=2) + "\n")
-        atomic.write_text(out / CARD, model_card(run_dir, model_cfg, config, out))
+        atomic.write_text(out / CARD, model_card(run_dir, model_cfg, config, out, network))
     return model_cfg
 
 

@@ -25,12 +25,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -59,30 +62,65 @@ class RunDirLocked(ConfigError):
 class FileLock:
     """An exclusive flock on ``path``, holding the holder's host, pid and start time; released on
     :meth:`release` or when the process dies. A held lock raises ``error(refusal)`` with ``{holder}``
-    replaced by what the holder wrote."""
+    replaced by what the holder wrote.
 
-    def __init__(self, path: Path, refusal: str, error: type[Exception]):
-        self.path, self.refusal, self.error = Path(path), refusal, error
+    The file is opened without following a link (``O_NOFOLLOW``) and only as a regular file with one
+    link, and is never truncated: the holder line is written padded to :data:`HOLDER_BYTES`, so a link or
+    a hard link planted at the lock's name cannot make this code shorten or rewrite someone's file.
+    ``remove=True`` (the eval lock) unlinks the file on release; a second process that opened the old
+    file before the unlink sees, after its flock, that the name no longer points to it, and is refused."""
+
+    HOLDER_BYTES = 256
+
+    def __init__(self, path: Path, refusal: str, error: type[Exception], *, remove: bool = False):
+        self.path, self.refusal, self.error, self.remove = Path(path), refusal, error, remove
         self.fd: int | None = None
+
+    def _open(self) -> int:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:  # ELOOP: a link at the lock's name; EISDIR, EACCES, ...
+            why = "a symbolic link" if err.errno == errno.ELOOP else (err.strerror or str(err))
+            raise self.error(f"{self.path}: cannot be used as a lock file ({why}); remove it") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            what = "not a regular file" if not stat.S_ISREG(st.st_mode) else "a hard link to another file"
+            raise self.error(f"{self.path}: cannot be used as a lock file ({what}); remove it")
+        if st.st_size and not os.pread(fd, 5, 0) == b"host ":
+            os.close(fd)
+            raise self.error(f"{self.path}: cannot be used as a lock file (a file mst-ds did not write); remove it")
+        return fd
 
     def acquire(self) -> FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown holder"
+            holder = os.pread(fd, self.HOLDER_BYTES, 0).decode(errors="replace").strip() or "unknown holder"
             os.close(fd)
             raise self.error(self.refusal.replace("{holder}", holder)) from None
-        # Rewritten in place: the lock belongs to this inode, a rename would lose it.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        try:
+            same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the holder removed the file after we opened it: it was held, as far as we know
+            os.close(fd)
+            raise self.error(self.refusal.replace("{holder}", "a holder that just finished; try again"))
+        # Rewritten in place (the lock belongs to this inode, a rename would lose it), padded, never truncated.
+        line = (f"host {socket.gethostname()} pid {os.getpid()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}").encode()[: self.HOLDER_BYTES - 1]
+        os.pwrite(fd, line.ljust(self.HOLDER_BYTES - 1) + b"\n", 0)
         self.fd = fd
         return self
 
     def release(self) -> None:
         if self.fd is not None:
+            if self.remove:  # unlinked while held; one who opened it before sees the name gone after its flock
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self.fd).st_ino:
+                        os.unlink(self.path)
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
 

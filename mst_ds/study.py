@@ -33,7 +33,9 @@ from typing import Any
 import yaml
 
 from mst_ds import atomic, job
+from mst_ds import checkpoint as ckpt_mod
 from mst_ds.config import ConfigError, MSTConfig, RunFailure, UsageError, flatten, load_config, recipe_chain
+from mst_ds.eval.identity import data_identity, network_identity, same_data, same_network
 from mst_ds.run_dir import STUDY_DONE, RunDir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -331,11 +333,17 @@ def evaluate_run(study: Study, run: Run, index: str, data: dict[str, Any]) -> No
     todo = [("knn.json", ["knn", *common])]
     if study.linear:
         todo.append(("linear_cls.json", ["linear", "--probe", "cls", *common]))
+    # The reuse rule: a kept result records this run's network (its newest checkpoint's files, the teacher)
+    # and this study's bank and query; a name (the run's folder) is not enough.
+    network = network_identity(str(run.run_dir), ckpt_mod.run_config(run.run_dir), "teacher")
     for result, argv in todo:
         kept = _read_json(RunDir(run.run_dir).eval_dir / result)
-        if isinstance(kept, dict) and kept.get("data") == data:
+        if isinstance(kept, dict) and same_data(kept.get("data"), data) and same_network(kept.get("model"), network):
             continue
-        why = " (its bank or query was other data: redone)" if kept is not None else ""
+        why = ""
+        if isinstance(kept, dict):
+            why = (" (its bank or query was other data: redone)" if not same_data(kept.get("data"), data)
+                   else " (it was computed from another checkpoint of the run: redone)")
         print(f"{index} {run.name}: mst-ds {argv[0]}{why}", flush=True)
         rc = _stream(job.tied_command([sys.executable, "-m", "mst_ds.cli", *argv]),
                      study.out / "logs" / f"{run.name}.eval.log", _env(study), echo=True)
@@ -499,7 +507,6 @@ def write_table(study: Study, runs: list[Run], failed: dict[str, str] | None = N
 def _check_data(train: str, val: str) -> dict[str, Any]:
     """{"train", "val"} → each one's identity (what evaluations record); missing or bad data: one line."""
     from mst_ds.data.manifest import Manifest
-    from mst_ds.eval.features import data_identity
 
     for flag, p in (("--train", train), ("--val", val)):
         if not p:

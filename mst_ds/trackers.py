@@ -20,6 +20,7 @@ exactly, W&B keeps its first values); MLflow appends the repeated steps' values.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import secrets
 from pathlib import Path
@@ -38,8 +39,8 @@ def _ids(run_dir: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError, RecursionError):  # (UnicodeDecodeError is a ValueError)
         raise UsageError(f"{path}: unreadable (not JSON); it names the tracker runs to resume") from None
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise UsageError(f"{path}: expected {{tracker: run id}}")
@@ -75,6 +76,15 @@ class TensorBoard:
 
     def close(self) -> None:
         self._tb.close()
+
+
+def check(run_dir: Path, cfg: MSTConfig) -> None:
+    """The pre-flight of ``train --check`` (before any rank starts): every logger of ``run.loggers`` is
+    installed and ``RUN/trackers.json``, when present, is readable — one line each, else."""
+    for name in cfg.run.loggers:
+        if importlib.util.find_spec(name) is None:
+            raise UsageError(f"run.loggers lists {name}, which is not installed: pip install '.[{name}]'")
+    _ids(run_dir)
 
 
 def _import(name: str):

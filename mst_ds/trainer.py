@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mst_ds import atomic, job
+from mst_ds import atomic, job, trackers
 from mst_ds import checkpoint as ckpt
 from mst_ds import engine as eng
 from mst_ds.checkpoint_manager import data_identity, find_resume
@@ -133,6 +133,7 @@ def check(cfg: MSTConfig, run_dir: Path, *, probe_lock: bool = True) -> None:
     manifest = check_training_data(cfg)
     if probe_lock:
         job.probe(run_dir)
+    trackers.check(run_dir, cfg)  # run.loggers installed, trackers.json readable: not on rank 0 after start
     find_resume(cfg, RunDir(run_dir).checkpoints, data_identity(cfg, manifest), check_files=False)
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         job.build_comm_op()

@@ -36,8 +36,11 @@ def _fake_run(root, name, seed, knn, linear, steps=20):
     (run / "eval").mkdir(parents=True)
     cfg = load_config("tiny", [f"run.seed={seed}", f"run.name={name}"]).config
     (run / "config.yaml").write_text(cfg.to_yaml())
-    (run / "eval" / "knn.json").write_text(json.dumps({"command": "knn", "metrics": {"knn_k20_top1": knn}}))
-    (run / "eval" / "linear_cls.json").write_text(json.dumps({"command": "linear", "metrics": {"linear_cls_top1": linear}}))
+    ident = {"model": {"weights": f"files:{name}", "which": "teacher", "step": steps}, "data": {"train": {"digest": "t"},
+                                                                                              "val": {"digest": "v"}}}
+    (run / "eval" / "knn.json").write_text(json.dumps({"command": "knn", **ident, "metrics": {"knn_k20_top1": knn}}))
+    (run / "eval" / "linear_cls.json").write_text(json.dumps({"command": "linear", **ident,
+                                                              "metrics": {"linear_cls_top1": linear}}))
     with open(run / "metrics.jsonl", "w") as f:
         for s in range(0, steps, 5):
             f.write(json.dumps({"step": s, "loss": 5 - 0.1 * s, "dino": 4 - 0.1 * s, "restore": 1.0,

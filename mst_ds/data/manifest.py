@@ -32,9 +32,10 @@ from typing import Any
 
 import xxhash
 from braceexpand import braceexpand
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 
 from mst_ds import atomic
-from mst_ds.config import ConfigError
+from mst_ds.config import ConfigError, format_validation_error
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
@@ -74,6 +75,62 @@ def file_checksum(path: Path, algorithm: str) -> str:
 
 class ManifestError(ConfigError):
     """A manifest or shard source that cannot be used; ``str(err)`` is one line."""
+
+
+# The shape of a manifest as ``mst-shards write`` writes it, checked before any field is used: strict
+# types (``true`` is not a count, 80.5 is not a count, "10" is not a list), bounded integers (10**30 is
+# not a size), at least one sample per shard. Keys this version does not read are allowed (a newer writer).
+MAX_COUNT = 2**40  # samples in one shard / one manifest: far beyond any data set, far below int64
+MAX_BYTES = 2**62
+
+
+class _ShardShape(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: StrictStr
+    count: StrictInt = Field(ge=1, le=MAX_COUNT)
+    bytes: StrictInt = Field(ge=0, le=MAX_BYTES)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checksum(cls, d: Any) -> Any:
+        """The checksum this code reads first (a key of CHECKSUMS) is a string."""
+        if isinstance(d, dict):
+            algorithm = next((a for a in CHECKSUMS if a in d), None)
+            if algorithm is not None and not isinstance(d[algorithm], str):
+                raise ValueError(f"{algorithm} is not a string")
+        return d
+
+
+class _ClassShape(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    index: StrictInt = Field(ge=0, le=MAX_COUNT)
+    wnid: StrictStr
+    name: StrictStr
+
+
+class _ManifestShape(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    split: StrictStr
+    classes: list[_ClassShape]
+    shards: list[_ShardShape]
+    total: StrictInt = Field(ge=0, le=MAX_COUNT)
+    tool_version: StrictStr | None = None
+    unreadable: list[StrictStr] = []
+    empty_classes: list[StrictStr] = []
+    extra: dict[str, Any] = {}
+
+
+def shape_problem(d: Any) -> str | None:
+    """Why ``d`` (parsed JSON) is not shaped like a manifest (the first problem, one line), else None."""
+    if not isinstance(d, dict):
+        return "not a JSON object"
+    try:
+        _ManifestShape.model_validate(d)
+    except ValidationError as err:
+        return format_validation_error(err)
+    except RecursionError:
+        return "nested deeper than this reader goes"
+    return None
 
 
 @dataclass
@@ -173,6 +230,9 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any], root: Path | str, *, check_names: bool = True,
                   index_name: str = INDEX_NAME) -> Manifest:
         """``check_names=False`` is for ``verify``, which reports bad names as findings instead."""
+        if (why := shape_problem(d)) is not None:
+            where = str(root) if str(root).startswith("pipe:") else f"{root}/{index_name}"
+            raise ManifestError(f"{where}: not a shard manifest as mst-shards writes it ({why})")
         try:
             shards = [ShardInfo.from_dict(s) for s in d["shards"]]
         except (KeyError, TypeError, ValueError) as err:
@@ -263,10 +323,15 @@ def manifests_in(directory: str | Path) -> dict[str, Path]:
     return found
 
 
+PROGRESS_DIR = ".mst-shards"  # the writer's records folder in a shard folder (data_tools.writer names it too)
+
+
 def is_shard_dir(path: str | Path) -> bool:
-    """True for a folder holding at least one shard manifest (the eval side's shards-or-ImageFolder test)."""
+    """True for a folder holding a shard manifest, or a file named like one, or the writer's records (the
+    eval side's shards-or-ImageFolder test): such a folder is read as shards, and a malformed manifest is
+    then one line saying why, never an ImageFolder whose classes are ``.mst-shards``."""
     p = Path(path)
-    return p.is_dir() and bool(manifests_in(p))
+    return p.is_dir() and (bool(manifests_in(p)) or (p / INDEX_NAME).is_file() or (p / PROGRESS_DIR).is_dir())
 
 
 def manifest_path(directory: str | Path, split: str | None = None) -> Path:

@@ -39,12 +39,12 @@ from mst_ds.config import (
     format_validation_error,
     load_config,
 )
-from mst_ds.data.manifest import Manifest, is_shard_dir
+from mst_ds.data.manifest import is_shard_dir
+from mst_ds.eval.identity import RANDOM, data_identity, json_written_by, network_identity, refuse_foreign
 from mst_ds.model.backbone import Backbone, BackboneOutput
 from mst_ds.run_dir import RunDir
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-RANDOM = "random"
 GATHER_ROWS = 65536  # rows per all_gather round: bounds the extra memory of the exchange
 OUT_LOCK = ".mst-ds-eval.lock"  # in --out while an evaluation writes there
 
@@ -92,8 +92,40 @@ def is_timm_folder(path: str | Path) -> bool:
 
 def weights_file(ckpt: str | None) -> str | None:
     """``--ckpt`` with a timm folder replaced by its ``model.safetensors`` (its metadata carries the
-    eval settings); anything else unchanged."""
-    return str(Path(ckpt) / TIMM_WEIGHTS) if ckpt is not None and is_timm_folder(ckpt) else ckpt
+    eval settings, checked against the folder's ``config.json``); anything else unchanged."""
+    if ckpt is None or not is_timm_folder(ckpt):
+        return ckpt
+    check_timm_config(Path(ckpt))
+    return str(Path(ckpt) / TIMM_WEIGHTS)
+
+
+def check_timm_config(folder: Path) -> None:
+    """timm reads ``config.json``, mst-ds the weights' metadata: they must say the same (architecture,
+    input size, mean, std), else one line — an edited config.json would make the two
+    evaluate different networks or inputs under one name."""
+    path = folder / TIMM_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise UsageError(f"{path}: unreadable ({type(err).__name__}); timm reads it") from None
+    meta = safetensors_model_meta(folder / TIMM_WEIGHTS)
+    if meta is None:
+        return  # a foreign timm folder: its weights carry no settings to check config.json against
+    pcfg = config.get("pretrained_cfg") if isinstance(config, dict) else None
+    if not isinstance(pcfg, dict):
+        raise UsageError(f"{path}: not a timm config (no pretrained_cfg object)")
+    settings = meta.get("eval_settings", {})
+    size = settings.get("eval.image_size")
+    # (model_args are not compared: timm rewrites some, e.g. img_size 32 → [32, 32]; a changed shape
+    # fails the weights' load in timm and in mst-ds alike)
+    pairs = [("architecture", config.get("architecture"), meta.get("architecture")),
+             ("pretrained_cfg.mean", pcfg.get("mean"), settings.get("augment.mean")),
+             ("pretrained_cfg.std", pcfg.get("std"), settings.get("augment.std")),
+             ("pretrained_cfg.input_size", pcfg.get("input_size"), None if size is None else [3, size, size])]
+    for key, in_config, in_weights in pairs:
+        if in_weights is not None and in_config != in_weights:
+            raise UsageError(f"{path}: {key} is {json.dumps(in_config)}, the weights' metadata says "
+                             f"{json.dumps(in_weights)} (an edited config.json: timm and mst-ds would disagree)")
 
 
 def safetensors_model_meta(path: Path) -> dict[str, Any] | None:
@@ -193,6 +225,9 @@ def export_which(ckpt: str | None, which: str) -> str:
         return which
     if which == "student" and stored != "student":
         raise UsageError(f"{ckpt}: --which student, but the export holds the {stored}")
+    if which != stored:  # --which teacher is the default: say which network is evaluated, and record it
+        print(f"note: {ckpt} holds the {stored} (exported with --which {stored}): evaluating the {stored}",
+              file=sys.stderr)
     return stored
 
 
@@ -248,23 +283,6 @@ def load_backbone(ckpt: str | None, cfg: MSTConfig, which: str = "teacher") -> B
     backbone.eval()
     backbone.requires_grad_(False)
     return backbone
-
-
-def model_identity(ckpt: str | None, cfg: MSTConfig, which: str) -> dict[str, Any]:
-    """What identifies the network's weights (part of the feature-cache key and of result files)."""
-    model = cfg.model.model_dump(mode="json")
-    model.pop("head", None)
-    if is_random(ckpt):
-        return {"ckpt": RANDOM, "model": model, "seed": cfg.run.seed}
-    path = Path(ckpt).resolve()
-    if path.is_file():
-        st = path.stat()
-        return {"ckpt": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "model": model}
-    from mst_ds.checkpoint import read_meta, resolve
-
-    ckpt_dir, tag = resolve(path)
-    return {"ckpt": str((ckpt_dir / tag).resolve()), "tag": tag, "step": read_meta(ckpt_dir / tag).get("step"),
-            "which": which, "model": model}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,19 +386,6 @@ def match_classes(train_classes: list[str], val_classes: list[str], val_labels: 
     if not bool(keep.any()):
         raise UsageError(f"{val_source}: no val class is a class of the training data {train_source}")
     return ClassMatch(mapped[keep], keep, excluded)
-
-
-def data_identity(source: str) -> dict[str, Any]:
-    """What a data source is — the feature cache's key and what every result records of its bank and
-    query: shards by their manifest's fingerprint (shard names, counts, sizes, checksums and classes;
-    the same as a checkpoint records, so moved shards keep it), an ImageFolder cheaply by its path and
-    its class folders' mtimes (adding/removing files changes a folder's mtime)."""
-    p = Path(source)
-    if p.is_dir() and not is_shard_dir(p):
-        subdirs = sorted(d for d in p.iterdir() if d.is_dir())
-        return {"folder": str(p.resolve()), "classes": len(subdirs),
-                "mtimes": hashlib.sha256("".join(f"{d.name}:{d.stat().st_mtime_ns};" for d in subdirs).encode()).hexdigest()[:16]}
-    return Manifest.load(source).fingerprint()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,6 +536,34 @@ def write_json(path: Path, obj: Any) -> None:
     atomic.write_json(path, obj)
 
 
+def run_preset(run_dir: Path) -> str | None:
+    """The ``--preset`` a run was started with (its run_info.json argv; ``mst-ds train``'s default when the
+    argv has none), None when run_info.json does not say."""
+    try:
+        argv = json.loads(RunDir(run_dir).run_info.read_text(encoding="utf-8")).get("argv")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        return None
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--preset="):
+            return a.split("=", 1)[1]
+    return DEFAULT_PRESET if "train" in argv else None
+
+
+def recorded_preset(ckpt: str | None, given: str | None) -> str | None:
+    """The preset a result records: ``--preset`` when given, else the run's own (a checkpoint of a run),
+    None for an export (its stored settings describe it: ``ckpt``), the default for random init."""
+    if given is not None:
+        return given
+    if is_random(ckpt):
+        return DEFAULT_PRESET
+    run_dir = ckpt_mod.run_dir_of(ckpt) if not Path(ckpt).is_file() else None
+    return run_preset(run_dir) if run_dir is not None else None
+
+
 def default_out_dir(ckpt: str | None, preset: str) -> Path:
     """RUN/eval for a checkpoint of a run; next to a .safetensors export; runs/eval/random_<preset>."""
     if is_random(ckpt):
@@ -546,24 +579,40 @@ def default_out_dir(ckpt: str | None, preset: str) -> Path:
     return RunDir(path).eval_dir
 
 
+def _read_cache(path: Path) -> dict[str, Any] | None:
+    """A feature-cache file, or None when it cannot be read as one (then it is recomputed and replaced)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torn, foreign or of another torch: recomputing is always right
+        return None
+    need = ("feats", "labels", "classes", "keys", "identity")
+    return saved if isinstance(saved, dict) and all(k in saved for k in need) else None
+
+
 class EvalContext:
     """Config, ranks, output directory and feature cache of one ``mst-ds knn|linear`` invocation."""
 
     def __init__(self, cfg: MSTConfig, *, ckpt: str | None, which: str, out_dir: Path, dist_info: Dist,
                  batch_size: int, num_workers: int, cache: bool, preset: str,
                  unknown_classes: str = "error", sources: dict[str, str] | None = None,
-                 lock: job.FileLock | None = None) -> None:
+                 lock: job.FileLock | None = None, given_preset: str | None = None) -> None:
         self.lock = lock
         self.cfg, self.ckpt, self.which = cfg, ckpt, which
-        # {"train": bank / probe-training data, "val": query data}: results record what they are
+        # The reuse rule (mst_ds.eval.identity): results and cached features carry the network's and the
+        # data's identity, computed once here. {"train": bank / probe-training data, "val": query data}
+        self.network = network_identity(ckpt, cfg, which)
         self.data = {name: data_identity(src) for name, src in (sources or {}).items()}
+        self._data_of = {src: self.data[name] for name, src in (sources or {}).items()}
         self.out_dir, self.dist = out_dir, dist_info
         self.batch_size, self.num_workers, self.cache = batch_size, num_workers, cache
         self.preset = preset
+        self.recorded_preset = recorded_preset(ckpt, given_preset)
         self.unknown_classes = unknown_classes
 
     @classmethod
-    def from_args(cls, args) -> EvalContext:
+    def from_args(cls, args, results: dict[str, str] | None = None) -> EvalContext:
+        """``results``: {file name in --out: the ``command`` its JSON records}; each is refused (one line,
+        every rank, before any work) when it exists and was not written by that command, unless --force."""
         from mst_ds.data.reader import _is_imagefolder, open_manifest
 
         given = None if is_random(args.ckpt) else args.ckpt
@@ -576,20 +625,23 @@ class EvalContext:
             check_labelled(source)
             if not _is_imagefolder(source):
                 open_manifest(source)  # every listed shard present, before any rank starts
-        dist_info = init_dist()
         out = Path(args.out) if args.out else default_out_dir(given, preset)
+        for name, command in (results or {}).items():
+            refuse_foreign(out / name, lambda p, c=command: json_written_by(p, "command", c), f"mst-ds {command}",
+                           bool(getattr(args, "force", False)))
+        dist_info = init_dist()
         lock = None
         if dist_info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             # Two evaluations into one folder would overwrite each other's result: the second is refused.
             lock = job.FileLock(out / OUT_LOCK, f"--out {out}: in use by another evaluation ({{holder}}); wait for "
-                                "it to end or use another --out", UsageError).acquire()
+                                "it to end or use another --out", UsageError, remove=True).acquire()
         return cls(cfg, ckpt=ckpt, which=which, out_dir=out, dist_info=dist_info,
                    batch_size=args.batch_size or 128,
                    num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
                    cache=not getattr(args, "no_cache", False), preset=preset,
                    unknown_classes=getattr(args, "unknown_classes", "error"),
-                   sources={"train": args.train, "val": args.val}, lock=lock)
+                   sources={"train": args.train, "val": args.val}, lock=lock, given_preset=args.preset)
 
     def __enter__(self) -> EvalContext:
         return self
@@ -610,25 +662,34 @@ class EvalContext:
         return load_backbone(self.ckpt, self.cfg, self.which).to(self.dist.device)
 
     def describe(self) -> dict[str, Any]:
-        return {"ckpt": self.ckpt or RANDOM, "which": self.which, "preset": self.preset,
-                "model": model_identity(self.ckpt, self.cfg, self.which), "seed": self.cfg.run.seed,
+        """What a result file records of how it was computed; ``model`` and ``data`` are the identities
+        (mst_ds.eval.identity) that decide whether it may be reused or aggregated with another."""
+        return {"ckpt": self.ckpt or RANDOM, "which": self.which, "preset": self.recorded_preset,
+                "model": self.network, "seed": self.cfg.run.seed,
                 "image_size": self.cfg.eval.image_size, "world_size": self.dist.world_size, "data": self.data}
 
+    def cache_key(self, source: str, spec: FeatureSpec, transform_name: str) -> dict[str, Any]:
+        """Everything the features depend on: the network and data identities, the features and the transform."""
+        data = self._data_of.get(source) or data_identity(source)
+        return {"model": self.network, "data": data, "spec": [spec.n_last_blocks, spec.avgpool],
+                "transform": transform_name, "image_size": self.cfg.eval.image_size, "mean": self.cfg.augment.mean,
+                "std": self.cfg.augment.std}
+
     def cache_path(self, source: str, spec: FeatureSpec, transform_name: str) -> Path:
-        key = {"model": model_identity(self.ckpt, self.cfg, self.which), "data": data_identity(source),
-               "spec": [spec.n_last_blocks, spec.avgpool], "transform": transform_name,
-               "image_size": self.cfg.eval.image_size, "mean": self.cfg.augment.mean, "std": self.cfg.augment.std}
+        key = self.cache_key(source, spec, transform_name)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return self.out_dir / "features" / f"{digest}.pt"
 
     def features(self, backbone: Backbone, source: str, spec: FeatureSpec, *, split: str) -> LabelledFeatures:
-        """Eval-transform features of ``source`` on every rank, from the cache when present."""
+        """Eval-transform features of ``source`` on every rank, from the cache when it holds them for this
+        very key (a file whose stored key differs, or of an older version without one, is recomputed)."""
         from mst_ds.data.augment import eval_transform
 
         path = self.cache_path(source, spec, "eval")
+        key = json.loads(json.dumps(self.cache_key(source, spec, "eval")))  # as stored: tuples → lists
         if self.cache and path.exists():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if "keys" in saved:  # (files of older versions lack class names or keys: recomputed)
+            saved = _read_cache(path)
+            if saved is not None and saved.get("identity") == key:
                 return LabelledFeatures(saved["feats"], saved["labels"], list(saved["classes"]),
                                         int(saved.get("corrupt", 0)), list(saved["keys"]))
         transform = eval_transform(self.cfg.eval.image_size, mean=self.cfg.augment.mean, std=self.cfg.augment.std)
@@ -653,7 +714,7 @@ class EvalContext:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic.atomic_path(path) as tmp:
                 torch.save({"feats": feats, "labels": labels, "classes": classes, "corrupt": corrupt,
-                            "source": source, "keys": keys}, tmp)
+                            "source": source, "keys": keys, "identity": key}, tmp)
         return LabelledFeatures(feats, labels, classes, corrupt, keys)
 
     def _corrupt_total(self, records: list[dict[str, str]], source: str) -> int:

@@ -36,6 +36,7 @@ from torch import Tensor
 from mst_ds.config import UsageError, parse_positive_list
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # similarity-block budget: 4 M elements (16 MB in float32)
+RESULT = "knn.json"  # in --out; replaced only when it records "command": "knn" (else --force)
 QUERY_ROWS = 256  # val rows per block when the budget allows: one pass over the train tiles serves them all
 TIE_FIX_ELEMENTS = 1 << 21  # similarities re-examined at once for rows with a tie at the k-th place
 
@@ -249,7 +250,7 @@ def print_table(result: KNNResult, title: str) -> None:
 def run(args) -> int:
     from mst_ds.eval import features as fx
 
-    with fx.EvalContext.from_args(args) as ctx:  # holds --out for the command's life
+    with fx.EvalContext.from_args(args, results={RESULT: "knn"}) as ctx:  # holds --out for the command's life
         return _knn(args, ctx)
 
 
@@ -288,7 +289,7 @@ def _knn(args, ctx) -> int:
         "results": {str(k): {"top1": result.top1[k], "top5": result.top5[k]} for k in result.top1},
         "metrics": result.metrics(),
     }
-    path = Path(ctx.out_dir) / "knn.json"
+    path = Path(ctx.out_dir) / RESULT
     fx.write_json(path, record)
     print_table(result, f"weighted k-NN (T={temperature}) — {ctx.model_label}")
     print(f"results: {path}")
