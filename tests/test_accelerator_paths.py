@@ -190,7 +190,8 @@ def engines(deepspeed_cpu):
         acc.is_fp16_supported = real
 
 
-EXPECTED_CLASS = {(0, "fp16"): "FP16_UnfusedOptimizer", (0, "bf16"): "BF16_Optimizer",
+# ZeRO-0 bf16 with a torch optimizer is DeepSpeed's FP16_UnfusedOptimizer too (bf16 groups, no scaling).
+EXPECTED_CLASS = {(0, "fp16"): "FP16_UnfusedOptimizer", (0, "bf16"): "FP16_UnfusedOptimizer",
                   (1, "fp16"): "DeepSpeedZeroOptimizer", (1, "bf16"): "DeepSpeedZeroOptimizer",
                   (2, "fp16"): "DeepSpeedZeroOptimizer", (2, "bf16"): "DeepSpeedZeroOptimizer",
                   (3, "fp16"): "DeepSpeedZeroOptimizer_Stage3", (3, "bf16"): "DeepSpeedZeroOptimizer_Stage3"}
@@ -266,9 +267,9 @@ def test_per_param_clipping_unscales_an_fp16_norm_that_overflows(deepspeed_cpu, 
 
 @pytest.mark.parametrize("stage,precision", sorted(EXPECTED_CLASS))
 def test_ema_reads_the_fp32_masters_at_every_stage_and_precision(engines, stage, precision):
-    """teacher = m·t + (1 − m)·(fp32 master), exactly. ZeRO-0 fp16 keeps its masters in
+    """teacher = m·t + (1 − m)·(fp32 master), exactly. ZeRO-0 fp16 and bf16 keep their masters in
     FP16_UnfusedOptimizer.fp32_groups, which safe_get_full_fp32_param does not see (before: the EMA
-    silently followed the fp16-rounded weights)."""
+    silently followed the fp16/bf16-rounded weights)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     from mst_ds.ema import EMATeacher, fp16_optimizer_masters
@@ -277,7 +278,7 @@ def test_ema_reads_the_fp32_masters_at_every_stage_and_precision(engines, stage,
     teacher = copy.deepcopy(teacher)
     _train(engine)
     masters = fp16_optimizer_masters(engine.optimizer)
-    assert bool(masters) == (stage == 0 and precision == "fp16")
+    assert bool(masters) == (stage == 0)
     ema = EMATeacher(teacher, engine.module, zero_stage=stage, low_precision=True, optimizer=engine.optimizer)
     before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     ema.update(0.5)
