@@ -9,8 +9,9 @@ Where the student's exact fp32 values live depends on the engine:
 * fp32 / torch-autocast, ZeRO 0–2: the module's own parameters (complete on every rank);
 * bf16 / fp16 with a ZeRO optimizer: the module holds low-precision copies; the fp32 masters come from
   ``deepspeed.utils.safe_get_full_fp32_param`` (a collective — every rank calls it in the same order);
-* fp16 at ZeRO-0 (DeepSpeed's ``FP16_UnfusedOptimizer`` / ``FP16_Optimizer``): ``safe_get_full_fp32_param``
-  returns None there; the masters are read from the wrapper's groups (:func:`fp16_optimizer_masters`);
+* fp16 and bf16 at ZeRO-0 (DeepSpeed's ``FP16_UnfusedOptimizer``, bf16 too with a torch optimizer, or
+  ``FP16_Optimizer``): ``safe_get_full_fp32_param`` returns None there; the masters are read from the
+  wrapper's groups (:func:`fp16_optimizer_masters`);
 * ZeRO-3 fp32: parameters are partitioned; ``GatheredParameters(modifier_rank=None)`` gathers them
   read-only for the update.
 """
@@ -33,7 +34,7 @@ def paired_parameters(teacher: nn.Module, student: nn.Module) -> list[tuple[str,
 
 
 def fp16_optimizer_masters(optimizer: Any) -> dict[int, torch.Tensor]:
-    """{id(module parameter): its fp32 master} for DeepSpeed's ZeRO-0 fp16 wrappers (empty otherwise).
+    """{id(module parameter): its fp32 master} for DeepSpeed's ZeRO-0 fp16 / bf16 wrappers (empty otherwise).
 
     ``FP16_UnfusedOptimizer`` pairs ``fp16_groups[i][j]`` with ``fp32_groups[i][j]``; ``FP16_Optimizer``
     (fused Adam only) keeps one flat fp32 tensor per group, ``fp32_groups_flat[i]``, in parameter order.
