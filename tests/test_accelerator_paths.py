@@ -266,14 +266,17 @@ def test_per_param_clipping_unscales_an_fp16_norm_that_overflows(deepspeed_cpu, 
 
 
 @pytest.mark.parametrize("stage,precision", sorted(EXPECTED_CLASS))
-def test_ema_reads_the_fp32_masters_at_every_stage_and_precision(engines, stage, precision):
+def test_ema_reads_the_fp32_masters_at_every_stage_and_precision(engines, stage, precision, monkeypatch):
     """teacher = m·t + (1 − m)·(fp32 master), exactly. ZeRO-0 fp16 and bf16 keep their masters in
     FP16_UnfusedOptimizer.fp32_groups, which safe_get_full_fp32_param does not see (before: the EMA
     silently followed the fp16/bf16-rounded weights)."""
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import safe_get_full_fp32_param
 
     from mst_ds.ema import EMATeacher, fp16_optimizer_masters
 
+    # faked, as in the fixture: DeepSpeed's gradient all-reduce checks the dtype against the accelerator's
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)
     engine, teacher = engines[(stage, precision)]
     teacher = copy.deepcopy(teacher)
     _train(engine)
