@@ -74,18 +74,28 @@ _atomic_write = atomic.write_text
 # RNG
 # --------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
+    """This process's torch / python / numpy RNG state, and that of every GPU it sees ("cuda": a list)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def visible_gpus() -> int:
+    """GPUs this process sees (0 on CPU)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def set_rng_state(state: dict[str, Any], gpus: int | None = None) -> None:
+    """Restore :func:`rng_state`'s ``state``. GPU states are restored for the devices this process has
+    (``gpus``, default :func:`visible_gpus`): a task that sees fewer GPUs than the saver (one GPU per
+    task, a smaller node) restores the ones it has; more GPUs than saved keep their seeded state."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    gpus = visible_gpus() if gpus is None else gpus
+    for index, cuda_state in enumerate(state.get("cuda", [])[:gpus]):
+        torch.cuda.set_rng_state(cuda_state, index)
 
 
 def seed_everything(seed: int) -> None:
@@ -485,8 +495,9 @@ def convert_to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
     return out_tag
 
 
-def load(engine, ckpt_dir: Path, tag: str, *, rank: int, same_world: bool) -> dict[str, Any]:
-    """Load engine state and this rank's RNG → client_state (+ "loader" position).
+def load(engine, ckpt_dir: Path, tag: str, *, rank: int, same_world: bool, gpus: int | None = None) -> dict[str, Any]:
+    """Load engine state and this rank's RNG (of the ``gpus`` it sees, :func:`set_rng_state`) →
+    client_state (+ "loader" position).
 
     The tag must have passed :func:`damage` (DeepSpeed unpickles with weights-only off)."""
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
@@ -495,7 +506,7 @@ def load(engine, ckpt_dir: Path, tag: str, *, rank: int, same_world: bool) -> di
     rng_file = ckpt_dir / tag / f"rng_rank{rank:05d}.pt"
     if same_world and rng_file.exists():
         saved = safe_load(rng_file)
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"], gpus)
     return client_state
 
 

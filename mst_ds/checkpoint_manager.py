@@ -41,9 +41,10 @@ def _written_config(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any] | Non
 
 
 def find_resume(cfg: MSTConfig, ckpt_dir: Path, data_id: dict[str, Any] | None = None, *,
-                check_files: bool = True) -> tuple[str | None, dict[str, Any] | None]:
-    """(tag, meta) of the checkpoint to resume from, or (None, None). Refuses a different config or
-    other training data (unless checkpoint.allow_config_change). With ``check_files``, a damaged
+                check_files: bool = True, precision: str | None = None) -> tuple[str | None, dict[str, Any] | None]:
+    """(tag, meta) of the checkpoint to resume from, or (None, None). Refuses a different config,
+    other training data or another resolved precision than ``precision`` (``engine.precision: auto``
+    is fp16 on a V100, bf16 on an A100: the same config) unless checkpoint.allow_config_change. With ``check_files``, a damaged
     newest checkpoint is renamed aside (TAG.damaged) and the newest intact one is used, saying so."""
     if not ckpt.complete_tags(ckpt_dir):
         return None, None
@@ -76,6 +77,11 @@ def find_resume(cfg: MSTConfig, ckpt_dir: Path, data_id: dict[str, Any] | None =
         raise ConfigError(f"data.train: {cfg.data.train} is not the data {tag} was trained on "
                           f"({fingerprint_difference(meta['data'], data_id)}); use a new --run-dir, or --set "
                           f"checkpoint.allow_config_change=true to continue on it")
+    saved = meta.get("precision")
+    if precision is not None and saved is not None and saved != precision and not allow:
+        raise ConfigError(f"checkpoint: {ckpt_dir / tag} was trained in {saved}, this run would train in {precision} "
+                          f"(engine.precision: {cfg.engine.precision} on this device); resume where {saved} runs, or "
+                          f"--set checkpoint.allow_config_change=true")
     if check_files:
         supersede_newer(ckpt_dir, tag)
     return tag, meta
@@ -96,7 +102,7 @@ def resume(t: Any, ckpt_dir: Path, tag: str, meta: dict[str, Any]) -> None:
     same_world = meta["world_size"] == t.world
     if ckpt.needs_universal(meta, t.world, t.cfg.engine.zero_stage):
         tag = ckpt.convert_to_universal(ckpt_dir, tag, t.rank)
-    state = ckpt.load(t.engine, ckpt_dir, tag, rank=t.rank, same_world=same_world)
+    state = ckpt.load(t.engine, ckpt_dir, tag, rank=t.rank, same_world=same_world, gpus=t.platform.device_count)
     t.teacher.load_state_dict(state["teacher"])
     with torch.no_grad():
         for name, buf in t.engine.module.named_buffers():

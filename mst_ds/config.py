@@ -206,7 +206,7 @@ class ScheduleConfig(Section):
 
 class EngineConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    precision: Literal["auto", "bf16", "fp16", "fp32", "autocast_bf16"] = Field("auto", description="auto: bf16 on compute capability ≥ 8.0 and ROCm, fp16 on V100, bf16 on CPU.")
+    precision: Literal["auto", "bf16", "fp16", "fp32", "autocast_bf16"] = Field("auto", description="auto: bf16 where the matrix units have it (compute capability ≥ 8.0; ROCm gfx90a / gfx94x / gfx95x), fp16 with a dynamic loss scale on other GPUs (V100, gfx906/gfx908 DCUs), bf16 on CPU. A resume under another resolved precision is refused unless checkpoint.allow_config_change.")
     grad_accum_steps: int = Field(1, gt=0, description="Gradient accumulation; micro-batch = batch / (world × accumulation).")
     template: str = Field("base.json", description="DeepSpeed JSON template in ds_configs/ (engine settings only).")
     nan_policy: Literal["stop", "skip"] = Field("stop", description="A non-finite loss stops the run (last good checkpoint kept) or skips the step.")

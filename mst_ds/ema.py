@@ -9,11 +9,16 @@ Where the student's exact fp32 values live depends on the engine:
 * fp32 / torch-autocast, ZeRO 0–2: the module's own parameters (complete on every rank);
 * bf16 / fp16 with a ZeRO optimizer: the module holds low-precision copies; the fp32 masters come from
   ``deepspeed.utils.safe_get_full_fp32_param`` (a collective — every rank calls it in the same order);
+* fp16 and bf16 at ZeRO-0 (DeepSpeed's ``FP16_UnfusedOptimizer``, bf16 too with a torch optimizer, or
+  ``FP16_Optimizer``): ``safe_get_full_fp32_param`` returns None there; the masters are read from the
+  wrapper's groups (:func:`fp16_optimizer_masters`);
 * ZeRO-3 fp32: parameters are partitioned; ``GatheredParameters(modifier_rank=None)`` gathers them
   read-only for the update.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,21 +33,44 @@ def paired_parameters(teacher: nn.Module, student: nn.Module) -> list[tuple[str,
     return [(n, p, student_params[n]) for n, p in teacher.named_parameters()]
 
 
-class EMATeacher:
-    """Updates ``teacher`` towards ``student`` (the module inside the engine) once per optimizer step."""
+def fp16_optimizer_masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """{id(module parameter): its fp32 master} for DeepSpeed's ZeRO-0 fp16 / bf16 wrappers (empty otherwise).
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, *, zero_stage: int, low_precision: bool) -> None:
+    ``FP16_UnfusedOptimizer`` pairs ``fp16_groups[i][j]`` with ``fp32_groups[i][j]``; ``FP16_Optimizer``
+    (fused Adam only) keeps one flat fp32 tensor per group, ``fp32_groups_flat[i]``, in parameter order.
+    Both update the masters in place, so the tensors returned stay current."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    out: dict[int, torch.Tensor] = {}
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            out.update((id(p), m) for p, m in zip(low, high))
+    elif isinstance(optimizer, FP16_Optimizer):
+        for low, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat):
+            out.update((id(p), m.view_as(p)) for p, m in zip(low, flat.split([p.numel() for p in low])))
+    return out
+
+
+class EMATeacher:
+    """Updates ``teacher`` towards ``student`` (the module inside the engine) once per optimizer step.
+
+    ``optimizer``: the engine's (its fp32 masters under ZeRO-0 fp16, :func:`fp16_optimizer_masters`)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, zero_stage: int, low_precision: bool,
+                 optimizer: Any = None) -> None:
         self.teacher = teacher
         self.pairs = paired_parameters(teacher, student)
         self.zero_stage = zero_stage
         self.low_precision = low_precision
+        self.masters = fp16_optimizer_masters(optimizer) if low_precision and optimizer is not None else {}
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
         t_params = [t for _, t, _ in self.pairs]
         s_params = [s for _, _, s in self.pairs]
         if self.low_precision:
-            self._lerp(t_params, [self._fp32_master(s) for s in s_params], momentum)
+            self._lerp(t_params, [self._fp32_master(n, s) for n, _, s in self.pairs], momentum)
         elif self.zero_stage == 3:
             import deepspeed
 
@@ -51,17 +79,22 @@ class EMATeacher:
         else:
             self._lerp(t_params, s_params, momentum)
 
-    @staticmethod
-    def _fp32_master(p: nn.Parameter) -> torch.Tensor:
-        """The exact fp32 value of a student parameter under a bf16/fp16 engine.
+    def _fp32_master(self, name: str, p: nn.Parameter) -> torch.Tensor:
+        """The exact fp32 value of student parameter ``name`` under a bf16/fp16 engine.
 
         Frozen parameters (requires_grad False) have no optimizer master; their module copy is exact
-        enough because it never changes.
-        """
+        enough because it never changes. A trainable one without a master is an error, never a silent
+        fallback to its rounded copy."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        full = safe_get_full_fp32_param(p) if p.requires_grad else None
-        return (full if full is not None else p.detach()).float()
+        if not p.requires_grad:
+            return p.detach().float()
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            full = self.masters.get(id(p))
+        if full is None:
+            raise RuntimeError(f"EMA teacher: no fp32 master for student parameter {name} in this optimizer")
+        return full.float()
 
     @staticmethod
     def _lerp(t_params: list[torch.Tensor], s_params: list[torch.Tensor], momentum: float) -> None:

@@ -16,6 +16,7 @@ import copy
 import json
 import os
 import socket
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,25 +59,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(platform: Platform | None = None) -> tuple[int, int]:
     """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL/RCCL on GPUs) → (rank, world).
 
     A plain ``python`` start (no launcher) becomes a world of one on a free local port, so the same
     code runs under ``deepspeed``, ``torchrun``, ``srun`` (one task per GPU: ranks from SLURM's
-    variables, :mod:`mst_ds.cluster`) and bare.
+    variables, :mod:`mst_ds.cluster`) and bare. This rank's GPU is bound (:func:`bind_device`) before
+    the process group starts: NCCL places every collective's tensors on the current device, so a
+    collective issued before ``set_device`` lands every rank of a node on ``cuda:0``.
     """
     import deepspeed
     import torch.distributed as dist
 
+    platform = platform or Platform.current()
     if cluster.is_srun_task(os.environ):
         os.environ.update(cluster.torch_env_from_slurm(os.environ))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    bind_device(platform, os.environ)
     if not dist.is_initialized():
         _check_rendezvous_port()
-        cpu = accelerator_name() == "cpu"
+        cpu = platform.kind == "cpu"
         deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
         if cpu:
             dist.barrier()  # every rank has now mapped every rank's all-reduce segment
@@ -120,55 +125,100 @@ def release_shm_name(rank: int) -> bool:
     return True
 
 
-def device() -> torch.device:
-    """This rank's device (``cuda:LOCAL_RANK`` or cpu). A task that sees a single GPU (``srun
-    --gpus-per-task=1`` / ``--gpu-bind``) uses it whatever its local rank; more local ranks than visible
-    GPUs otherwise is an error (two ranks on one GPU would run, slowly and wrongly sized)."""
-    if accelerator_name() == "cpu":
+def local_device_index(platform: Platform, env: Mapping[str, str]) -> int | None:
+    """This rank's GPU ordinal (None on CPU): ``LOCAL_RANK`` among the visible GPUs.
+
+    A task that sees a single GPU (``srun --gpus-per-task=1`` / ``--gpu-bind``: SLURM narrows
+    ``CUDA_VISIBLE_DEVICES`` per task) uses it whatever its local rank. More local ranks than visible
+    GPUs otherwise is refused in one line (two ranks on one GPU would run, slowly and wrongly sized)."""
+    if platform.kind == "cpu":
+        return None
+    local, count = int(env.get("LOCAL_RANK", 0)), platform.device_count
+    if count == 0:
+        raise UsageError("no GPU visible to torch on this node (CUDA_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES empty?)")
+    if local < count:
+        return local
+    if count == 1:
+        return 0
+    raise UsageError(f"local rank {local} but {count} GPUs visible on this node: start one task per GPU "
+                     f"(--ntasks-per-node={count}, or srun --gpus-per-task=1 so each task sees one)")
+
+
+def bind_device(platform: Platform, env: MutableMapping[str, str]) -> torch.device:
+    """Make this rank's GPU the current device, before any collective → the device (cpu: nothing to bind).
+
+    One GPU per task: DeepSpeed binds ``cuda:LOCAL_RANK`` itself (``deepspeed.initialize``), an invalid
+    ordinal when the task sees one GPU at a local rank > 0, so ``LOCAL_RANK`` is rewritten to 0 — that
+    task's only GPU (NCCL tells GPUs apart by bus id, not by ordinal)."""
+    index = local_device_index(platform, env)
+    if index is None:
         return torch.device("cpu")
-    local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
-    if local >= count:
-        if count != 1:
-            raise ConfigError(f"local rank {local} but {count} GPU(s) visible on this node: one task per GPU")
-        local = 0
-    torch.cuda.set_device(local)
-    return torch.device("cuda", local)
+    if int(env.get("LOCAL_RANK", 0)) != index:
+        env["LOCAL_RANK"] = str(index)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def device(platform: Platform | None = None) -> torch.device:
+    """This rank's device (``cuda:LOCAL_RANK`` or cpu), as :func:`bind_device` chose it."""
+    platform = platform or Platform.current()
+    index = local_device_index(platform, os.environ)
+    return torch.device("cpu") if index is None else torch.device("cuda", index)
 
 
 # --------------------------------------------------------------------------------------------------
 # Precision
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DeviceInfo:
-    """What decides the precision: accelerator kind, CUDA compute capability, ROCm or not."""
+# ROCm architectures whose matrix units (MFMA) run bf16 at full rate: MI200 (gfx90a), MI300 (gfx94x),
+# MI350 (gfx95x). Others (gfx906/gfx908 and the DCUs built on them) get fp16 with a loss scale.
+ROCM_BF16_ARCHS = ("gfx90a", "gfx94", "gfx95")
 
-    kind: str  # "cpu" | "cuda"
-    capability: tuple[int, int] | None = None
+
+@dataclass(frozen=True)
+class Platform:
+    """What this process's accelerator offers, asked once (:meth:`current`) and passed in, so every
+    accelerator-only branch can be reached with a platform built by hand (tests on CPU)."""
+
+    kind: str  # "cpu" | "cuda" (ROCm runs the CUDA path)
+    capability: tuple[int, int] | None = None  # CUDA compute capability of device 0
     rocm: bool = False
+    arch: str = ""  # ROCm: gcnArchName of device 0, e.g. "gfx90a:sramecc+:xnack-"
+    device_count: int = 0  # GPUs visible to this process
 
     @classmethod
-    def current(cls) -> DeviceInfo:
+    def current(cls) -> Platform:
         if accelerator_name() == "cpu":
             return cls("cpu")
-        return cls("cuda", torch.cuda.get_device_capability(), torch.version.hip is not None)
+        rocm = torch.version.hip is not None
+        arch = torch.cuda.get_device_properties(0).gcnArchName if rocm else ""
+        return cls("cuda", torch.cuda.get_device_capability(0), rocm, arch, torch.cuda.device_count())
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 matrix units: CPU (bf16 on CPU is exact enough and fast where AMX/AVX512-BF16 exist),
+        CUDA capability ≥ 8.0, ROCm by architecture (:data:`ROCM_BF16_ARCHS`)."""
+        if self.kind == "cpu":
+            return True
+        if self.rocm:
+            return self.arch.startswith(ROCM_BF16_ARCHS)
+        return self.capability is not None and self.capability >= (8, 0)
 
 
-def resolve_precision(requested: str, dev: DeviceInfo) -> str:
+def resolve_precision(requested: str, dev: Platform) -> str:
     """engine.precision → "bf16" | "fp16" | "fp32" | "autocast_bf16" for this device.
 
-    auto: bf16 on compute capability ≥ 8.0 and on ROCm, fp16 (dynamic loss scale) below 8.0 (V100:
-    torch reports bf16 as supported there, by slow emulation — SPEC §7), bf16 on CPU.
+    auto: bf16 where the matrix units have it (:attr:`Platform.native_bf16`), fp16 (dynamic loss scale)
+    elsewhere (V100: torch reports bf16 as supported there, by slow emulation — SPEC §7), bf16 on CPU.
     """
-    native_bf16 = dev.kind == "cpu" or dev.rocm or (dev.capability is not None and dev.capability >= (8, 0))
     if requested == "auto":
-        return "bf16" if native_bf16 else "fp16"
+        return "bf16" if dev.native_bf16 else "fp16"
     if requested == "fp16" and dev.kind == "cpu":
         raise ConfigError("engine.precision: fp16 is not supported on CPU (use bf16, autocast_bf16 or fp32)")
-    if requested in ("bf16", "autocast_bf16") and not native_bf16:
-        raise ConfigError(
-            f"engine.precision: {requested} needs compute capability ≥ 8.0 or ROCm (this GPU is "
-            f"{dev.capability[0]}.{dev.capability[1]}); use fp16 or auto"
-        )
+    if requested in ("bf16", "autocast_bf16") and not dev.native_bf16:
+        what = f"ROCm {dev.arch or '(unknown architecture)'}" if dev.rocm else (
+            f"compute capability {dev.capability[0]}.{dev.capability[1]}" if dev.capability else "this GPU")
+        raise ConfigError(f"engine.precision: {requested} needs bf16 matrix units (compute capability ≥ 8.0, or "
+                          f"ROCm {'/'.join(a + '*' for a in ROCM_BF16_ARCHS)}); this is {what}: use fp16 or auto")
     return requested
 
 
@@ -513,11 +563,13 @@ def clip_per_param(engine, max_norm: float) -> int:
     ZeRO-0 (fp32 or autocast): ``p.grad``. bf16 / fp16 wrappers and ZeRO-1/2 keep the gradient in their
     own (partitioned) buffers: DeepSpeed's ``safe_get_full_grad`` assembles it (an all-reduce per
     parameter at ZeRO-1/2, on every rank in the same order) and ``safe_set_full_grad`` writes this
-    rank's part back. Under fp16 the buffers hold loss-scaled gradients, so the threshold is scaled too.
+    rank's part back. Under fp16 the buffers hold loss-scaled gradients: the norm is taken in fp32 and
+    unscaled (an fp16 norm of a scaled gradient overflows to inf, which would zero the gradient with no
+    overflow flagged). A non-finite gradient is left as it is: DeepSpeed's overflow check skips the step.
     """
     from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 
-    threshold = max_norm * loss_scale(engine)
+    scale = loss_scale(engine)
     clipped = 0
     for p in engine.module.parameters():
         if not p.requires_grad:
@@ -525,9 +577,10 @@ def clip_per_param(engine, max_norm: float) -> int:
         grad = safe_get_full_grad(p)
         if grad is None:
             continue
-        coef = threshold / (float(grad.norm(2)) + 1e-6 * loss_scale(engine))
-        if coef < 1:
-            safe_set_full_grad(p, grad * coef)
+        norm = float(torch.linalg.vector_norm(grad, dtype=torch.float32)) / scale  # unscaled, fp32
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1:  # False for a non-finite norm
+            safe_set_full_grad(p, (grad.float() * coef).to(grad.dtype))
             clipped += 1
     return clipped
 
@@ -543,6 +596,11 @@ def grad_norm_stage0(engine) -> float | None:
 
 
 def loss_scale(engine) -> float:
-    """Current dynamic loss scale (fp16) or 1.0."""
-    scale = getattr(engine.optimizer, "cur_scale", None)
+    """Current loss scale of the engine's optimizer (fp16: dynamic), 1.0 where there is none.
+
+    Read through DeepSpeed's public ``loss_scale`` property of its optimizer wrappers (FP16_Optimizer,
+    FP16_UnfusedOptimizer, ZeRO-1/2, ZeRO-3; None where no scaling is used). ``engine.loss_scale()`` is
+    the configured static scale, not the current one; ``cur_scale`` exists at ZeRO-1/2/3 only (ZeRO-0
+    fp16 would read 1.0). BF16_Optimizer and torch's optimizers have no scale."""
+    scale = getattr(engine.optimizer, "loss_scale", None)
     return float(scale) if scale is not None else 1.0

@@ -49,6 +49,7 @@ class Training:
     rank: int
     world: int
     precision: str
+    platform: eng.Platform = field(default_factory=lambda: eng.Platform("cpu"))  # what the accelerator offers
     step: int = 0  # optimizer steps done
     skipped: int = 0  # overflow-skipped steps (fp16 loss scale)
     nonfinite: int = 0  # steps skipped by nan_policy=skip
@@ -140,17 +141,18 @@ def check(cfg: MSTConfig, run_dir: Path, *, probe_lock: bool = True) -> None:
 
 
 def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = False,
-                   warm: bool = False) -> tuple[Training, dict]:
+                   warm: bool = False, platform: eng.Platform | None = None) -> tuple[Training, dict]:
     """Model, teacher (copied before ``deepspeed.initialize``), engine, EMA → (Training, ds_config).
     ``warm``: a fresh run, whose weights come from ``model.init_from`` when given (the teacher copies them).
 
-    torch.distributed must be started (:func:`mst_ds.engine.init_distributed`).
+    torch.distributed must be started (:func:`mst_ds.engine.init_distributed`, which bound the device).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.engine.nan_policy == "skip" and cfg.engine.grad_accum_steps != 1:
         raise ConfigError("engine.nan_policy: skip needs engine.grad_accum_steps=1 (a partly accumulated step cannot be undone)")
-    precision = eng.resolve_precision(cfg.engine.precision, eng.DeviceInfo.current())
-    dev = eng.device()
+    platform = platform or eng.Platform.current()
+    precision = eng.resolve_precision(cfg.engine.precision, platform)
+    dev = eng.device(platform)
     if dev.type == "cpu":  # no caching allocator: keep the step's freed memory instead of re-faulting it
         keep_freed_memory()
     ckpt.seed_everything(cfg.run.seed)  # identical initial weights on every rank
@@ -162,18 +164,22 @@ def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = F
     engine, ds_config = eng.build_engine(model.to(dev), cfg, derived, precision, load_universal=load_universal)
     low = precision in ("bf16", "fp16")
     t = Training(cfg=cfg, derived=derived, engine=engine, teacher=teacher,
-                 ema=EMATeacher(teacher, engine.module, zero_stage=cfg.engine.zero_stage, low_precision=low),
+                 ema=EMATeacher(teacher, engine.module, zero_stage=cfg.engine.zero_stage, low_precision=low,
+                                optimizer=engine.optimizer),
                  schedules=Schedules.from_config(cfg, derived), photometric=Photometric.from_config(cfg.augment),
                  gate=eng.GradientGate(eng.frozen_params(engine.module)), device=dev, rank=rank, world=world,
-                 precision=precision, init_source=init_source)
+                 precision=precision, init_source=init_source, platform=platform)
     return t, ds_config
 
 
-def setup(cfg: MSTConfig, run_dir: Path, lock: job.RunLock,
-          manifest: Manifest | None = None) -> tuple[Training, str | None, dict[str, Any] | None]:
-    """Distributed start, the run-directory lock (rank 0), the training state, run files; the resume
-    point (tag, meta) if any. ``manifest``: the training data's, when the caller read it already."""
-    rank, world = eng.init_distributed()
+def setup(cfg: MSTConfig, run_dir: Path, lock: job.RunLock, manifest: Manifest | None = None,
+          platform: eng.Platform | None = None) -> tuple[Training, str | None, dict[str, Any] | None]:
+    """Distributed start (this rank's device bound first: every collective after it), the run-directory
+    lock (rank 0), the training state, run files; the resume point (tag, meta) if any. ``manifest``: the
+    training data's, when the caller read it already; ``platform``: the accelerator's (asked if None)."""
+    platform = platform or eng.Platform.current()
+    rank, world = eng.init_distributed(platform)
+    precision = eng.resolve_precision(cfg.engine.precision, platform)
     if manifest is None and cfg.data.train:
         manifest = open_manifest(cfg.data.train)  # read once per process, passed on
     derived = derive_for_training(cfg, world, manifest)
@@ -183,7 +189,7 @@ def setup(cfg: MSTConfig, run_dir: Path, lock: job.RunLock,
         try:
             lock.acquire()  # held by rank 0 for the run's life: a second job on RUN is refused
             data_id = data_identity(cfg, manifest)
-            found = (*find_resume(cfg, ckpt_dir, data_id), data_id)
+            found = (*find_resume(cfg, ckpt_dir, data_id, precision=precision), data_id)
         except ConfigError as err:
             found = str(err)
     found = broadcast(found)  # every rank stops on a refused resume, not only rank 0
@@ -191,7 +197,7 @@ def setup(cfg: MSTConfig, run_dir: Path, lock: job.RunLock,
         job.stop_together(ConfigError(found), rank)  # rank 0 says why, in one line
     tag, meta, data_id = found
     universal = meta is not None and ckpt.needs_universal(meta, world, cfg.engine.zero_stage)
-    t, ds_config = build_training(cfg, derived, load_universal=universal, warm=tag is None)
+    t, ds_config = build_training(cfg, derived, load_universal=universal, warm=tag is None, platform=platform)
     t.data_id, t.manifest = data_id, manifest
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

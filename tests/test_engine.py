@@ -69,23 +69,26 @@ def test_blockwise_adamw_is_blockwise_only_where_it_is_the_same():
 # Pure: precision, JSON, groups
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("requested,dev,expected", [
-    ("auto", eng.DeviceInfo("cpu"), "bf16"),
-    ("auto", eng.DeviceInfo("cuda", (7, 0)), "fp16"),  # V100
-    ("auto", eng.DeviceInfo("cuda", (8, 0)), "bf16"),  # A100
-    ("auto", eng.DeviceInfo("cuda", (9, 0), rocm=True), "bf16"),  # DCU / MI
-    ("auto", eng.DeviceInfo("cuda", (7, 0), rocm=True), "bf16"),  # ROCm reports gfx as low capabilities
-    ("fp32", eng.DeviceInfo("cpu"), "fp32"),
-    ("autocast_bf16", eng.DeviceInfo("cpu"), "autocast_bf16"),
-    ("fp16", eng.DeviceInfo("cuda", (7, 0)), "fp16"),
+    ("auto", eng.Platform("cpu"), "bf16"),
+    ("auto", eng.Platform("cuda", (7, 0)), "fp16"),  # V100
+    ("auto", eng.Platform("cuda", (8, 0)), "bf16"),  # A100
+    ("auto", eng.Platform("cuda", (9, 4), rocm=True, arch="gfx942:sramecc+:xnack-"), "bf16"),  # MI300
+    ("auto", eng.Platform("cuda", (9, 0), rocm=True, arch="gfx90a:sramecc+:xnack-"), "bf16"),  # MI200
+    ("auto", eng.Platform("cuda", (9, 0), rocm=True, arch="gfx906"), "fp16"),  # MI50 / DCU Z100: no bf16 MFMA
+    ("auto", eng.Platform("cuda", (9, 0), rocm=True, arch="gfx908"), "fp16"),  # MI100: bf16 at half rate
+    ("fp32", eng.Platform("cpu"), "fp32"),
+    ("autocast_bf16", eng.Platform("cpu"), "autocast_bf16"),
+    ("fp16", eng.Platform("cuda", (7, 0)), "fp16"),
 ])
 def test_precision_resolution(requested, dev, expected):
     assert eng.resolve_precision(requested, dev) == expected
 
 
 @pytest.mark.parametrize("requested,dev,words", [
-    ("fp16", eng.DeviceInfo("cpu"), "not supported on CPU"),
-    ("bf16", eng.DeviceInfo("cuda", (7, 0)), "compute capability"),
-    ("autocast_bf16", eng.DeviceInfo("cuda", (7, 5)), "compute capability"),
+    ("fp16", eng.Platform("cpu"), "not supported on CPU"),
+    ("bf16", eng.Platform("cuda", (7, 0)), "compute capability"),
+    ("autocast_bf16", eng.Platform("cuda", (7, 5)), "compute capability 7.5"),
+    ("bf16", eng.Platform("cuda", (9, 0), rocm=True, arch="gfx906"), "ROCm gfx906"),
 ])
 def test_impossible_precision_is_one_line_error(requested, dev, words):
     with pytest.raises(ConfigError) as err:

@@ -304,18 +304,22 @@ class Dist:
         return self.world_size > 1
 
 
-def init_dist() -> Dist:
+def init_dist(platform: Any = None) -> Dist:
     """Under a launcher (WORLD_SIZE > 1): torch.distributed through the engine's start (gloo on CPU,
-    NCCL on GPUs) and this rank's device. Otherwise a single process, no process group."""
+    NCCL on GPUs) and this rank's device. Otherwise a single process, no process group, on the GPU
+    ``LOCAL_RANK`` names if set (an ``srun`` task, a shell's choice), else the first visible one
+    (``CUDA_VISIBLE_DEVICES`` chooses it). ``platform``: :class:`mst_ds.engine.Platform` (asked if None)."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or dist.is_initialized():
-        from mst_ds import engine
+    # not at the top: asking the platform imports DeepSpeed, which picks its accelerator when imported
+    from mst_ds import engine
 
+    platform = platform or engine.Platform.current()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or dist.is_initialized():
         started = not dist.is_initialized()
-        rank, world = engine.init_distributed()
-        return Dist(rank, world, engine.device(), started)
-    return Dist(0, 1, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+        rank, world = engine.init_distributed(platform)
+        return Dist(rank, world, engine.device(platform), started)
+    return Dist(0, 1, engine.bind_device(platform, dict(os.environ)))
 
 
 # --------------------------------------------------------------------------------------------------
