@@ -22,6 +22,7 @@ from rich.table import Table
 
 from mst_ds.config import (
     PRESET_DIR,
+    ConfigError,
     Derived,
     LoadedConfig,
     MSTConfig,
@@ -377,8 +378,12 @@ def plan(args: argparse.Namespace) -> int:
     derived = _derive(args, cfg, world)
     schedules = Schedules.from_config(cfg, derived)
     price = plan_pricing(args)
-    flops_per_image(cfg)  # an architecture the count does not know: one line before anything is printed
-    cpu_s = step_cost(cfg) if args.measure_cpu else None
+    try:
+        flops_per_image(cfg)
+        uncounted = None
+    except ConfigError as err:  # an architecture the count does not know: said, not guessed
+        uncounted = str(err)
+    cpu_s = step_cost(cfg) if args.measure_cpu and uncounted is None else None
     model = None if args.no_model else build_model(cfg)
     params = None if model is None else parameter_counts(cfg, model)
     balance = None if model is None else loss_balance(cfg, model, schedules.at(0).teacher_temp)
@@ -390,7 +395,10 @@ def plan(args: argparse.Namespace) -> int:
     console.print(schedule_table(schedules))
     console.print(memory_table(activation_estimate(cfg, derived, params), cfg))
     console.print(monitor_table(cfg, derived))
-    console.print(cost_table(cfg, derived, price, cpu_s))
+    if uncounted is None:
+        console.print(cost_table(cfg, derived, price, cpu_s))
+    else:
+        console.print(f"[yellow]training cost not shown:[/] {uncounted}")
     if balance is not None:
         console.print(loss_balance_table(balance, cfg))
     if derived.total_steps < 2 or math.isclose(derived.peak_lr, 0.0):

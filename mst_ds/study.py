@@ -624,7 +624,7 @@ def plan(args) -> int:
         pflop, hours = images * flops[row] / 1e15, price.hours(images, flops[row])
         total_pflop += pflop * len(study.seeds)
         total_h += hours * len(study.seeds)
-        cells = [f"{steps:,}", f"{images:,}", f"{flops[row] / 1e9:.1f}", fmt_hours(pflop), fmt_hours(hours)]
+        cells = [f"{steps:,}", f"{images:,}", f"{flops[row] / 1e9:.4g}", fmt_hours(pflop), fmt_hours(hours)]
         if args.measure_cpu:
             key = cost.flops_key(cfg)
             if key not in cpu_s:
