@@ -166,3 +166,10 @@ def test_measure_cpu_adds_the_measured_column(capsys):
                  "--measure-cpu"]) == 0
     out = capsys.readouterr().out
     assert "CPU h/run here" in out and "CPU-hours on this machine" in out
+
+
+def test_plan_of_an_uncounted_architecture_says_so_and_prints_the_rest(capsys):
+    assert main(["plan", "--preset", "tiny", "--no-model", "--set", "model.timm_kwargs={reg_tokens: 4}"]) == 0
+    out = capsys.readouterr().out
+    assert "training cost not shown" in out and "reg_tokens" in out and "GPU-hours" not in out
+    assert "Batch and steps" in out
