@@ -97,6 +97,13 @@ def _plan(p):
     p.add_argument("--world-size", type=int, default=None, help="ranks to plan for (default: WORLD_SIZE or 1)")
     p.add_argument("--dataset-size", type=int, default=None, help="training samples (default: manifest or data.num_samples)")
     p.add_argument("--no-model", action="store_true", help="skip building the model (parameter counts)")
+    p.add_argument("--device", choices=["h100", "a100", "v100", "dcu"], default="h100",
+                   help="price the run / study in GPU-hours of this device (peaks and their sources: mst_ds.cost)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense 16-bit peak (needed for dcu)")
+    p.add_argument("--mfu", type=float, default=None, help="model-FLOPs utilisation to price with (default: gpu_check's "
+                   "measured MFU when its output is found, else an assumed 0.30, stated)")
+    p.add_argument("--gpu-check", default=None, help="gpu_check's saved output (default: bench/gpu_check.log if present)")
+    p.add_argument("--measure-cpu", action="store_true", help="also time real training steps on this CPU (builds the model)")
 
 
 @command("train", "mst_ds.train", "pre-train MST on the DeepSpeed engine (resumes automatically)")

@@ -28,8 +28,12 @@ PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "mst_deit_s_100ep"
 EXIT_USAGE = 2
 # YAML aliases may repeat a section or two; a document whose aliases expand to more values than this is
-# refused (an "alias bomb": 9 references per level for 9 levels is 387 M values from 1 kB of text).
+# refused (an "alias bomb": 9 references per level for 9 levels is 387 M values from 1 kB of text), and so
+# is one that holds more values itself (counted while it is parsed, before anything is built from it).
 MAX_YAML_VALUES = 100_000
+# A recipe is a few kB and a run's resolved config.yaml ~10 kB; a config file or --set value larger than
+# this is refused before it is parsed (pure-Python YAML parses ~0.1 MB/s: a 4 MB file took 46 s).
+MAX_CONFIG_BYTES = 256 * 1024
 
 
 class ConfigError(ValueError):
@@ -382,7 +386,18 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int], open_: set[int]) -> in
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that measures the composed document before building it (see MAX_YAML_VALUES)."""
+    """``yaml.SafeLoader`` that counts the document's values while composing it and measures what its
+    aliases expand to before building it (see MAX_YAML_VALUES)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._values = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._values += 1
+        if self._values > MAX_YAML_VALUES:
+            raise ConfigError(f"more than {MAX_YAML_VALUES:,} values in one YAML document; refusing it")
+        return super().compose_node(parent, index)
 
     def construct_document(self, node: yaml.Node) -> Any:
         _expanded_size(node, {}, set())
@@ -390,16 +405,39 @@ class _BoundedLoader(yaml.SafeLoader):
 
 
 def safe_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with aliases bounded: ConfigError (one line) for a bomb or a recursive alias."""
+    """``yaml.safe_load`` with its size bounded: ConfigError (one line) for text over MAX_CONFIG_BYTES, a
+    document of more than MAX_YAML_VALUES values (with or without aliases), a recursive alias."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{size:,} bytes of YAML, more than the {MAX_CONFIG_BYTES:,} a config may have; refusing it")
     try:
         return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506  # trusted: _BoundedLoader is a yaml.SafeLoader subclass (no object construction)
     except RecursionError:
         raise ConfigError("YAML nested too deeply") from None
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_config_text(path: Path) -> str:
+    """A config file's text: ConfigError (one line) for a directory, a file over MAX_CONFIG_BYTES (checked
+    before it is read), an unreadable file or one that is not UTF-8."""
     try:
-        data = safe_yaml(path.read_text()) or {}
+        if path.is_dir():
+            raise ConfigError(f"{path}: a directory, not a config file")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: more than {MAX_CONFIG_BYTES:,} bytes, larger than a config file may be; refusing it")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start})") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    text = read_config_text(path)
+    try:
+        data = safe_yaml(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     except ConfigError as err:
@@ -528,7 +566,15 @@ def config_from_file(path: str | Path) -> MSTConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such config file")
-    data = json.loads(path.read_text()) if path.suffix == ".json" else read_yaml(path)
+    if path.suffix != ".json":
+        return build_config(read_yaml(path))
+    text = read_config_text(path)
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({str(err).splitlines()[0] if str(err) else 'nested too deeply'})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
     return build_config(data)
 
 

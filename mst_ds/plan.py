@@ -3,7 +3,9 @@
 plan: the resolved config with each value's source, parameter counts per module, per-rank and global
 batch, steps per epoch, schedule values at the milestones, an *estimate* of per-device memory, and the
 balance of the two losses at initialisation (one measured forward of the untrained model; ``--no-model``
-skips it with the parameter counts).
+skips it with the parameter counts), and the training cost: FLOPs per image counted from the config and
+GPU-hours on ``--device`` (mst_ds.cost; ``--measure-cpu`` adds measured CPU time). ``plan --study``: the
+grid of a study and its cost (mst_ds.study.plan).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from rich.table import Table
 
 from mst_ds.config import (
     PRESET_DIR,
+    ConfigError,
     Derived,
     LoadedConfig,
     MSTConfig,
@@ -29,7 +32,10 @@ from mst_ds.config import (
     load_config,
     read_yaml,
 )
+from mst_ds.cost import Pricing, flops_per_image, run_steps
 from mst_ds.schedules import Schedules
+from mst_ds.study import plan as plan_study
+from mst_ds.study import plan_pricing, step_cost
 
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "autocast_bf16": 2, "auto": 2}
 
@@ -341,10 +347,29 @@ def _derive(args: argparse.Namespace, cfg: MSTConfig, world: int) -> Derived:
     return derive_for_training(cfg, world)
 
 
+def cost_table(cfg: MSTConfig, d: Derived, price: Pricing, cpu_s_per_image: float | None) -> Table:
+    """The run's training compute (mst_ds.cost.flops_per_image) and its price in GPU-hours."""
+    steps = run_steps(cfg, d.total_steps)
+    images = steps * d.global_batch
+    flops = flops_per_image(cfg)
+    hours = price.hours(images, flops)
+    table = Table(title=f"Training cost — GFLOP counted from the config (teacher fwd + student fwd/bwd + head + "
+                        f"decoder per image, mst_ds.cost); {price.device.upper()} GPU-hours at {price.describe()}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    rows = [("optimizer steps", f"{steps:,}"), ("images", f"{images:,}"), ("GFLOP / image", f"{flops / 1e9:.2f}"),
+            ("PFLOP / run", f"{images * flops / 1e15:,.4g}"),
+            (f"{price.device.upper()} GPU-hours / run", f"{hours:,.4g}"),
+            (f"wall-clock hours on {d.world_size} device(s)", f"{hours / d.world_size:,.4g}")]
+    if cpu_s_per_image is not None:
+        rows.append(("CPU hours / run here (one process, measured now)", f"{images * cpu_s_per_image / 3600:,.4g}"))
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
 def plan(args: argparse.Namespace) -> int:
     if args.study:
-        from mst_ds.study import plan as plan_study
-
         return plan_study(args)
     console = Console()
     loaded = load_config(args.preset, args.sets)
@@ -352,6 +377,13 @@ def plan(args: argparse.Namespace) -> int:
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     derived = _derive(args, cfg, world)
     schedules = Schedules.from_config(cfg, derived)
+    price = plan_pricing(args)
+    try:
+        flops_per_image(cfg)
+        uncounted = None
+    except ConfigError as err:  # an architecture the count does not know: said, not guessed
+        uncounted = str(err)
+    cpu_s = step_cost(cfg) if args.measure_cpu and uncounted is None else None
     model = None if args.no_model else build_model(cfg)
     params = None if model is None else parameter_counts(cfg, model)
     balance = None if model is None else loss_balance(cfg, model, schedules.at(0).teacher_temp)
@@ -363,6 +395,10 @@ def plan(args: argparse.Namespace) -> int:
     console.print(schedule_table(schedules))
     console.print(memory_table(activation_estimate(cfg, derived, params), cfg))
     console.print(monitor_table(cfg, derived))
+    if uncounted is None:
+        console.print(cost_table(cfg, derived, price, cpu_s))
+    else:
+        console.print(f"[yellow]training cost not shown:[/] {uncounted}")
     if balance is not None:
         console.print(loss_balance_table(balance, cfg))
     if derived.total_steps < 2 or math.isclose(derived.peak_lr, 0.0):

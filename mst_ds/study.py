@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from mst_ds import atomic, job
+from mst_ds import atomic, cost, job
 from mst_ds import checkpoint as ckpt_mod
 from mst_ds.config import ConfigError, MSTConfig, RunFailure, UsageError, flatten, load_config, recipe_chain
 from mst_ds.eval.identity import data_identity, network_identity, same_data, same_network
@@ -554,12 +554,11 @@ def _has_gpu() -> bool:
 # --------------------------------------------------------------------------------------------------
 # mst-ds plan --study: the grid and its cost, before anything runs
 # --------------------------------------------------------------------------------------------------
-def step_cost(cfg: MSTConfig, batch: int = 16) -> tuple[float, float]:
-    """(model GFLOP per training image, CPU seconds per image here) of one real MST step — teacher
-    forward, student forward + backward, decoder — on random views: FLOPs from torch's flop counter,
-    time: the fastest of three uncounted steps (the first pays for allocation and the counter)."""
+def step_cost(cfg: MSTConfig, batch: int = 16) -> float:
+    """CPU seconds per training image here (``plan --measure-cpu``): the fastest of three real MST steps
+    — teacher forward, student forward + backward, decoder — on random views of ``batch`` images, after
+    one untimed step (it pays for allocation)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from mst_ds.model.mst import MSTModel
 
@@ -574,19 +573,29 @@ def step_cost(cfg: MSTConfig, batch: int = 16) -> tuple[float, float]:
             [torch.randn(batch, 3, a.local_crop_size, a.local_crop_size) for _ in range(a.n_local_crops)]
         model(views, teacher, cfg.loss.teacher_temp, torch.Generator().manual_seed(0))["loss"].backward()
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
+    step()
     seconds = []
     for _ in range(3):  # the fastest of three: a busy machine inflates single timings
         t0 = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - t0)
-    return counter.get_total_flops() / batch / 1e9, min(seconds) / batch
+    return min(seconds) / batch
+
+
+def fmt_hours(value: float) -> str:
+    """Whole numbers with thousands separators from 10 up, three significant digits below."""
+    return f"{value:,.0f}" if value >= 10 else f"{value:.3g}"
+
+
+def plan_pricing(args) -> cost.Pricing:
+    """--device / --peak-tflops / --mfu / --gpu-check → what ``plan`` prices GPU-hours with."""
+    return cost.pricing(args.device, peak_override=args.peak_tflops, mfu=args.mfu,
+                        gpu_check=Path(args.gpu_check) if args.gpu_check else None)
 
 
 def plan(args) -> int:
-    """``mst-ds plan --study --rows … [--seeds N] [--base P] [--steps S]``: prints only, writes nothing."""
+    """``mst-ds plan --study --rows … [--seeds N] [--base P] [--steps S] [--device D]``: prints only,
+    writes nothing. Every row is resolved and priced before anything is printed (an error: one line)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -595,6 +604,9 @@ def plan(args) -> int:
     if not args.rows:
         raise UsageError("plan --study: --rows is required")
     study = study_from_args(args)
+    configs = {row: study.config(row, 0) for row in study.rows}
+    price = plan_pricing(args)
+    flops = {row: cost.flops_per_image(cfg) for row, cfg in configs.items()}  # one count per flops_key (cached)
     console = Console()
     grid = Table(title=f"Study grid: {len(study.rows)} rows × {len(study.seeds)} seeds"
                        + (f" on base {study.base}" if study.base else " (paper presets as they are)")
@@ -605,23 +617,33 @@ def plan(args) -> int:
         diff = row_difference(row)
         grid.add_row(row, ", ".join(f"{k}={v}" for k, v in diff.items()) or "— (the paper's MST)")
     console.print(grid)
-    cost = Table(title="Cost per run (GFLOP: one training image through teacher fwd + student fwd/bwd + decoder, "
-                       "counted by torch's flop counter; CPU time measured here, one process)")
-    cost.add_column("row", no_wrap=True)
-    for col in ("steps", "images", "GFLOP / image", "PFLOP / run", "CPU h / run here"):
-        cost.add_column(col, justify="right")
-    total_pflop = total_h = 0.0
-    for row in study.rows:
-        cfg = study.config(row, 0)
-        steps = cfg.run.max_steps or derive(cfg, 1, cfg.data.num_samples).total_steps
+    cpu_s: dict[tuple, float] = {}  # CPU seconds per image, measured once per flops_key
+    dev = price.device.upper()
+    cost_table = Table(title=f"Cost per run ({dev} GPU-hours = images × GFLOP / (peak × MFU); GFLOP: one training "
+                             "image, teacher fwd + student fwd/bwd + head + decoder: mst_ds.cost.flops_per_image)")
+    cost_table.add_column("row", overflow="fold")
+    for col in ["steps", "images", "GFLOP/img", "PFLOP/run", f"{dev} h/run"] + (["CPU h/run here"] if args.measure_cpu else []):
+        cost_table.add_column(col, justify="right", no_wrap=True)
+    total_pflop = total_h = total_cpu = 0.0
+    for row, cfg in configs.items():
+        steps = cost.run_steps(cfg, derive(cfg, 1, cfg.data.num_samples).total_steps)
         images = steps * cfg.optim.batch_size
-        gflop, sec = step_cost(cfg)
-        pflop, hours = images * gflop / 1e6, images * sec / 3600
+        pflop, hours = images * flops[row] / 1e15, price.hours(images, flops[row])
         total_pflop += pflop * len(study.seeds)
         total_h += hours * len(study.seeds)
-        cost.add_row(row, f"{steps:,}", f"{images:,}", f"{gflop:.3g}", f"{pflop:.3g}", f"{hours:.3g}")
-    console.print(cost)
+        cells = [f"{steps:,}", f"{images:,}", f"{flops[row] / 1e9:.4g}", fmt_hours(pflop), fmt_hours(hours)]
+        if args.measure_cpu:
+            key = cost.flops_key(cfg)
+            if key not in cpu_s:
+                cpu_s[key] = step_cost(cfg)
+            total_cpu += images * cpu_s[key] / 3600 * len(study.seeds)
+            cells.append(f"{images * cpu_s[key] / 3600:.3g}")
+        cost_table.add_row(row, *cells)
+    console.print(cost_table)
     n = len(study.rows) * len(study.seeds)
-    console.print(f"{n} runs: {total_pflop:.3g} PFLOP of training in all; ≈ {total_h:.3g} CPU-hours on this machine "
-                  "(one process, as loaded as it is now; evaluation comes on top)")
+    console.print(f"{n} runs: {fmt_hours(total_pflop)} PFLOP of training in all ≈ {fmt_hours(total_h)} {dev} GPU-hours "
+                  "(evaluation comes on top)"
+                  + (f"; ≈ {total_cpu:.3g} CPU-hours on this machine (one process, as loaded as it is now)"
+                     if args.measure_cpu else ""))
+    console.print(f"priced at {price.describe()}")
     return 0
