@@ -282,7 +282,7 @@ class RunConfig(Section):
     tracker_project: str = Field("mst_ds", min_length=1, description="W&B project / MLflow experiment name.")
     deterministic: bool = Field(False, description="GPU runs repeat bit for bit (mst_ds.determinism): torch's deterministic algorithms (strict), CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN deterministic without autotuning, no cuDNN attention and, on ROCm, only the math attention backend. CPU runs are bit-identical either way. Cost: README, On a cluster → Resume. Not part of the run's identity: it picks kernels, not the method, and a resumed run may switch it.")
     log_every_s: float = Field(30.0, ge=0, description="When stdout is not a terminal (a job's output file), one plain progress line per logged step, at most one every this many seconds (and the last step's).")
-    peak_tflops: float | None = Field(None, gt=0, description="One device's peak TFLOPS at the training precision, for the logged MFU; default: a table of bf16/fp16 GPU peaks (mst_ds.metrics.PEAK_TFLOPS); no MFU on CPU unless given.")
+    peak_tflops: float | None = Field(None, gt=0, description="One device's peak TFLOPS at the training precision, for the logged MFU; default: the cited 16-bit GPU peaks of mst_ds.cost.PEAKS by device name; no MFU on CPU unless given.")
 
 
 class HealthConfig(Section):

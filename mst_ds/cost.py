@@ -26,13 +26,20 @@ from mst_ds.config import ConfigError, MSTConfig
 # Dense 16-bit tensor-core peak per device, TFLOP/s (without structured sparsity), SXM parts: the
 # precision the device trains in (engine.precision=auto: bf16, fp16 on V100).
 PEAKS: dict[str, tuple[float | None, str]] = {
+    "h200": (989.0, "NVIDIA H200 SXM, dense BF16 (H200 datasheet: the H100 SXM5's tensor cores)"),
     "h100": (989.0, "NVIDIA H100 SXM5, dense BF16 (H100 Tensor Core GPU datasheet: 1,979 with sparsity)"),
+    "h100-pcie": (756.0, "NVIDIA H100 PCIe, dense BF16 (H100 Tensor Core GPU datasheet: 1,513 with sparsity)"),
     "a100": (312.0, "NVIDIA A100 SXM4, dense BF16 (A100 Tensor Core GPU datasheet: 624 with sparsity)"),
     "v100": (125.0, "NVIDIA V100 SXM2, FP16 tensor cores (V100 datasheet; no BF16: the V100 path is fp16)"),
+    "mi300x": (1307.4, "AMD Instinct MI300X, dense BF16 (MI300X datasheet)"),
+    "mi250x": (383.0, "AMD Instinct MI250X, dense BF16 (MI250X datasheet)"),
     # Hygon/Sugon DCUs differ by model (Z100, K100, K100_AI) and this table has no datasheet figure it can
     # cite for them: a DCU plan needs --peak-tflops.
     "dcu": (None, "Hygon DCU (Sugon): model-dependent, no cited figure here"),
 }
+# torch.cuda.get_device_name() → a PEAKS entry: the first listed substring found in the name wins.
+DEVICE_NAMES = (("H200", "h200"), ("H100 PCIe", "h100-pcie"), ("H100", "h100"), ("A100", "a100"), ("A800", "a100"),
+                ("V100", "v100"), ("MI300X", "mi300x"), ("MI250X", "mi250x"))
 # The MFU assumed when no measurement is given: gpu_check's target for the paper preset's bf16 step.
 ASSUMED_MFU = 0.30
 # gpu_check's MFU line: `BENCH {"name": "MFU, <preset> bf16 step, batch N", "ratio": 0.41, ...}`.
@@ -155,6 +162,13 @@ def peak_tflops(device: str, override: float | None = None) -> tuple[float, str]
     if peak is None:
         raise ConfigError(f"--device {device}: no peak to cite ({source}); give --peak-tflops")
     return peak, source
+
+
+def peak_of_device_name(name: str) -> float | None:
+    """The dense 16-bit peak TFLOP/s of the device torch names ``name`` (e.g. "NVIDIA H100 80GB HBM3"),
+    None where the table has no cited figure (DCUs, CPUs, devices not listed)."""
+    key = next((key for part, key in DEVICE_NAMES if part in name), None)
+    return PEAKS[key][0] if key else None
 
 
 def measured_mfu(path: Path) -> tuple[float, str | None]:

@@ -21,15 +21,10 @@ import torch
 
 from mst_ds import atomic
 from mst_ds.config import MSTConfig
+from mst_ds.cost import peak_of_device_name
 from mst_ds.run_dir import RunDir
 from mst_ds.scalars import HEALTH_SCALARS, MFU, MODEL_SCALARS, MONITOR_SCALARS, SCALARS  # noqa: F401 (named here too)
 from mst_ds.trackers import open_trackers
-
-# Dense bf16/fp16 tensor-core peak TFLOPS per device (vendor data sheets; SXM / OAM parts), matched by a
-# substring of torch.cuda.get_device_name(). Only for bf16/fp16 training: an fp32 run, a device not
-# listed or a CPU has no MFU unless run.peak_tflops says the peak.
-PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0),
-               ("V100", 125.0), ("MI300X", 1307.0), ("MI250X", 383.0))
 
 
 def device_peak_tflops(dev: torch.device, precision: str, configured: float | None) -> float | None:
@@ -39,8 +34,7 @@ def device_peak_tflops(dev: torch.device, precision: str, configured: float | No
         return configured
     if dev.type != "cuda" or precision not in ("bf16", "fp16", "autocast_bf16"):
         return None
-    name = torch.cuda.get_device_name(dev)
-    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+    return peak_of_device_name(torch.cuda.get_device_name(dev))
 
 
 def peak_memory_gb(dev: torch.device) -> float:

@@ -25,11 +25,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.flop_counter import FlopCounterMode
 
-from mst_ds import atomic, job
+from mst_ds import atomic, cost, determinism, job
 from mst_ds import checkpoint as ckpt
-from mst_ds import determinism, job
 from mst_ds import engine as eng
 from mst_ds.checkpoint_manager import resume, save
 from mst_ds.config import ConfigError, MSTConfig, load_config
@@ -39,7 +37,6 @@ from mst_ds.data.reader import make_train_loader
 from mst_ds.faults import Faults
 from mst_ds.health import RunHealth
 from mst_ds.metrics import MODEL_SCALARS, MetricsLogger, Throughput, device_peak_tflops, peak_memory_gb
-from mst_ds.model.mst import MSTModel
 from mst_ds.run_dir import RunDir
 from mst_ds.trainer import Training, broadcast, check, check_training_data, setup
 
@@ -166,22 +163,14 @@ def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return box.cpu().tolist()
 
 
-def flops_per_image(cfg: MSTConfig) -> float:
-    """Model FLOPs of one training image in one MST step — teacher forward, student forward and backward,
-    decoder — counted by torch's FlopCounterMode on a fresh CPU copy of the model (batch of 2: BatchNorm
-    needs two samples), so the run's weights, gradients and random streams are untouched.
-    (:func:`mst_ds.study.step_cost` counts the same step for ``plan --study``.)"""
-    a, batch = cfg.augment, 2
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = MSTModel.from_config(cfg)
-        teacher = model.make_teacher()
-        views = [torch.randn(batch, 3, a.global_crop_size, a.global_crop_size) for _ in range(2)] + \
-            [torch.randn(batch, 3, a.local_crop_size, a.local_crop_size) for _ in range(a.n_local_crops)]
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(views, teacher, cfg.loss.teacher_temp, torch.Generator().manual_seed(0))["loss"].backward()
-    return counter.get_total_flops() / batch
+def flops_per_image(cfg: MSTConfig) -> float | None:
+    """Model FLOPs of one training image in one MST step (:func:`mst_ds.cost.flops_per_image`, the count
+    ``plan`` prices with; checked against torch's FlopCounterMode in tests); None for an architecture the
+    count does not model (no MFU then, the run goes on)."""
+    try:
+        return cost.flops_per_image(cfg)
+    except ConfigError:
+        return None
 
 
 def train(cfg: MSTConfig, run_dir: Path, *, progress: bool = True, stop: job.StopSignals | None = None,
