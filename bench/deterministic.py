@@ -51,17 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     a = cfg.augment
     views = [torch.randn(args.batch, 3, a.global_crop_size, a.global_crop_size, generator=g) for _ in range(2)] + [
         torch.randn(args.batch, 3, a.local_crop_size, a.local_crop_size, generator=g) for _ in range(a.n_local_crops)]
-    cpu = determinism.Platform(cuda_initialized=False, rocm=False)
+    cpu = determinism.CudaState(cuda_initialized=False, rocm=False)
     times: dict[bool, list[float]] = {False: [], True: []}
     results = {}
     for i in range(args.reps + 1):
         for on in ((False, True) if i % 2 else (True, False)):
-            determinism.apply(on, env={}, platform=cpu)
+            determinism.apply(on, env={}, cuda=cpu)
             spent, loss, grads = step(model, teacher, views)
             if i:  # the first round warms both up
                 times[on].append(spent)
             results[on] = (loss, grads)
-    determinism.apply(False, env={}, platform=cpu)
+    determinism.apply(False, env={}, cuda=cpu)
     same = torch.equal(results[True][0], results[False][0]) and all(
         torch.equal(x, y) for x, y in zip(results[True][1], results[False][1]))
     off, on = statistics.median(times[False]), statistics.median(times[True])

@@ -40,20 +40,22 @@ DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")  # the two settings cuBLAS documents
 
 
 @dataclass(frozen=True)
-class Platform:
-    """What the choices depend on, asked once (tests pass their own to reach the GPU branches on CPU)."""
+class CudaState:
+    """This process's CUDA state the choices depend on, asked once (tests pass their own to reach the GPU
+    branches on CPU). Not :class:`mst_ds.engine.Platform` (what the device offers): this is asked before
+    the engine exists, and "CUDA already initialised" is a state of the process, not of the device."""
 
     cuda_initialized: bool  # a CUDA context exists already: cuBLAS may have read its workspace setting
     rocm: bool  # torch built for ROCm (HIP): DCUs, AMD GPUs
 
     @classmethod
-    def of_this_process(cls) -> Platform:
+    def of_this_process(cls) -> CudaState:
         return cls(cuda_initialized=torch.cuda.is_initialized(), rocm=torch.version.hip is not None)
 
 
-def apply(on: bool, *, env: MutableMapping[str, str] = os.environ, platform: Platform | None = None) -> None:
+def apply(on: bool, *, env: MutableMapping[str, str] = os.environ, cuda: CudaState | None = None) -> None:
     """Select deterministic kernels (``on``) or torch's defaults; once per run, before the engine."""
-    where = platform or Platform.of_this_process()
+    where = cuda or CudaState.of_this_process()
     if on:
         _cublas_workspace(env, where)
     torch.use_deterministic_algorithms(on)
@@ -67,7 +69,7 @@ def apply(on: bool, *, env: MutableMapping[str, str] = os.environ, platform: Pla
     torch.backends.cuda.enable_math_sdp(True)
 
 
-def _cublas_workspace(env: MutableMapping[str, str], where: Platform) -> None:
+def _cublas_workspace(env: MutableMapping[str, str], where: CudaState) -> None:
     """CUBLAS_WORKSPACE_CONFIG: keep a reproducible value the user exported, refuse any other, else set it."""
     value = env.get("CUBLAS_WORKSPACE_CONFIG")
     if value in DETERMINISTIC_CUBLAS:

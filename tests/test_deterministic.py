@@ -1,7 +1,7 @@
 """``run.deterministic`` (issue 29, item 5): the flag sets what it claims, on every platform branch.
 
 What is faked: the two facts about the process that only a GPU machine has (a CUDA context already
-exists; torch is a ROCm build) come in as ``determinism.Platform``; the environment is a dict. torch's
+exists; torch is a ROCm build) come in as ``determinism.CudaState``; the environment is a dict. torch's
 setters themselves are the real ones (they are global flags, settable on a CPU build)."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from conftest import train_in_process
 
 from mst_ds import determinism
 from mst_ds.config import ConfigError, load_config
-from mst_ds.determinism import Platform
+from mst_ds.determinism import CudaState
 from mst_ds.scalars import SCALARS
 
-CUDA = Platform(cuda_initialized=False, rocm=False)
-ROCM = Platform(cuda_initialized=False, rocm=True)
+CUDA = CudaState(cuda_initialized=False, rocm=False)
+ROCM = CudaState(cuda_initialized=False, rocm=True)
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +41,7 @@ def settings() -> dict[str, bool]:
 def test_on_cuda_selects_deterministic_kernels_and_sets_the_cublas_workspace():
     torch.backends.cudnn.benchmark = True  # as a user script might have left it
     env: dict[str, str] = {}
-    determinism.apply(True, env=env, platform=CUDA)
+    determinism.apply(True, env=env, cuda=CUDA)
     assert env == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     # Strict mode (not warn_only) is what routes SDPA's flash / memory-efficient backward to their
     # deterministic paths on CUDA, so both stay on; cuDNN attention is off.
@@ -51,16 +51,16 @@ def test_on_cuda_selects_deterministic_kernels_and_sets_the_cublas_workspace():
 
 
 def test_on_rocm_attention_runs_the_math_backend():
-    determinism.apply(True, env={}, platform=ROCM)
+    determinism.apply(True, env={}, cuda=ROCM)
     s = settings()
     assert s["deterministic_algorithms"] and s["cudnn_deterministic"] and not s["cudnn_benchmark"]
     assert (s["flash_sdp"], s["mem_efficient_sdp"], s["cudnn_sdp"], s["math_sdp"]) == (False, False, False, True)
 
 
 def test_off_restores_torchs_defaults():
-    determinism.apply(True, env={}, platform=ROCM)
+    determinism.apply(True, env={}, cuda=ROCM)
     env: dict[str, str] = {}
-    determinism.apply(False, env=env, platform=ROCM)
+    determinism.apply(False, env=env, cuda=ROCM)
     assert env == {}
     assert settings() == {"deterministic_algorithms": False, "warn_only": False, "cudnn_deterministic": False,
                           "cudnn_benchmark": False, "flash_sdp": True, "mem_efficient_sdp": True,
@@ -69,20 +69,20 @@ def test_off_restores_torchs_defaults():
 
 def test_a_reproducible_workspace_the_user_exported_is_kept():
     env = {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
-    determinism.apply(True, env=env, platform=Platform(cuda_initialized=True, rocm=False))
+    determinism.apply(True, env=env, cuda=CudaState(cuda_initialized=True, rocm=False))
     assert env == {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
 
 
-@pytest.mark.parametrize("env, platform, message", [
+@pytest.mark.parametrize("env, cuda, message", [
     ({"CUBLAS_WORKSPACE_CONFIG": ":0:0"}, CUDA,
      "run.deterministic: CUBLAS_WORKSPACE_CONFIG=:0:0 is not reproducible; unset it or export one of :4096:8, :16:8"),
-    ({}, Platform(cuda_initialized=True, rocm=False),
+    ({}, CudaState(cuda_initialized=True, rocm=False),
      "run.deterministic: CUDA was initialised before CUBLAS_WORKSPACE_CONFIG could be set; "
      "export CUBLAS_WORKSPACE_CONFIG=:4096:8 before starting"),
 ])
-def test_a_workspace_that_cannot_be_reproducible_is_refused_in_one_line(env, platform, message):
+def test_a_workspace_that_cannot_be_reproducible_is_refused_in_one_line(env, cuda, message):
     with pytest.raises(ConfigError) as err:
-        determinism.apply(True, env=env, platform=platform)
+        determinism.apply(True, env=env, cuda=cuda)
     assert str(err.value) == message
     assert not torch.are_deterministic_algorithms_enabled()  # refused before anything was switched
 
