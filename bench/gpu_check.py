@@ -34,6 +34,7 @@ ORDER = ("env", "parity", "zero", "resume", "knn", "kernels", "throughput", "loa
 NEEDS = {"knn": ("resume",)}
 TIMEOUT_S = {"env": 120, "parity": 240, "zero": 300, "resume": 360, "knn": 180, "kernels": 180, "throughput": 300,
              "loader": 240}
+CPU_SLOWER = 3  # --cpu: the tiny preset, but a loaded CI machine and ~10 s of imports per process
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     base += ["--cpu"] * args.cpu + ["--quick"] * args.quick
     base += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
     names = [n for n in ORDER if args.only is None or n in args.only]
-    sections = [Section(n, [*base, "--section", n], TIMEOUT_S[n], needs=tuple(x for x in NEEDS.get(n, ()) if x in names))
+    scale = CPU_SLOWER if args.cpu else 1
+    sections = [Section(n, [*base, "--section", n], TIMEOUT_S[n] * scale, needs=tuple(x for x in NEEDS.get(n, ()) if x in names))
                 for n in names]
     try:
         run, rows = run_all(sections, out, args.budget_min * 60, out.parent / "gpu_check_logs")
