@@ -128,7 +128,7 @@ def section_env(ctx: Ctx) -> None:
     backend = ("ROCm " + torch.version.hip) if torch.version.hip else ("CUDA " + str(torch.version.cuda))
     ctx.row("python / torch / deepspeed", "info", f"{sys.version.split()[0]} / {torch.__version__} / {deepspeed.__version__}")
     ctx.row("device", "info", dev, "" if ctx.cpu else backend)
-    ctx.expect("device visible", ctx.cpu or torch.cuda.is_available(), not ctx.cpu)
+    ctx.expect("GPUs visible", ctx.cpu or torch.cuda.is_available(), torch.cuda.device_count())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,7 +349,8 @@ def _launch(ctx: Ctx, run_dir: Path, steps: int, fault: str = "") -> subprocess.
     cmd = [str(ROOT / "launch.sh"), *where, "--preset", "tiny", "--run-dir", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    # In the section's process group: a timeout's killpg reaches launch.sh, the launcher and the ranks.
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _losses(run_dir: Path) -> list[float]:
