@@ -77,6 +77,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _stop(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_section(sec: Section, out: Path, run: str, log: Path, timeout_s: float) -> tuple[str, float]:
     """Run one section → (status, seconds). Its stdout/stderr go to ``log``; the closing row is appended."""
     t0 = time.monotonic()
@@ -88,6 +92,10 @@ def run_section(sec: Section, out: Path, run: str, log: Path, timeout_s: float) 
             status = "pass" if rc == 0 else "fail"
         except subprocess.TimeoutExpired:
             rc, status = None, "timeout"
+        except BaseException:  # this runner stopped (SIGTERM → SystemExit, Ctrl-C): the row says so
+            append_row(out, {"run": run, "section": sec.name, "check": SECTION_ROW, "status": "killed",
+                             "value": round(time.monotonic() - t0, 1), "note": "the runner itself was stopped"})
+            raise
         finally:
             _kill_group(proc)  # also after a normal exit: nothing it started may outlive it
     seconds = time.monotonic() - t0
@@ -104,7 +112,11 @@ def run_section(sec: Section, out: Path, run: str, log: Path, timeout_s: float) 
 
 def run_all(sections: Sequence[Section], out: Path, budget_s: float, logs: Path, *, run: str | None = None,
             echo=print) -> tuple[str, list[dict]]:
-    """Every section in order within ``budget_s`` (wall clock, from now) → (run id, this run's rows)."""
+    """Every section in order within ``budget_s`` (wall clock, from now) → (run id, this run's rows).
+
+    A SIGTERM to this runner (a caller's timeout) kills the running section's process group first: a
+    section lives in its own session and would otherwise outlive its runner."""
+    signal.signal(signal.SIGTERM, _stop)
     run = run or uuid.uuid4().hex[:12]
     deadline = time.monotonic() + budget_s
     logs.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,26 @@ def test_a_timeout_kills_the_whole_process_group_and_the_next_sections_still_run
     assert failures(rows) == ["hang", "crash", "after_crash"]
 
 
+def test_a_sigterm_to_the_runner_kills_the_running_section_group(tmp_path):
+    """A caller's timeout (SIGTERM to the runner) must not leave the section (its own session) running."""
+    pidfile = tmp_path / "child.pid"
+    hang = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(300)")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); from pathlib import Path; "
+            f"from _gpu_runner import Section, run_all; "
+            f"run_all([Section('hang', {_py(hang)!r}, timeout_s=300, min_s=0)], Path({str(tmp_path / 'r.jsonl')!r}), "
+            f"300, Path({str(tmp_path / 'logs')!r}))")
+    runner = subprocess.Popen(_py(code))
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.3)
+    runner.terminate()
+    assert runner.wait(timeout=30) == 128 + 15
+    assert not _alive(int(pidfile.read_text())), "the section's child outlived its stopped runner"
+    assert read_rows(tmp_path / "r.jsonl")[-1]["status"] == "killed"
+
+
 def test_the_budget_holds_and_later_sections_are_skipped_with_the_reason(tmp_path):
     sleepy = [Section(f"s{i}", _py("import time; time.sleep(60)"), timeout_s=60, min_s=1) for i in range(4)]
     t0 = time.monotonic()
