@@ -63,8 +63,7 @@ def sets(shards: Path, batch: int, steps: int, template: Path) -> list[str]:
 def check_split(shards: Path, ranks: int, template: Path) -> dict:
     """Every rank's epoch-0 loader with its real workers → batches per rank, batch sizes, repeats."""
     from mst_ds.config import load_config
-    from mst_ds.data.manifest import open_manifest
-    from mst_ds.data.reader import make_train_loader
+    from mst_ds.data.reader import make_train_loader, open_manifest
 
     cfg = load_config("tiny", sets(shards, MICRO * ranks, 2, template)).config
     total = open_manifest(str(shards)).total
