@@ -91,7 +91,7 @@ def launch(run_dir: Path, ranks: int, batch: int, shards: Path, steps: int, temp
     subprocess.run(check, env=env, check=True, capture_output=True, text=True, timeout=900)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(_port()), "--num_gpus", str(ranks),
            str(HERE / "_rehearsal_rank.py"), "train", "--preset", "tiny", "--run-dir", str(run_dir), *flags]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600, start_new_session=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)  # in our group: a kill reaches the ranks
 
 
 def wire_bytes(op: str, size: int, world: int) -> float:
