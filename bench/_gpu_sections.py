@@ -26,10 +26,8 @@ import torch
 from _gpu_runner import append_row
 
 ROOT = Path(__file__).resolve().parent.parent
-# Dense bf16/fp16 tensor-core peak per device (TFLOP/s, vendor data sheets; SXM parts). --peak-tflops
-# overrides; an unknown device reports achieved TFLOP/s and no MFU.
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "V100": 125.0, "A800": 312.0,
-               "H800": 989.0, "L40S": 362.0, "MI300X": 1307.0, "MI250X": 383.0, "MI250": 362.0}
+# The device's dense 16-bit peak: mst_ds.cost's cited table (the one `mst-ds plan` prices with);
+# --peak-tflops overrides; an unknown device reports achieved TFLOP/s and no MFU.
 # The launcher's rank environment, never inherited by a section's own start.
 RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -513,6 +511,7 @@ def _plain_step_s(ctx: Ctx, cfg, batches: list[dict], teacher_dtype: torch.dtype
 
 def section_throughput(ctx: Ctx) -> None:
     from mst_ds.config import derive
+    from mst_ds.cost import flops_per_image, peak_of_device_name
     from mst_ds.plan import activation_estimate, parameter_counts
     from mst_ds.train import train_step
 
@@ -532,10 +531,14 @@ def section_throughput(ctx: Ctx) -> None:
         peak = torch.cuda.max_memory_allocated()
         ctx.row("peak memory / plan estimate", "info", round(peak / est, 3), f"{peak / 2**30:.2f} / {est / 2**30:.2f} GiB")
     name = torch.cuda.get_device_name() if not ctx.cpu else ""
-    peak_tf = ctx.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    flops = _count_flops(t, batches[0])
+    peak_tf = ctx.peak_tflops or peak_of_device_name(name)
+    counted = _count_flops(t, batches[0])
+    ctx.row("GFLOP per image (counted)", "info", round(counted / batch / 1e9, 3), "fwd + bwd + teacher, FlopCounterMode")
+    # MFU over the model FLOPs `mst-ds plan` prices with (no recomputation counted), so plan's GPU-hours
+    # and this MFU describe one quantity.
+    flops = flops_per_image(cfg) * batch
+    ctx.row("GFLOP per image (plan's count)", "info", round(flops / batch / 1e9, 3), "mst_ds.cost.flops_per_image")
     achieved = flops / engine_s / 1e12
-    ctx.row("GFLOP per image (counted)", "info", round(flops / batch / 1e9, 3), "fwd + bwd + teacher")
     ctx.row("MFU" if peak_tf else "achieved TFLOP/s", "info", round(achieved / peak_tf, 4) if peak_tf else round(achieved, 4),
             f"{achieved:.2f} TFLOP/s of {peak_tf:g}" if peak_tf else "no peak known for this device (--peak-tflops)")
     t = None  # freed before the plain loops

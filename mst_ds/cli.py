@@ -102,7 +102,7 @@ def _plan(p):
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense 16-bit peak (needed for dcu)")
     p.add_argument("--mfu", type=float, default=None, help="model-FLOPs utilisation to price with (default: gpu_check's "
                    "measured MFU when its output is found, else an assumed 0.30, stated)")
-    p.add_argument("--gpu-check", default=None, help="gpu_check's saved output (default: bench/gpu_check.log if present)")
+    p.add_argument("--gpu-check", default=None, help="gpu_check's results (its --out JSONL, or its saved output; default: runs/gpu_check.jsonl if present)")
     p.add_argument("--measure-cpu", action="store_true", help="also time real training steps on this CPU (builds the model)")
 
 

@@ -38,7 +38,7 @@ PEAKS: dict[str, tuple[float | None, str]] = {
     "dcu": (None, "Hygon DCU (Sugon): model-dependent, no cited figure here"),
 }
 # torch.cuda.get_device_name() → a PEAKS entry: the first listed substring found in the name wins.
-DEVICE_NAMES = (("H200", "h200"), ("H100 PCIe", "h100-pcie"), ("H100", "h100"), ("A100", "a100"), ("A800", "a100"),
+DEVICE_NAMES = (("H200", "h200"), ("H100 PCIe", "h100-pcie"), ("H100", "h100"), ("H800", "h100"), ("A100", "a100"), ("A800", "a100"),
                 ("V100", "v100"), ("MI300X", "mi300x"), ("MI250X", "mi250x"))
 # The MFU assumed when no measurement is given: gpu_check's target for the paper preset's bf16 step.
 ASSUMED_MFU = 0.30
@@ -172,9 +172,10 @@ def peak_of_device_name(name: str) -> float | None:
 
 
 def measured_mfu(path: Path) -> tuple[float, str | None]:
-    """(MFU, device name or None) from gpu_check's saved output (``python bench/gpu_check.py | tee FILE``):
-    the last ``BENCH`` record named ``MFU, …`` (lines of bare JSON records count too), the device from its
-    first line. ConfigError (one line) for a file without one."""
+    """(MFU, device name or None) from gpu_check's results: its JSONL file (``--out``; the last row whose
+    check is ``MFU``, the device from the ``device`` row) or its saved output (``… | tee FILE``: the last
+    ``BENCH`` record named ``MFU, …``, the device from its first line). ConfigError (one line) for a file
+    without one."""
     try:
         lines = path.read_bytes().decode("utf-8").splitlines()
     except OSError as err:
@@ -193,13 +194,17 @@ def measured_mfu(path: Path) -> tuple[float, str | None]:
             rec = json.loads(text)
         except ValueError:
             raise ConfigError(f"--gpu-check {path}: a record is not JSON: {text[:60]!r}") from None
-        if isinstance(rec, dict) and str(rec.get("name", "")).startswith(MFU_BENCH_PREFIX):
-            value = rec.get("ratio")
+        if not isinstance(rec, dict):
+            continue
+        if rec.get("check") == "device" and isinstance(rec.get("value"), str):  # gpu_check.jsonl's env row
+            device = rec["value"].split(" × ", 1)[-1].strip()
+        if str(rec.get("name", "")).startswith(MFU_BENCH_PREFIX) or rec.get("check") == "MFU":
+            value = rec.get("ratio") if "ratio" in rec else rec.get("value")
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
                 raise ConfigError(f"--gpu-check {path}: MFU {value!r} is not a fraction in (0, 1]")
             mfu = float(value)
     if mfu is None:
-        raise ConfigError(f"--gpu-check {path}: no MFU record (a 'BENCH {{\"name\": \"MFU, …\"}}' line of gpu_check)")
+        raise ConfigError(f"--gpu-check {path}: no MFU record (gpu_check's 'MFU' row, or a 'BENCH {{\"name\": \"MFU, …\"}}' line)")
     return mfu, device
 
 
@@ -212,9 +217,9 @@ def gpu_hours(images: int, flops: float, peak_tflops: float, mfu: float) -> floa
 # What a plan prices with
 # --------------------------------------------------------------------------------------------------
 REPO = Path(__file__).resolve().parent.parent
-# Where `mst-ds plan` looks for gpu_check's numbers when --gpu-check is not given:
-# `python bench/gpu_check.py | tee bench/gpu_check.log` on the GPU machine.
-DEFAULT_GPU_CHECK = REPO / "bench" / "gpu_check.log"
+# Where `mst-ds plan` looks for gpu_check's numbers when --gpu-check is not given: gpu_check's own
+# results file when $OUT is not set (bench/gpu_check.py --out).
+DEFAULT_GPU_CHECK = REPO / "runs" / "gpu_check.jsonl"
 
 
 @dataclass(frozen=True)
