@@ -479,8 +479,8 @@ def _linear(args, ctx) -> int:
         raise UsageError("--epochs sets --protocol dino's budget; the default protocol's is --iters")
     result_path = Path(ctx.out_dir) / f"linear_{args.probe}.json"
     state_path = Path(ctx.out_dir) / f"linear_{args.probe}_state.pt"
-    if ctx.is_main:
-        refuse_foreign([result_path] if fast else [result_path, state_path], bool(getattr(args, "force", False)))
+    # every rank reads the same files: all refuse together, none waits for a rank that left
+    refuse_foreign([result_path] if fast else [result_path, state_path], bool(getattr(args, "force", False)))
     avgpool = cfg.eval.avgpool_patch_tokens if args.avgpool is None else bool(args.avgpool)
     spec = fx.FeatureSpec(n_last_blocks=cfg.eval.n_last_blocks if args.probe == "dino" else 1, avgpool=avgpool)
     epochs = args.epochs or cfg.eval.linear_epochs
