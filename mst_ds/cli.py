@@ -146,7 +146,11 @@ def _linear(p):
     p.add_argument("--holdout", type=float, default=None, help="fraction of the training samples held out to choose the best head "
                    "(default: eval.linear_holdout; the val set is never used to choose)")
     p.add_argument("--avgpool", action="store_true", default=None, help="append average-pooled patch tokens (default: eval.avgpool_patch_tokens)")
-    p.add_argument("--no-augment", action="store_true", help="train on cached center-crop features instead of random-resized-crop + flip (fast on CPU; not the paper's protocol)")
+    p.add_argument("--no-augment", action="store_true", help="--protocol dino only: train on cached center-crop features instead of random-resized-crop + flip")
+    p.add_argument("--protocol", choices=["fast", "dino"], default="fast", help="fast (default): the grid on cached, standardised "
+                   "features for --iters iterations; dino: DINO's / the paper's epochs of SGD with augmentation (resumable)")
+    p.add_argument("--iters", type=int, default=None, help="--protocol fast: SGD iterations (default: eval.linear_iters)")
+    p.add_argument("--force", action="store_true", help="replace linear_*.json / state files in --out that mst-ds linear did not write")
     _add_local_rank(p)
 
 

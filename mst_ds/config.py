@@ -136,12 +136,46 @@ class MaskConfig(Section):
     """Attention-guided masking [P]; knobs and defaults [D] (SPEC §1.3)."""
 
     enabled: bool = Field(True, description="False = DINO baseline (no masking).")
-    strategy: Literal["attention", "random"] = Field("attention", description="[P] low-attention patches; 'random' is the Table 4 ablation.")
+    policy: Literal["low", "high", "hint", "random"] = Field("low", description=(
+        "Which patches are candidates. low [P] = MST: the lowest-attention r·N; high = AttMask-High (Kakogeorgiou et "
+        "al. 2022): the highest-attention r·N, masked at the same rate; hint = AttMask-Hint: high, then ⌊0.1·r·N⌋ "
+        "patches drawn among the 10 % most attended revealed again (AttMask's show_max 0.1); random = the Table 4 "
+        "ablation, every patch with probability p. The old key mask.strategy is still read (attention = low)."))
     ratio: float = Field(0.3, ge=0, le=1, description="[D] r: the lowest r·N attention patches are candidates. Unconfirmed by the paper.")
     prob: float = Field(0.5, ge=0, le=1, description="[D] p: each candidate masked with probability p (r·p ≈ 15 %, BERT's rate). For 'random', the per-patch mask probability.")
     mode: Literal["per_token", "per_image"] = Field("per_token", description="[D] per_token: each candidate independently; per_image: exactly round(r·p·N) lowest-attention candidates chosen at random.")
     heads: Literal["mean", "max"] = Field("mean", description="[D] how the last block's heads are combined.")
     replacement: Literal["mask_token", "bert"] = Field("mask_token", description="[S Table 4] mask_token = ours; bert = 80 % mask token, 10 % random token, 10 % unchanged.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_strategy(cls, data: Any) -> Any:
+        """``strategy: attention | random`` (configs and run directories written before ``policy``) →
+        ``policy: low | random``; both given must agree."""
+        if not isinstance(data, dict) or "strategy" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("strategy")
+        if old not in LEGACY_STRATEGY:
+            raise ValueError(f"mask.strategy: expected attention or random (got {old!r}); the key is now mask.policy")
+        if data.setdefault("policy", LEGACY_STRATEGY[old]) != LEGACY_STRATEGY[old]:
+            raise ValueError(f"mask.strategy {old} and mask.policy {data['policy']} disagree "
+                             "(mask.strategy is the old name of mask.policy: attention = low)")
+        return data
+
+    @property
+    def attention_guided(self) -> bool:
+        """True when the teacher's attention chooses the patches (every policy but random)."""
+        return self.policy != "random"
+
+    @property
+    def strategy(self) -> str:
+        """The pre-``policy`` name, for readers of it: attention (any attention-guided policy) or random."""
+        return "attention" if self.attention_guided else "random"
+
+
+# mask.strategy (before mask.policy) → mask.policy; and back for the hash of the configs it could express.
+LEGACY_STRATEGY = {"attention": "low", "random": "random"}
 
 
 class DecoderConfig(Section):
@@ -246,7 +280,10 @@ class EvalConfig(Section):
     knn_temperature: float = Field(0.07, gt=0, description="[S §4] weights exp(sim / T).")
     linear_lr: float = Field(0.00024, gt=0, description="[S §5] lr at batch 1024 (scaled linearly with the batch).")
     linear_batch_size: int = Field(1024, gt=0, description="[S §5]")
-    linear_epochs: int = Field(100, gt=0, description="[S §5]")
+    linear_epochs: int = Field(100, gt=0, description="[S §5] epochs of `mst-ds linear --protocol dino`.")
+    linear_iters: int = Field(4000, gt=0, description="SGD iterations of the default probe (`--protocol fast`: the "
+                              "grid on cached, standardised features); measured on tiny and small checkpoints on the "
+                              "digits, the best held-out cell stops improving by then (README, Evaluation).")
     linear_momentum: float = Field(0.9, ge=0, lt=1, description="[D] SGD momentum.")
     linear_lr_sweep: list[float] = Field(default_factory=list, description="Extra lrs trained in the same pass (one head each).")
     # DINOv2's linear-eval grid (eval/linear.py: 1e-5 … 0.1 at batch 256) expressed at batch 1024 (× 4),
@@ -350,6 +387,11 @@ class MSTConfig(Section):
         mid-epoch resume depend on it. ``data.train`` is left out because the path may change (shards
         moved); the data's identity is checked from its manifest instead (``checkpoint_manager.data_identity``)."""
         d = self.to_dict()
+        # A config mask.strategy could express hashes as it did then: runs and studies saved before
+        # mask.policy existed keep their hash (resume and study markers compare it).
+        legacy = {v: k for k, v in LEGACY_STRATEGY.items()}
+        if d["mask"]["policy"] in legacy:
+            d["mask"]["strategy"] = legacy[d["mask"].pop("policy")]
         for key in ignore:
             parts = key.split(".")
             node = d

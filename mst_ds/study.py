@@ -49,6 +49,9 @@ ROW_SETS: dict[str, tuple[list[str], str]] = {
     "random_p": (["ablation_random_p0", "ablation_random_p001", "ablation_random_p005", "ablation_random_p01",
                   "ablation_random_p015"], "ablation_random_p0"),
     "mst_vs_dino": (["dino_deit_s_100ep", "mst_deit_s_100ep"], "dino_deit_s_100ep"),
+    # Which patches to hide: MST's lowest-attention, AttMask's highest (and with hints), random at the same rate.
+    "masking": (["mst_deit_s_100ep", "ablation_mask_high", "ablation_mask_hint", "ablation_random_masking"],
+                "mst_deit_s_100ep"),
 }
 # The k-NN number the table shows: DINO's headline k (20) when evaluated, else the smallest k.
 HEADLINE_K = 20

@@ -73,7 +73,7 @@ def test_timm_safetensors_export_evaluates_like_the_network_it_holds(digits, tmp
 def test_linear_probe_command_and_resume(digits, tmp_path, capsys):
     out = tmp_path / "lin"
     args = ["linear", "--preset", "tiny", "--train", str(digits.train), "--val", str(digits.val), "--out", str(out),
-            "--num-workers", "0", "--probe", "dino", "--epochs", "8", "--lr-grid", "0.00024", "--lr-sweep", "0.05,10",
+            "--num-workers", "0", "--probe", "dino", "--protocol", "dino", "--epochs", "8", "--lr-grid", "0.00024", "--lr-sweep", "0.05,10",
             "--no-augment", "--set", "eval.n_last_blocks=2", "--set", "eval.linear_batch_size=128"]
     assert main(args) == 0
     rec = json.loads((out / "linear_dino.json").read_text())
@@ -106,7 +106,7 @@ def test_linear_grid_is_chosen_on_held_out_training_data_never_on_val(digits, tm
     for i, name in enumerate(names):
         shutil.copytree(digits.val / name, scrambled / names[(i + 1) % len(names)])
     common = ["linear", "--preset", "tiny", "--train", str(digits.train), "--num-workers", "0", "--probe", "cls",
-              "--epochs", "6", "--no-augment", "--set", "eval.linear_batch_size=64"]
+              "--iters", "300", "--set", "eval.linear_batch_size=64"]
     assert main([*common, "--val", str(digits.val), "--out", str(tmp_path / "a")]) == 0
     assert main([*common, "--val", str(scrambled), "--out", str(tmp_path / "b")]) == 0
     a = json.loads((tmp_path / "a" / "linear_cls.json").read_text())
@@ -124,7 +124,7 @@ def test_linear_grid_is_chosen_on_held_out_training_data_never_on_val(digits, tm
 def test_linear_probe_with_augmentation(digits, tmp_path):
     out = tmp_path / "lin_aug"
     assert main(["linear", "--preset", "tiny", "--train", str(digits.train), "--val", str(digits.val), "--out", str(out),
-                 "--num-workers", "0", "--probe", "cls", "--epochs", "1", "--lr-sweep", "1.0"]) == 0
+                 "--num-workers", "0", "--probe", "cls", "--protocol", "dino", "--epochs", "1", "--lr-sweep", "1.0"]) == 0
     rec = json.loads((out / "linear_cls.json").read_text())
     assert rec["augment"] is True and rec["feature_dim"] == 64 and rec["n_val"] == digits.val_count
     assert all(h["top1"] is not None for h in rec["heads"])
@@ -227,7 +227,7 @@ def test_two_processes_match_one(digits, tmp_path, deepspeed_cpu):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     common = ["--preset", "tiny", "--train", str(digits.train), "--val", str(digits.val), "--num-workers", "0",
               "--no-cache"]
-    lin = ["--epochs", "2", "--no-augment", "--lr-sweep", "0.05", "--set", "eval.linear_batch_size=64"]
+    lin = ["--protocol", "dino", "--epochs", "2", "--no-augment", "--lr-sweep", "0.05", "--set", "eval.linear_batch_size=64"]
     for cmd, extra in (("knn", []), ("linear", lin)):
         one, two = tmp_path / f"{cmd}1", tmp_path / f"{cmd}2"
         assert main([cmd, *common, *extra, "--out", str(one)]) == 0

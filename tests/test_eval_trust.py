@@ -96,7 +96,7 @@ def test_unknown_val_class_is_an_error_or_excluded_and_reported(folders, tmp_pat
 def test_linear_probe_matches_classes_by_name(folders, tmp_path):
     def probe(val, out):
         args = ["linear", "--preset", "tiny", "--train", str(folders / "train"), "--val", str(folders / val),
-                "--out", str(tmp_path / out), "--num-workers", "0", "--probe", "cls", "--epochs", "6", "--no-augment",
+                "--out", str(tmp_path / out), "--num-workers", "0", "--probe", "cls", "--iters", "300",
                 "--set", "eval.linear_batch_size=64", "--lr-sweep", "1"]
         assert main(args) == 0
         return json.loads((tmp_path / out / "linear_cls.json").read_text())

@@ -1,4 +1,16 @@
-"""Linear probe on a frozen backbone [S §5] (DINO's ``eval_linear.py`` protocol).
+"""Linear probe on a frozen backbone [S §5].
+
+**Default protocol (``--protocol fast``)** — a probe that converges at every scale (issue 32): the
+center-crop features of the training data are extracted once (cached on disk), standardised with the
+training rows' mean and std (an affine map a linear head could absorb: it only conditions the problem),
+and the whole lr × weight-decay grid trains *together* as one batched tensor (:class:`GridProbe`: one
+(H, F, C) weight, each head its own lr, decay and momentum buffer, gradients in closed form so a head's
+step involves only its own weights) for a budget of **iterations**, not epochs (``eval.linear_iters``,
+cosine to 0; DINOv2 trains its grid for 12,500 iterations over cached features). Selection on held-out
+training rows, as below. Seconds on a CPU, and the same budget whether the training set has 1,400 or
+1.3 M rows.
+
+**``--protocol dino``** — DINO's / the paper's protocol, as before:
 
 * Input: ``--probe cls`` the last layer's class token; ``--probe dino`` the final-norm class tokens of
   the last ``eval.n_last_blocks`` (4) blocks concatenated; ``--avgpool`` appends the average-pooled
@@ -32,8 +44,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +59,8 @@ from mst_ds.config import UsageError, parse_positive_list
 from mst_ds.schedules import cosine_schedule
 
 REFERENCE_BATCH = 1024  # [S §5] the lr 0.00024 is given at batch 1024
+PROTOCOLS = ("fast", "dino")
+WRITER = "mst-ds linear"  # the marker of the result files this command writes (and may replace)
 
 
 class LinearHead(nn.Module):
@@ -176,6 +192,90 @@ def choose(scores: list[dict]) -> int | None:
     return max(live, key=lambda i: (scores[i]["top1"], -i)) if live else None
 
 
+# --------------------------------------------------------------------------------------------------
+# The fast protocol: the whole grid as one batched probe on cached features
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class GridProbe:
+    """H linear heads on standardised features: weight (H, F, C), bias (H, C); ``mean``/``std`` (F,)
+    from the training rows; ``diverged`` (H,) bool (a non-finite loss stops that head only)."""
+
+    weight: Tensor
+    bias: Tensor
+    mean: Tensor
+    std: Tensor
+    lrs: list[float]
+    wds: list[float]
+    diverged: Tensor
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x (B, F) raw features → (H, B, C)."""
+        z = (x - self.mean) / self.std
+        return torch.einsum("bf,hfc->hbc", z, self.weight) + self.bias[:, None, :]
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor, *, batch: int = 4096) -> list[dict[str, float | bool | None]]:
+        """Top-1 / top-5 % of every head on x (N, F), labels y (N,) — the shape HeadBank.evaluate gives."""
+        H = self.weight.shape[0]
+        c1 = torch.zeros(H, dtype=torch.long)
+        c5 = torch.zeros(H, dtype=torch.long)
+        for s in range(0, x.shape[0], batch):
+            logits = self.logits(x[s:s + batch])  # (H, b, C)
+            t = y[s:s + batch]
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (H, b, 5)
+            c1 += (top[..., 0] == t).sum(dim=1)
+            c5 += (top == t[None, :, None]).any(-1).sum(dim=1)
+        n = max(1, x.shape[0])
+        return [{"lr": lr, "wd": wd, "top1": None, "top5": None, "diverged": True} if dead else
+                {"lr": lr, "wd": wd, "top1": 100.0 * int(a) / n, "top5": 100.0 * int(b) / n, "diverged": False}
+                for lr, wd, dead, a, b in zip(self.lrs, self.wds, self.diverged.tolist(), c1, c5)]
+
+
+def train_grid(feats: Tensor, labels: Tensor, num_classes: int, lrs: list[float], wds: list[float], *,
+               iters: int, batch_size: int, momentum: float, seed: int) -> GridProbe:
+    """Every (lr, wd) head of the grid on feats (N, F), labels (N,) at once: ``iters`` SGD steps (momentum,
+    weight decay added to the gradient as torch's SGD) of a batch of ``batch_size`` rows drawn by seeded
+    epochs of permutations, lr cosine to 0 over the iterations. Softmax cross-entropy's gradient is
+    written out (``(softmax − one-hot)ᵀ x / B``), so each head's update reads only its own weights."""
+    n, dim = feats.shape
+    H = len(lrs)
+    mean = feats.mean(dim=0)
+    std = feats.std(dim=0).clamp_min(1e-6) if n > 1 else torch.ones(dim)
+    z = (feats - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.zeros(H, dim, num_classes)
+    weight += torch.randn(dim, num_classes, generator=gen) * 0.01  # DINO's N(0, 0.01), the same for every head
+    bias = torch.zeros(H, num_classes)
+    buf_w, buf_b = torch.zeros_like(weight), torch.zeros_like(bias)
+    lr0 = torch.tensor(lrs, dtype=torch.float32)
+    wd = torch.tensor(wds, dtype=torch.float32)
+    dead = torch.zeros(H, dtype=torch.bool)
+    batch = min(batch_size, n)
+    order, pos = torch.randperm(n, generator=gen), 0
+    for it in range(iters):
+        if pos + batch > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + batch]
+        pos += batch
+        x, y = z[idx], labels[idx]
+        logits = torch.einsum("bf,hfc->hbc", x, weight) + bias[:, None, :]  # (H, B, C)
+        logp = logits.log_softmax(dim=-1)
+        loss = -logp.gather(-1, y[None, :, None].expand(H, -1, 1)).mean(dim=(1, 2))  # (H,)
+        dead |= ~torch.isfinite(loss)
+        g = logp.exp()
+        g[:, torch.arange(len(y)), y] -= 1.0
+        g /= len(y)
+        grad_w = torch.einsum("bf,hbc->hfc", x, g) + wd[:, None, None] * weight
+        grad_b = g.sum(dim=1)
+        buf_w.mul_(momentum).add_(grad_w)
+        buf_b.mul_(momentum).add_(grad_b)
+        lr = torch.where(dead, 0.0, lr0 * 0.5 * (1.0 + math.cos(math.pi * it / iters)))
+        # a dead head's NaN weights stay its own; torch.where keeps them out of every other head
+        weight = torch.where(dead[:, None, None], weight, weight - lr[:, None, None] * buf_w)
+        bias = torch.where(dead[:, None], bias, bias - lr[:, None] * buf_b)
+    return GridProbe(weight, bias, mean, std, list(lrs), list(wds), dead)
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
 
@@ -299,6 +399,67 @@ def _settings(args, cfg, dim: int, num_classes: int, lrs: list[float], wds: list
             "seed": cfg.run.seed, "train": str(args.train), "momentum": cfg.eval.linear_momentum}
 
 
+# --------------------------------------------------------------------------------------------------
+# What a probe state and a result were computed from; which files this command may replace
+# --------------------------------------------------------------------------------------------------
+def listing_digest(path: str | Path) -> str:
+    """16 hex of sha256 over the files under ``path`` (or the file itself), sorted: relative path, size,
+    mtime_ns each. A file added, removed, resized or rewritten in place changes it; moving the tree does not."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        rel = f.name if f == root else f.relative_to(root).as_posix()
+        h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def probe_identity(ckpt: str | None, which: str, cfg, train: str) -> dict:
+    """The network (its checkpoint's files, or the random init's settings, and ``which``) and the
+    training data (its files, or for a pattern/URL the manifest fingerprint) a probe was trained on."""
+    from mst_ds.checkpoint import resolve
+    from mst_ds.eval.features import data_identity, is_random
+
+    if is_random(ckpt):
+        net = {"random": cfg.model.model_dump(mode="json"), "seed": cfg.run.seed}
+    else:
+        root = Path(ckpt)
+        if not root.is_file():
+            ckpt_dir, tag = resolve(root)  # the checkpoint the backbone is loaded from
+            root = ckpt_dir / tag
+        net = {"files": listing_digest(root)}
+    t = Path(train)
+    data = listing_digest(t.parent if t.is_file() else t) if t.exists() else \
+        hashlib.sha256(json.dumps(data_identity(train), sort_keys=True).encode()).hexdigest()[:16]
+    return {"network": {**net, "which": which}, "train": data}
+
+
+def _ours(path: Path) -> bool:
+    """A result or state this command wrote (results of earlier versions carry ``command: linear``)."""
+    if path.suffix == ".json":
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            return False
+        return isinstance(rec, dict) and (rec.get("writer") == WRITER or rec.get("command") == "linear")
+    from mst_ds.checkpoint import safe_load
+
+    try:
+        saved = safe_load(path)
+    except Exception:  # noqa: BLE001 — any unreadable file is not ours
+        return False
+    return isinstance(saved, dict) and {"settings", "bank"} <= set(saved)
+
+
+def refuse_foreign(paths: list[Path], force: bool) -> None:
+    """One line before any work when a target exists that this command did not write (``--force`` replaces it)."""
+    for path in paths:
+        if (path.exists() or path.is_symlink()) and not force and not (path.is_file() and _ours(path)):
+            raise UsageError(f"{path}: exists and was not written by mst-ds linear; choose another --out, "
+                             "or --force to replace it")
+
+
 def run(args) -> int:
     from mst_ds.eval import features as fx
 
@@ -310,9 +471,20 @@ def _linear(args, ctx) -> int:
     from mst_ds.eval import features as fx
 
     cfg = ctx.cfg
+    protocol = getattr(args, "protocol", None) or "fast"
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"--protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    fast = protocol == "fast"
+    if fast and args.epochs:
+        raise UsageError("--epochs sets --protocol dino's budget; the default protocol's is --iters")
+    result_path = Path(ctx.out_dir) / f"linear_{args.probe}.json"
+    state_path = Path(ctx.out_dir) / f"linear_{args.probe}_state.pt"
+    # every rank reads the same files: all refuse together, none waits for a rank that left
+    refuse_foreign([result_path] if fast else [result_path, state_path], bool(getattr(args, "force", False)))
     avgpool = cfg.eval.avgpool_patch_tokens if args.avgpool is None else bool(args.avgpool)
     spec = fx.FeatureSpec(n_last_blocks=cfg.eval.n_last_blocks if args.probe == "dino" else 1, avgpool=avgpool)
     epochs = args.epochs or cfg.eval.linear_epochs
+    iters = getattr(args, "iters", None) or cfg.eval.linear_iters
     world = ctx.dist.world_size
     global_batch = cfg.eval.linear_batch_size
     if global_batch % world:
@@ -320,8 +492,8 @@ def _linear(args, ctx) -> int:
     base_lrs, wds, holdout = head_grid(args, cfg)
     backbone = ctx.backbone()
     val = ctx.features(backbone, args.val, spec, split="val")
-    # Center-crop train features: the training data of --no-augment, and the held-out rows.
-    need_train = args.no_augment or holdout > 0
+    # Center-crop train features: the training data of the fast protocol and --no-augment, and the held-out rows.
+    need_train = fast or args.no_augment or holdout > 0
     train_cached = ctx.features(backbone, args.train, spec, split="train") if need_train else None
     from mst_ds.data.reader import class_names
 
@@ -330,53 +502,20 @@ def _linear(args, ctx) -> int:
     val, matched = ctx.match(train_classes, val, train_source=args.train, val_source=args.val)
     num_classes = len(train_classes)
     dim = spec.dim(backbone.embed_dim)
-    dev = ctx.dist.device
-    bank = HeadBank(dim, num_classes, [scaled_lr(lr, global_batch) for lr in base_lrs], wds=wds,
-                    momentum=cfg.eval.linear_momentum, seed=cfg.run.seed, device=dev)
     hold = held_out(train_cached.keys, holdout, cfg.run.seed) if train_cached is not None else None
     if hold is not None and holdout > 0 and (bool(hold.all()) or not bool(hold.any())):
         raise UsageError(f"{args.train}: {int(hold.sum())} of {len(hold)} training samples held out at "
                          f"--holdout {holdout:g}; too few samples to both train and choose")
-    settings = _settings(args, cfg, dim, num_classes, base_lrs, wds, holdout, global_batch, epochs)
-    state_path = Path(ctx.out_dir) / f"linear_{args.probe}_state.pt"
-    start_epoch = 0
-    if state_path.exists():
-        from mst_ds.checkpoint import safe_load
-
-        saved = safe_load(state_path, map_location=dev)  # weights only: never runs what the file holds
-        if saved.get("settings") != settings:
-            raise UsageError(f"{state_path}: saved for other settings; delete it or use another --out")
-        bank.load_state_dict(saved["bank"])
-        start_epoch = saved["epoch"] + 1
-        if ctx.is_main:
-            print(f"resuming the linear probe after epoch {saved['epoch'] + 1}/{epochs} from {state_path}")
-
-    def save(epoch: int) -> None:
-        if ctx.is_main:
-            with atomic.atomic_path(state_path) as tmp:
-                torch.save({"settings": settings, "bank": bank.state_dict(), "epoch": epoch}, tmp)
-
-    per_rank = global_batch // world
-    if args.no_augment:
+    if fast:
         fit = ~hold
-        train_on_features(bank, train_cached.feats[fit], train_cached.labels[fit], epochs=epochs,
-                          batch_size=per_rank, seed=cfg.run.seed, start_epoch=start_epoch, rank=ctx.dist.rank,
-                          world_size=world, on_epoch_end=save)
+        batch = min(global_batch, int(fit.sum()))
+        bank = train_grid(train_cached.feats[fit], train_cached.labels[fit], num_classes,
+                          [scaled_lr(lr, batch) for lr in base_lrs], wds, iters=iters, batch_size=batch,
+                          momentum=cfg.eval.linear_momentum, seed=cfg.run.seed)
     else:
-        with fx.progress_bar(ctx.is_main) as bar:
-            task = bar.add_task("linear probe epochs", total=epochs, completed=start_epoch)
-            for epoch in range(start_epoch, epochs):
-                bank.set_epoch(epoch, epochs)
-                loader = augmented_loader(args.train, cfg, batch_size=per_rank, num_workers=ctx.num_workers,
-                                          epoch=epoch, rank=ctx.dist.rank, world_size=world)
-                for images, labels, keys in synced(loader, ctx.dist.active, dev):
-                    if bool((labels < 0).any()):
-                        raise UsageError(f"{args.train}: data without labels (samples with no class)")
-                    keep = ~held_out(list(keys), holdout, cfg.run.seed)
-                    x = fx.backbone_features(backbone, images[keep].to(dev, non_blocking=True), spec)
-                    bank.train_step(x, labels[keep].to(dev), ctx.dist.active)
-                save(epoch)
-                bar.advance(task)
+        bank = _train_dino(args, ctx, cfg, spec, backbone, train_cached, hold, state_path, dim=dim,
+                           num_classes=num_classes, base_lrs=base_lrs, wds=wds, holdout=holdout,
+                           global_batch=global_batch, epochs=epochs)
     ctx.barrier()
     if not ctx.is_main:
         ctx.finish()
@@ -393,16 +532,20 @@ def _linear(args, ctx) -> int:
         h["base_lr"] = base
         h["chosen"] = i == pick
     best = None if pick is None else heads[pick]
+    budget = {"iters": iters, "batch": batch, "standardised": True} if fast else {"epochs": epochs}
     record = {
         "command": "linear",
+        "writer": WRITER,
         **ctx.describe(),
+        "identity": probe_identity(ctx.ckpt, ctx.which, cfg, args.train),
+        "protocol": protocol,
+        **budget,
         "probe": args.probe,
         "n_last_blocks": spec.n_last_blocks,
         "avgpool": spec.avgpool,
         "feature_dim": dim,
-        "epochs": epochs,
         "global_batch": global_batch,
-        "augment": not args.no_augment,
+        "augment": not fast and not args.no_augment,
         "n_val": int(val.feats.shape[0]),
         "num_classes": num_classes,
         **matched.describe(),
@@ -413,15 +556,73 @@ def _linear(args, ctx) -> int:
         "best": best,
         "metrics": {} if best is None else {f"linear_{args.probe}_top1": best["top1"], f"linear_{args.probe}_top5": best["top5"]},
     }
-    path = Path(ctx.out_dir) / f"linear_{args.probe}.json"
-    fx.write_json(path, record)
-    _print_table(heads, f"linear probe ({args.probe}, {epochs} epochs) — {ctx.model_label}")
+    fx.write_json(result_path, record)
+    how = f"{iters} iterations on cached features" if fast else f"{epochs} epochs"
+    _print_table(heads, f"linear probe ({args.probe}, {protocol}: {how}) — {ctx.model_label}")
     if best is not None:
         print(f"chosen on {record['selection']['on']}: lr {best['base_lr']:g} @1024, wd {best['wd']:g} → "
               f"val top-1 {best['top1']:.2f} %")
-    print(f"results: {path}")
+    print(f"results: {result_path}")
     ctx.finish()
     return 0
+
+
+def _train_dino(args, ctx, cfg, spec, backbone, train_cached, hold, state_path: Path, *, dim: int, num_classes: int,
+                base_lrs: list[float], wds: list[float], holdout: float, global_batch: int, epochs: int) -> HeadBank:
+    """``--protocol dino``: every head an SGD optimizer over ``epochs`` epochs (augmented unless
+    --no-augment), resumable from ``state_path`` — only when the state was trained with the same settings
+    *and* on the same network and training data (:func:`probe_identity`); another one starts over."""
+    from mst_ds.eval import features as fx
+
+    world = ctx.dist.world_size
+    dev = ctx.dist.device
+    bank = HeadBank(dim, num_classes, [scaled_lr(lr, global_batch) for lr in base_lrs], wds=wds,
+                    momentum=cfg.eval.linear_momentum, seed=cfg.run.seed, device=dev)
+    settings = _settings(args, cfg, dim, num_classes, base_lrs, wds, holdout, global_batch, epochs)
+    identity = probe_identity(ctx.ckpt, ctx.which, cfg, args.train)
+    start_epoch = 0
+    if state_path.exists():
+        from mst_ds.checkpoint import safe_load
+
+        saved = safe_load(state_path, map_location=dev)  # weights only: never runs what the file holds
+        if saved.get("settings") != settings:
+            raise UsageError(f"{state_path}: saved for other settings; delete it or use another --out")
+        if saved.get("identity") != identity:
+            if ctx.is_main:
+                print(f"{state_path}: trained on another network or training data; starting the probe over")
+        else:
+            bank.load_state_dict(saved["bank"])
+            start_epoch = saved["epoch"] + 1
+            if ctx.is_main:
+                print(f"resuming the linear probe after epoch {saved['epoch'] + 1}/{epochs} from {state_path}")
+
+    def save(epoch: int) -> None:
+        if ctx.is_main:
+            with atomic.atomic_path(state_path) as tmp:
+                torch.save({"settings": settings, "identity": identity, "bank": bank.state_dict(), "epoch": epoch}, tmp)
+
+    per_rank = global_batch // world
+    if args.no_augment:
+        fit = ~hold
+        train_on_features(bank, train_cached.feats[fit], train_cached.labels[fit], epochs=epochs,
+                          batch_size=per_rank, seed=cfg.run.seed, start_epoch=start_epoch, rank=ctx.dist.rank,
+                          world_size=world, on_epoch_end=save)
+        return bank
+    with fx.progress_bar(ctx.is_main) as bar:
+        task = bar.add_task("linear probe epochs", total=epochs, completed=start_epoch)
+        for epoch in range(start_epoch, epochs):
+            bank.set_epoch(epoch, epochs)
+            loader = augmented_loader(args.train, cfg, batch_size=per_rank, num_workers=ctx.num_workers,
+                                      epoch=epoch, rank=ctx.dist.rank, world_size=world)
+            for images, labels, keys in synced(loader, ctx.dist.active, dev):
+                if bool((labels < 0).any()):
+                    raise UsageError(f"{args.train}: data without labels (samples with no class)")
+                keep = ~held_out(list(keys), holdout, cfg.run.seed)
+                x = fx.backbone_features(backbone, images[keep].to(dev, non_blocking=True), spec)
+                bank.train_step(x, labels[keep].to(dev), ctx.dist.active)
+            save(epoch)
+            bar.advance(task)
+    return bank
 
 
 def _print_table(heads: list[dict], title: str) -> None:
