@@ -150,7 +150,6 @@ def _linear(p):
     p.add_argument("--protocol", choices=["fast", "dino"], default="fast", help="fast (default): the grid on cached, standardised "
                    "features for --iters iterations; dino: DINO's / the paper's epochs of SGD with augmentation (resumable)")
     p.add_argument("--iters", type=int, default=None, help="--protocol fast: SGD iterations (default: eval.linear_iters)")
-    p.add_argument("--force", action="store_true", help="replace linear_*.json / state files in --out that mst-ds linear did not write")
     _add_local_rank(p)
 
 

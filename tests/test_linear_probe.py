@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from data_tools.sample_data import write_digits_imagefolder
 from data_tools.writer import write_shards
 from mst_ds.cli import main
-from mst_ds.eval.linear import GridProbe, listing_digest, train_grid
+from mst_ds.eval.identity import data_identity
+from mst_ds.eval.linear import GridProbe, train_grid
 from tests.conftest import TRAIN_SETS
 
 
@@ -118,19 +120,22 @@ def test_grid_heads_are_independent_and_a_divergent_head_stops_alone():
     assert isinstance(grid, GridProbe)
 
 
-def test_listing_digest_sees_files_added_and_rewritten_in_place(tmp_path):
-    (tmp_path / "a").mkdir()
-    f = tmp_path / "a" / "x.png"
-    f.write_bytes(b"1234")
-    before = listing_digest(tmp_path)
+def test_probe_data_identity_sees_files_added_in_sub_folders_and_rewritten_in_place(tmp_path):
+    """The probe's training-data identity (the reuse rule's data_identity) changes with a nested file
+    added or a file rewritten in place at the same size."""
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / c / "x.png")
+    before = data_identity(str(tmp_path))
     (tmp_path / "a" / "more").mkdir()
-    (tmp_path / "a" / "more" / "y.png").write_bytes(b"5")
-    added = listing_digest(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "more" / "y.png")
+    added = data_identity(str(tmp_path))
     assert added != before
+    f = tmp_path / "a" / "x.png"
     st = f.stat()
-    f.write_bytes(b"abcd")  # the same size, rewritten in place
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(f)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    assert listing_digest(tmp_path) != added
+    assert data_identity(str(tmp_path)) != added
 
 
 def test_dino_probe_state_of_another_network_is_not_resumed(digits_split, tiny_run, tmp_path, capsys):

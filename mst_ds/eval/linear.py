@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from mst_ds import atomic
 from mst_ds.config import UsageError, parse_positive_list
+from mst_ds.eval.identity import refuse_foreign
 from mst_ds.schedules import cosine_schedule
 
 REFERENCE_BATCH = 1024  # [S §5] the lr 0.00024 is given at batch 1024
@@ -402,37 +403,10 @@ def _settings(args, cfg, dim: int, num_classes: int, lrs: list[float], wds: list
 # --------------------------------------------------------------------------------------------------
 # What a probe state and a result were computed from; which files this command may replace
 # --------------------------------------------------------------------------------------------------
-def listing_digest(path: str | Path) -> str:
-    """16 hex of sha256 over the files under ``path`` (or the file itself), sorted: relative path, size,
-    mtime_ns each. A file added, removed, resized or rewritten in place changes it; moving the tree does not."""
-    root = Path(path)
-    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        rel = f.name if f == root else f.relative_to(root).as_posix()
-        h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def probe_identity(ckpt: str | None, which: str, cfg, train: str) -> dict:
-    """The network (its checkpoint's files, or the random init's settings, and ``which``) and the
-    training data (its files, or for a pattern/URL the manifest fingerprint) a probe was trained on."""
-    from mst_ds.checkpoint import resolve
-    from mst_ds.eval.features import data_identity, is_random
-
-    if is_random(ckpt):
-        net = {"random": cfg.model.model_dump(mode="json"), "seed": cfg.run.seed}
-    else:
-        root = Path(ckpt)
-        if not root.is_file():
-            ckpt_dir, tag = resolve(root)  # the checkpoint the backbone is loaded from
-            root = ckpt_dir / tag
-        net = {"files": listing_digest(root)}
-    t = Path(train)
-    data = listing_digest(t.parent if t.is_file() else t) if t.exists() else \
-        hashlib.sha256(json.dumps(data_identity(train), sort_keys=True).encode()).hexdigest()[:16]
-    return {"network": {**net, "which": which}, "train": data}
+def probe_identity(ctx) -> dict:
+    """The network and the training data a probe was trained on: the evaluation's own identities
+    (:mod:`mst_ds.eval.identity`, the reuse rule every cached result follows)."""
+    return {"network": ctx.network, "train": ctx.data["train"]}
 
 
 def _ours(path: Path) -> bool:
@@ -450,14 +424,6 @@ def _ours(path: Path) -> bool:
     except Exception:  # noqa: BLE001 — any unreadable file is not ours
         return False
     return isinstance(saved, dict) and {"settings", "bank"} <= set(saved)
-
-
-def refuse_foreign(paths: list[Path], force: bool) -> None:
-    """One line before any work when a target exists that this command did not write (``--force`` replaces it)."""
-    for path in paths:
-        if (path.exists() or path.is_symlink()) and not force and not (path.is_file() and _ours(path)):
-            raise UsageError(f"{path}: exists and was not written by mst-ds linear; choose another --out, "
-                             "or --force to replace it")
 
 
 def run(args) -> int:
@@ -480,7 +446,8 @@ def _linear(args, ctx) -> int:
     result_path = Path(ctx.out_dir) / f"linear_{args.probe}.json"
     state_path = Path(ctx.out_dir) / f"linear_{args.probe}_state.pt"
     # every rank reads the same files: all refuse together, none waits for a rank that left
-    refuse_foreign([result_path] if fast else [result_path, state_path], bool(getattr(args, "force", False)))
+    for path in [result_path] if fast else [result_path, state_path]:
+        refuse_foreign(path, _ours, "mst-ds linear", bool(getattr(args, "force", False)))
     avgpool = cfg.eval.avgpool_patch_tokens if args.avgpool is None else bool(args.avgpool)
     spec = fx.FeatureSpec(n_last_blocks=cfg.eval.n_last_blocks if args.probe == "dino" else 1, avgpool=avgpool)
     epochs = args.epochs or cfg.eval.linear_epochs
@@ -537,7 +504,7 @@ def _linear(args, ctx) -> int:
         "command": "linear",
         "writer": WRITER,
         **ctx.describe(),
-        "identity": probe_identity(ctx.ckpt, ctx.which, cfg, args.train),
+        "identity": probe_identity(ctx),
         "protocol": protocol,
         **budget,
         "probe": args.probe,
@@ -579,7 +546,7 @@ def _train_dino(args, ctx, cfg, spec, backbone, train_cached, hold, state_path: 
     bank = HeadBank(dim, num_classes, [scaled_lr(lr, global_batch) for lr in base_lrs], wds=wds,
                     momentum=cfg.eval.linear_momentum, seed=cfg.run.seed, device=dev)
     settings = _settings(args, cfg, dim, num_classes, base_lrs, wds, holdout, global_batch, epochs)
-    identity = probe_identity(ctx.ckpt, ctx.which, cfg, args.train)
+    identity = probe_identity(ctx)
     start_epoch = 0
     if state_path.exists():
         from mst_ds.checkpoint import safe_load
