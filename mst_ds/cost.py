@@ -258,7 +258,12 @@ def pricing(device: str, *, peak_override: float | None = None, mfu: float | Non
     if gpu_check is None and not path.is_file():
         return Pricing(device, peak, source, ASSUMED_MFU, "assumed: gpu_check's target; no gpu_check results, "
                                                           "give --gpu-check FILE or --mfu")
-    measured, on = measured_mfu(path)
+    try:
+        measured, on = measured_mfu(path)
+    except ConfigError:
+        if gpu_check is not None:
+            raise
+        return Pricing(device, peak, source, ASSUMED_MFU, f"assumed: {path} holds no MFU row")
     if on is not None and not _same_device(device, on):
         if gpu_check is not None:
             raise ConfigError(f"--gpu-check {path}: measured on {on}, not a {device.upper()}; give --mfu for {device}")

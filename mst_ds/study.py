@@ -33,7 +33,6 @@ from typing import Any
 import yaml
 
 from mst_ds import atomic, cost, job
-from mst_ds import checkpoint as ckpt_mod
 from mst_ds.config import ConfigError, MSTConfig, RunFailure, UsageError, flatten, load_config, recipe_chain
 from mst_ds.eval.identity import data_identity, network_identity, same_data, same_network
 from mst_ds.run_dir import STUDY_DONE, RunDir
@@ -338,7 +337,10 @@ def evaluate_run(study: Study, run: Run, index: str, data: dict[str, Any]) -> No
         todo.append(("linear_cls.json", ["linear", "--probe", "cls", *common]))
     # The reuse rule: a kept result records this run's network (its newest checkpoint's files, the teacher)
     # and this study's bank and query; a name (the run's folder) is not enough.
-    network = network_identity(str(run.run_dir), ckpt_mod.run_config(run.run_dir), "teacher")
+    # torch comes with the checkpoint module: imported only when a study evaluates (plan --study is torch-free)
+    from mst_ds.checkpoint import run_config
+
+    network = network_identity(str(run.run_dir), run_config(run.run_dir), "teacher")
     for result, argv in todo:
         kept = _read_json(RunDir(run.run_dir).eval_dir / result)
         if isinstance(kept, dict) and same_data(kept.get("data"), data) and same_network(kept.get("model"), network):

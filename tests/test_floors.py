@@ -44,6 +44,8 @@ DEEPSPEED_APIS = [
     ("deepspeed.utils.tensor_fragment.fragment_address", "0.14.0", "mst_ds/checkpoint.py"),
     ("deepspeed.runtime.zero.config.ZeroStageEnum", "0.14.0", "mst_ds/checkpoint.py"),
     ("deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "0.14.0", "mst_ds/checkpoint.py"),
+    ("deepspeed.runtime.fp16.fused_optimizer.FP16_Optimizer", "0.14.0", "mst_ds/ema.py"),
+    ("deepspeed.runtime.fp16.unfused_optimizer.FP16_UnfusedOptimizer", "0.14.0", "mst_ds/ema.py"),
     ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "0.14.0", "mst_ds/checkpoint.py"),
     ("deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint", "0.14.0", "mst_ds/checkpoint.py"),
     ("deepspeed.checkpoint.ds_to_universal(--inject_missing_state)", "0.15.0", "mst_ds/checkpoint.py"),

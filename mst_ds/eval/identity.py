@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from mst_ds import checkpoint as ckpt_mod
 from mst_ds.config import MSTConfig, UsageError
 from mst_ds.data.manifest import Manifest, is_shard_dir
 
@@ -76,6 +75,9 @@ def network_identity(ckpt: str | None, cfg: MSTConfig, which: str) -> dict[str, 
     path = Path(ckpt)
     if path.is_file():
         return {"weights": file_digest(path), "which": which, "step": _export_step(path), "model": model}
+    # torch comes with the checkpoint module: imported only for a checkpoint (plan --study is torch-free)
+    from mst_ds import checkpoint as ckpt_mod
+
     ckpt_dir, tag = ckpt_mod.resolve(path)
     tag_dir = ckpt_dir / tag
     files = sorted(p for p in tag_dir.rglob("*") if p.is_file())
