@@ -9,10 +9,12 @@ milliseconds.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+from data_tools.sample_data import write_digits_imagefolder
 from mst_ds.scalars import MFU, THROUGHPUT
 
 # Before anything imports DeepSpeed: this machine has no GPU, tests run the real engine on CPU (gloo).
@@ -52,6 +54,18 @@ def train_in_process(run_dir: Path, shards: Path, *sets: str, **kwargs) -> int:
 
     cfg = load_config("tiny", [*TRAIN_SETS, f"data.train={shards}", *sets]).config
     return train(cfg, run_dir, progress=False, **kwargs)
+
+
+def digits_folders(tmp_path_factory, name: str, train_per_class: int, val_per_class: int) -> Path:
+    """Real digits as small ImageFolders: ROOT/train and ROOT/val with the first N images of each class."""
+    full = write_digits_imagefolder(tmp_path_factory.mktemp(f"{name}_full"), size=32)
+    root = tmp_path_factory.mktemp(name)
+    for split, src, per_class in (("train", full.train, train_per_class), ("val", full.val, val_per_class)):
+        for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+            (root / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:per_class]:
+                shutil.copy2(f, root / split / cls.name / f.name)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -14,24 +14,19 @@ import tarfile
 import pytest
 
 from data_tools.cli import main as shards_main
-from data_tools.sample_data import generated_image, jpeg_bytes, write_digits_imagefolder
+from data_tools.sample_data import generated_image, jpeg_bytes
 from data_tools.subsets import read_class_list
 from data_tools.writer import WriteError, write_shards
 from mst_ds import job
 from mst_ds.cli import main
 from mst_ds.eval.features import OUT_LOCK
+from tests.conftest import digits_folders
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """Real digits: train 10 / class, val 4 / class; val also as shards."""
-    full = write_digits_imagefolder(tmp_path_factory.mktemp("rel4_full"), size=32)
-    root = tmp_path_factory.mktemp("rel4")
-    for split, src, per_class in (("train", full.train, 10), ("val", full.val, 4)):
-        for cls in sorted(p for p in src.iterdir() if p.is_dir()):
-            (root / split / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:per_class]:
-                shutil.copy2(f, root / split / cls.name / f.name)
+    root = digits_folders(tmp_path_factory, "rel4", 10, 4)
     write_shards(root / "val", root / "val_shards", split="val", max_count=16, progress=False)
     return root
 

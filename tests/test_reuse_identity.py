@@ -12,23 +12,16 @@ import shutil
 import pytest
 import torch
 
-from data_tools.sample_data import write_digits_imagefolder
 from mst_ds import checkpoint as ckpt_mod
 from mst_ds.cli import main
 from mst_ds.eval.identity import data_identity, network_identity
+from tests.conftest import digits_folders
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """Small real digits ImageFolders: train 20 / class, val 8 / class (10 classes)."""
-    full = write_digits_imagefolder(tmp_path_factory.mktemp("reuse_full"), size=32)
-    root = tmp_path_factory.mktemp("reuse")
-    for split, src, per_class in (("train", full.train, 20), ("val", full.val, 8)):
-        for cls in sorted(p for p in src.iterdir() if p.is_dir()):
-            (root / split / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:per_class]:
-                shutil.copy2(f, root / split / cls.name / f.name)
-    return root
+    return digits_folders(tmp_path_factory, "reuse", 20, 8)
 
 
 def _knn(train, val, out, *extra):
