@@ -146,7 +146,7 @@ def test_timm_folder_export_loads_strictly_and_evaluates_like_the_run(trained_ru
     assert main(["knn", "--ckpt", str(out), *common, "--out", str(tmp_path / "dir_eval")]) == 0
     a = json.loads((tmp_path / "run_eval" / "knn.json").read_text())["metrics"]
     assert json.loads((tmp_path / "dir_eval" / "knn.json").read_text())["metrics"] == a
-    assert main(["linear", "--ckpt", str(out), *common, "--probe", "cls", "--epochs", "1", "--no-augment",
+    assert main(["linear", "--ckpt", str(out), *common, "--probe", "cls", "--iters", "20",
                  "--out", str(tmp_path / "dir_lin")]) == 0
     Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(tmp_path / "x.png")
     assert main(["attn", "--ckpt", str(out), str(tmp_path / "x.png"), "--out", str(tmp_path / "attn")]) == 0

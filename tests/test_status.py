@@ -67,6 +67,8 @@ def test_a_failed_run(digits_shards, tmp_path, capsys):
 def test_a_run_whose_lock_a_live_process_holds_is_running_until_it_goes_quiet(trained_run, tmp_path):
     run_dir = tmp_path / "held"
     shutil.copytree(trained_run, run_dir)
+    # The session's trained run may be older than STALE_MIN_S by now: its last logged step is "now" here.
+    (run_dir / "metrics.jsonl").touch()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mst_ds import job; "
                                f"job.RunLock({str(run_dir)!r}).acquire(); print('held', flush=True); time.sleep(600)"],
                               env=_env(), stdout=subprocess.PIPE, text=True)
