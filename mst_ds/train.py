@@ -232,7 +232,8 @@ class Loop:
         self.clock = Throughput(t.step, world=t.world, peak_tflops=peak,
                                 flops_per_image=flops_per_image(cfg) if peak else None)
         if t.rank == 0:  # a job holds the run now: the previous job's ending no longer describes it
-            run.exit.unlink(missing_ok=True)
+            if run.exit.is_file() and not run.exit.is_symlink():  # the record this code writes, never a link's target
+                run.exit.unlink()
 
     def run(self) -> int:
         """Train to ``end`` → exit code (0, 1 on a non-finite loss or a health stop, job.EXIT_STOPPED)."""
