@@ -274,3 +274,109 @@ def pricing(device: str, *, peak_override: float | None = None, mfu: float | Non
 def run_steps(cfg: MSTConfig, total_steps: int) -> int:
     """Optimizer steps a run trains: its schedule, cut at run.max_steps (as train.Loop ends it)."""
     return min(total_steps, cfg.run.max_steps or total_steps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters and the communication of one optimizer step (torch-free, from the config)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters with ``requires_grad`` when the engine is built (what DeepSpeed partitions and
+    communicates): ``student`` = backbone + mask token + head + decoder; ``teacher`` = the student's
+    backbone + mask token + head (the EMA reads their fp32 masters)."""
+
+    student: int
+    teacher: int
+
+
+def _img_size(cfg: MSTConfig) -> int:
+    found = _VIT_NAME.match(cfg.model.arch)
+    return int(cfg.model.timm_kwargs.get("img_size", found["res"] if found else 224))
+
+
+def parameter_count(cfg: MSTConfig) -> ParamCount:
+    """The trained parameters of the configured model, counted as timm / mst_ds.model build them
+    (tests/test_plan_cost.py checks the count against the built model for several configs)."""
+    s, kw = vit_shape(cfg), cfg.model.timm_kwargs
+    D, H = s.dim, s.mlp_hidden
+    qkv_bias = 3 * D if kw.get("qkv_bias", True) else 0
+    qk_norm = 2 * 2 * (D // s.heads) if kw.get("qk_norm", False) else 0
+    layer_scale = 2 * D if kw.get("init_values") is not None else 0
+    block = 2 * D + 3 * D * D + qkv_bias + qk_norm + D * D + D + 2 * D + D * H + H + H * D + D + layer_scale
+    tokens = (_img_size(cfg) // s.patch) ** 2 + 1
+    backbone = 3 * s.patch * s.patch * D + D + D + tokens * D + s.depth * block + 2 * D  # … + cls, pos, final norm
+    h = cfg.model.head
+    dims = [D, h.bottleneck_dim] if h.nlayers == 1 else [D] + [h.hidden_dim] * (h.nlayers - 1) + [h.bottleneck_dim]
+    head = sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
+    head += 2 * h.hidden_dim * (h.nlayers - 1) if h.use_bn and h.nlayers > 1 else 0
+    head += h.bottleneck_dim * h.out_dim + (0 if h.norm_last_layer else h.out_dim)  # weight-norm direction, gain
+    teacher = backbone + D + head  # + the mask token
+    return ParamCount(student=teacher + (_decoder_params(cfg, s) if cfg.decoder.enabled else 0), teacher=teacher)
+
+
+def _decoder_params(cfg: MSTConfig, s: VitShape) -> int:
+    """mst_ds.model.decoder.GlobalImageDecoder's parameters."""
+    d = cfg.decoder
+    widths = [s.dim, *d.channels]
+    total = 0
+    for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+        if d.kind == "pixel_shuffle":
+            out = (4 if i < len(d.channels) - 1 else 1) * c_out
+            total += c_in * 9 + c_in * out + (0 if d.use_bn else out)  # depthwise 3×3, then 1×1
+        else:
+            total += 16 * c_in * c_out + (0 if d.use_bn else c_out)  # transposed 4×4
+        total += 2 * c_out if d.use_bn else 0
+    last = d.channels[-1]
+    return total + (last * 12 + 12 if d.kind == "pixel_shuffle" else 27 * last + 3)
+
+
+# Bytes of a parameter / gradient as the engine holds and communicates it (DeepSpeed's
+# communication_data_type defaults to the engine's dtype; torch autocast keeps fp32 parameters;
+# `auto` resolves to bf16 on every device but a V100, where it is fp16: 2 bytes either way).
+PARAM_BYTES = {"fp32": 4, "autocast_bf16": 4, "bf16": 2, "fp16": 2, "auto": 2}
+
+
+@dataclass(frozen=True)
+class CommRow:
+    what: str
+    collective: str
+    bytes: float  # one rank sends (and receives as much) per optimizer step
+
+
+def comm_per_step(cfg: MSTConfig, world: int, grad_accum: int, params: ParamCount | None = None) -> list[CommRow]:
+    """An ESTIMATE of the bytes one rank sends per optimizer step (it receives as much), as DeepSpeed
+    0.19 moves them with this project's templates (``reduce_scatter: true``, DeepSpeed's default
+    ``use_multi_rank_bucket_allreduce: true``), each collective priced as a ring: all-reduce
+    2(W−1)/W × size, all-gather and reduce-scatter (W−1)/W × the full tensor.
+
+    ZeRO-0/1: one all-reduce of the gradients at the accumulation boundary. ZeRO-2: the gradients of
+    every micro-batch's backward, bucket by bucket — its multi-rank buckets are all-reduced, not
+    reduce-scattered — then an all-gather of the updated parameters. ZeRO-3: a reduce-scatter of the
+    gradients per micro-batch and the parameters all-gathered for each forward and backward. On top, with
+    bf16/fp16 at ZeRO-1/2, the EMA reads every teacher parameter's fp32 master through
+    ``safe_get_full_fp32_param`` (an fp32 all-reduce each), and ``optim.clip_mode: per_param`` reads each
+    gradient through ``safe_get_full_grad`` (an fp32 all-reduce each). Not counted: scalars (the gradient
+    norm, overflow flags), SyncBN's statistics (torch.distributed, per BN layer and forward), the online
+    monitor, checkpoints, and DeepSpeed's padding of the flat partitions to a multiple of W."""
+    p = params or parameter_count(cfg)
+    if world <= 1:
+        return []
+    b, stage, W = PARAM_BYTES[cfg.engine.precision], cfg.engine.zero_stage, world
+    ring, gather = 2 * (W - 1) / W, (W - 1) / W
+    rows: list[CommRow] = []
+    if stage <= 1:
+        rows.append(CommRow("gradients (once per optimizer step)", "all-reduce", ring * p.student * b))
+    elif stage == 2:
+        rows.append(CommRow(f"gradients (every micro-batch: × {grad_accum})", "all-reduce", grad_accum * ring * p.student * b))
+    else:
+        rows.append(CommRow(f"gradients (every micro-batch: × {grad_accum})", "reduce-scatter", grad_accum * gather * p.student * b))
+    if stage == 1 or stage == 2:
+        rows.append(CommRow("updated parameters", "all-gather", gather * p.student * b))
+    elif stage == 3:
+        rows.append(CommRow(f"parameters for forward and backward (× 2 × {grad_accum})", "all-gather",
+                            2 * grad_accum * gather * p.student * b))
+    if stage in (1, 2) and b == 2:
+        rows.append(CommRow("EMA: the teacher's fp32 masters", "all-reduce", ring * p.teacher * 4))
+    if cfg.optim.clip_mode == "per_param" and stage in (1, 2):
+        rows.append(CommRow("per-parameter clipping: full gradients", "all-reduce", ring * p.student * 4))
+    return rows

@@ -32,7 +32,7 @@ from mst_ds.config import (
     load_config,
     read_yaml,
 )
-from mst_ds.cost import Pricing, flops_per_image, run_steps
+from mst_ds.cost import Pricing, comm_per_step, flops_per_image, parameter_count, run_steps
 from mst_ds.schedules import Schedules
 from mst_ds.study import plan as plan_study
 from mst_ds.study import plan_pricing, step_cost
@@ -347,6 +347,24 @@ def _derive(args: argparse.Namespace, cfg: MSTConfig, world: int) -> Derived:
     return derive_for_training(cfg, world)
 
 
+def comm_table(cfg: MSTConfig, d: Derived) -> Table:
+    """Bytes one rank sends per optimizer step (it receives as much): mst_ds.cost.comm_per_step."""
+    params = parameter_count(cfg)
+    rows = comm_per_step(cfg, d.world_size, d.grad_accum_steps, params)
+    table = Table(title=f"Communication per rank and optimizer step — ESTIMATE ({d.world_size} ranks, ZeRO-"
+                        f"{cfg.engine.zero_stage}, {cfg.engine.precision}; ring collectives, formula in "
+                        "mst_ds.cost.comm_per_step)")
+    table.add_column("what")
+    table.add_column("collective")
+    table.add_column("MiB sent per rank", justify="right")
+    for r in rows:
+        table.add_row(r.what, r.collective, f"{r.bytes / 2**20:,.2f}")
+    total = sum(r.bytes for r in rows)
+    table.add_row(f"total ({params.student:,} trained parameters; as much is received)", "",
+                  f"{total / 2**20:,.2f}", style="bold")
+    return table
+
+
 def cost_table(cfg: MSTConfig, d: Derived, price: Pricing, cpu_s_per_image: float | None) -> Table:
     """The run's training compute (mst_ds.cost.flops_per_image) and its price in GPU-hours."""
     steps = run_steps(cfg, d.total_steps)
@@ -394,11 +412,13 @@ def plan(args: argparse.Namespace) -> int:
     console.print(batch_table(derived))
     console.print(schedule_table(schedules))
     console.print(memory_table(activation_estimate(cfg, derived, params), cfg))
+    if derived.world_size > 1 and uncounted is None:
+        console.print(comm_table(cfg, derived))
     console.print(monitor_table(cfg, derived))
     if uncounted is None:
         console.print(cost_table(cfg, derived, price, cpu_s))
     else:
-        console.print(f"[yellow]training cost not shown:[/] {uncounted}")
+        console.print(f"[yellow]training cost not shown (nor the communication):[/] {uncounted}")
     if balance is not None:
         console.print(loss_balance_table(balance, cfg))
     if derived.total_steps < 2 or math.isclose(derived.peak_lr, 0.0):
