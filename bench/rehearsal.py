@@ -7,7 +7,8 @@
    checkpoint and continues the schedule (the resumed steps' learning rates are the schedule's);
 3. per rank and step: the bytes each collective moves (DeepSpeed's comms logger, message sizes; on the wire
    as a ring moves them: reduce-scatter / all-gather (W−1) × chunk, all-reduce 2(W−1)/W × size), against
-   the model's size, extrapolated to `mst-ds plan --world 128`'s run; peak resident memory per rank.
+   what `mst-ds plan --world-size W` estimates for the same settings (mst_ds.cost.comm_per_step) and what
+   it prints for the paper's run at 128 ranks; peak resident memory per rank (the rank's own process).
 
     python bench/rehearsal.py                 # 16 → 4 ranks (minutes on 2 cores)
     python bench/rehearsal.py --ranks 4 --resume-ranks 2 --shards 8   # the machinery, small
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,6 +36,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from _gpu_sections import make_jpegs  # noqa: E402
 from _report import bench_line  # noqa: E402
+
+from mst_ds.cost import comm_per_step  # noqa: E402
+from mst_ds.job import use_extensions_dir  # noqa: E402
 
 PER_SHARD = 4
 MICRO = 2  # images per rank and step
@@ -104,17 +109,23 @@ def wire_bytes(op: str, size: int, world: int) -> float:
 
 
 def comm_table(meas: Path, steps: int) -> dict:
-    """Per op: calls and ring bytes per rank per step (rank 0's log; ZeRO-2's collectives are symmetric)."""
-    files = [json.loads(p.read_text()) for p in sorted(meas.glob("rank*.json"))]
+    """Per op: calls and ring bytes per rank per step (rank 0's log); every rank's ring bytes per step
+    (all ops but the start-up broadcasts) and peak RSS, in rank order."""
+    files = sorted((json.loads(p.read_text()) for p in meas.glob("rank*.json")), key=lambda f: f["rank"])
     r0 = next(f for f in files if f["rank"] == 0)
     world = r0["world"]
+
+    def ring(op: str, sizes: dict) -> float:
+        return sum(wire_bytes(op, int(s), world) * c for s, c in sizes.items()) / steps
+
     ops = {}
     for op, sizes in r0["ops"].items():
         calls = sum(sizes.values())
         msg = sum(int(s) * c for s, c in sizes.items())
-        ops[op] = {"calls": calls, "message_bytes": msg,
-                   "ring_bytes_per_step": sum(wire_bytes(op, int(s), world) * c for s, c in sizes.items()) / steps}
-    return {"world": world, "ops": ops, "max_rss_mib": [round(f["max_rss_kib"] / 1024, 1) for f in files]}
+        ops[op] = {"calls": calls, "message_bytes": msg, "ring_bytes_per_step": ring(op, sizes)}
+    per_rank = [sum(ring(op, sizes) for op, sizes in f["ops"].items() if op != "broadcast") for f in files]
+    return {"world": world, "ops": ops, "bytes_per_step_per_rank": per_rank,
+            "max_rss_mib": [round(f["max_rss_kib"] / 1024, 1) for f in files]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,13 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.ranks, args.resume_ranks, args.shards = 4, 2, 8
-
+    use_extensions_dir(announce=False)  # one build of DeepSpeed's CPU comm op for every rank (as launch.sh)
 
     from mst_ds.config import load_config
     from mst_ds.data.reader import derive_for_training
     from mst_ds.engine import load_template, param_groups
     from mst_ds.model.mst import MSTModel
-    from mst_ds.plan import parameter_counts
     from mst_ds.schedules import Schedules
 
     failed: list[str] = []
@@ -152,13 +162,17 @@ def main(argv: list[str] | None = None) -> int:
 
         run = tmp / "run"
         batch = MICRO * args.ranks
+        t0 = time.monotonic()
         res = launch(run, args.ranks, batch, shards, 2, template, tmp / "meas16")
+        wall = {"train": round(time.monotonic() - t0, 1)}
         if res.returncode != 0:
             print(res.stdout[-3000:], res.stderr[-3000:])
             print(f"rehearsal: error: {args.ranks}-rank run exited {res.returncode}", file=sys.stderr)
             return 1
         comm = comm_table(tmp / "meas16", 2)
+        t0 = time.monotonic()
         res = launch(run, args.resume_ranks, batch, shards, 4, template, tmp / "meas4")
+        wall["resume"] = round(time.monotonic() - t0, 1)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
         cfg = load_config("tiny", sets(shards, batch, 4, template)).config
         sched = Schedules.from_config(cfg, derive_for_training(cfg, args.ranks))
@@ -171,28 +185,34 @@ def main(argv: list[str] | None = None) -> int:
 
     model = MSTModel.from_config(cfg)
     trained = sum(p.numel() for g in param_groups(model) for p in g["params"])
-    grad_bytes = 4 * trained  # fp32 gradients (engine.precision=fp32)
     step_bytes = sum(o["ring_bytes_per_step"] for op, o in comm["ops"].items() if op != "broadcast")
+    plan_rows = comm_per_step(cfg, args.ranks, 1)
+    plan_bytes = sum(r.bytes for r in plan_rows)
     paper = load_config("mst_deit_s_100ep").config
-    paper_trained = parameter_counts(paper)["student total (trained)"]
-    ideal = 2 * (args.ranks - 1) / args.ranks
+    at128 = sum(r.bytes for r in comm_per_step(paper, 128, 1))
+    ratio = step_bytes / plan_bytes
     print(f"\nRehearsal: {args.ranks} ranks (gloo, tiny, ZeRO-2 fp32, 2 workers/rank, {args.shards} shards), 2 steps")
-    print(f"{'collective':<28} {'calls':>6} {'MiB/rank/step (ring)':>22}")
+    print(f"{'collective (rank 0)':<28} {'calls':>6} {'MiB/rank/step (ring)':>22}")
     for op, o in sorted(comm["ops"].items()):
         print(f"{op:<28} {o['calls']:>6} {o['ring_bytes_per_step'] / 2**20:>22.3f}")
-    ratio = step_bytes / grad_bytes
-    print(f"per step, all but broadcast: {step_bytes / 2**20:.3f} MiB = {ratio:.2f} × the fp32 gradients "
-          f"({trained:,} trained parameters; ring ZeRO-2 expects 2 × (W−1)/W = {2 * (args.ranks - 1) / args.ranks:.2f})")
+    per_rank = comm["bytes_per_step_per_rank"]
+    print(f"per step, all but the start-up broadcasts: {step_bytes / 2**20:.3f} MiB sent per rank (ranks: min "
+          f"{min(per_rank) / 2**20:.3f}, max {max(per_rank) / 2**20:.3f}); `mst-ds plan --world-size {args.ranks}` "
+          f"estimates {plan_bytes / 2**20:.3f} MiB ({trained:,} trained parameters): measured ÷ plan = {ratio:.3f}")
+    for r in plan_rows:
+        print(f"  plan: {r.what}, {r.collective}: {r.bytes / 2**20:.3f} MiB")
     print(f"peak RSS per rank MiB: min {min(comm['max_rss_mib'])}, max {max(comm['max_rss_mib'])}")
-    at128 = 2 * 127 / 128 * paper_trained * 2 * ratio / ideal
-    print(f"extrapolated to `mst-ds plan --world 128` (DeiT-S MST, {paper_trained:,} trained parameters, bf16 "
-          f"gradients): {at128 / 2**20:.1f} MiB sent per rank per step (measured ratio ÷ ring ideal × 2(W−1)/W × P × 2 B)")
+    print(f"`mst-ds plan --world-size 128` for the paper's run (mst_deit_s_100ep): {at128 / 2**20:.1f} MiB sent per rank "
+          "per step")
     print(f"resume at {args.resume_ranks} ranks (universal checkpoint): steps {steps}, lr as scheduled: {lr_ok}")
-    print("REHEARSAL " + json.dumps({"split": split, "comm": comm, "trained_params": trained, "bytes_ratio": ratio,
-                                     "paper_params": paper_trained, "paper_mib_per_step_at_128": at128 / 2**20,
-                                     "resumed": resumed}, default=str))
-    bench_line(f"ZeRO-2 bytes per rank per step / ring ideal 2(W-1)/W x gradients ({args.ranks} CPU ranks)",
-               ratio / ideal, "<=", 1.1)
+    print(f"wall time (launch, pre-flight included): {args.ranks} ranks × 2 steps {wall['train']} s, "
+          f"{args.resume_ranks} ranks × 2 steps {wall['resume']} s")
+    print("REHEARSAL " + json.dumps({"split": split, "comm": comm, "trained_params": trained, "plan_bytes": plan_bytes,
+                                     "measured_bytes": step_bytes, "measured_over_plan": ratio,
+                                     "paper_mib_per_step_at_128": at128 / 2**20, "resumed": resumed, "wall_s": wall}, default=str))
+    if not bench_line(f"ZeRO-2 bytes per rank per step: |measured / mst-ds plan's estimate - 1| ({args.ranks} CPU ranks)",
+                      abs(ratio - 1), "<=", 0.1):
+        failed.append(f"measured bytes per step {ratio:.3f} × the plan's estimate")
     if failed:
         print("rehearsal: error: " + "; ".join(failed), file=sys.stderr)
         return 1
