@@ -359,24 +359,30 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def section_resume(ctx: Ctx) -> None:
+    """Two launches of one run: the first trains steps 1-N and is SIGKILLed half-way through step N's save
+    (after step N's metrics are written); the second resumes from step N − 2's checkpoint. The first
+    launch's steps N − 1 and N are an uninterrupted run's, the resumed ones must equal them."""
     steps = 4 if ctx.cpu else 6  # each CPU launch pays ~10 s of imports in 3 processes
-    whole, killed = ctx.work / "run_whole", ctx.work / "run_killed"
-    res = _launch(ctx, whole, steps)
-    if not ctx.expect(f"launcher: {steps} steps, exit 0", res.returncode == 0, res.returncode, res.stdout[-300:] if res.returncode else ""):
+    run = ctx.work / "run"
+    res = _launch(ctx, run, steps, fault=f"kill_in_save@{steps}")
+    before = _losses(run) if (run / "metrics.jsonl").exists() else []
+    ok = res.returncode != 0 and len(before) == steps
+    if not ctx.expect(f"SIGKILL in the step-{steps} save after {steps} steps: non-zero exit", ok, res.returncode,
+                      f"{len(before)} steps logged" + ("" if ok else "; " + (res.stdout + res.stderr)[-300:])):
         return
-    res = _launch(ctx, killed, steps, fault="kill_in_save@4")  # SIGKILL half-way through step 4's save
-    ctx.expect("SIGKILL in the step-4 save: non-zero exit", res.returncode != 0, res.returncode)
-    res = _launch(ctx, killed, steps)
-    ctx.expect("resume after SIGKILL: exit 0", res.returncode == 0, res.returncode, res.stdout[-300:] if res.returncode else "")
-    a, b = _losses(whole), _losses(killed)
-    tail_a, tail_b = a[-(steps - 2):], b[-(steps - 2):]  # steps 3.., recomputed from the step-2 checkpoint
-    bits = tail_a == tail_b
+    res = _launch(ctx, run, steps)
+    ctx.expect("resume after SIGKILL: exit 0", res.returncode == 0, res.returncode,
+               "" if res.returncode == 0 else (res.stdout + res.stderr)[-300:])
+    after = _losses(run)
+    # Steps N−1..N: recomputed from the step N−2 checkpoint (the resume truncates the log past it).
+    tail_a, tail_b = before[-2:], after[-2:]
+    bits = len(after) == steps and tail_a == tail_b
     worst = max((rel(x, y) for x, y in zip(tail_b, tail_a)), default=float("nan"))
     if ctx.cpu:
-        ctx.expect(f"resumed steps 3-{steps} == uninterrupted (bits)", bits, worst)
+        ctx.expect(f"resumed steps {steps - 1}-{steps} == uninterrupted (bits)", bits, worst)
     else:  # run.deterministic does not exist yet: bits are reported, the tolerance decides
-        ctx.row(f"resumed steps 3-{steps} == uninterrupted (bits)", "info", bits)
-        ctx.expect(f"resumed steps 3-{steps} max rel. Δ", worst <= 1e-3, worst, "≤ 1e-3")
+        ctx.row(f"resumed steps {steps - 1}-{steps} == uninterrupted (bits)", "info", bits)
+        ctx.expect(f"resumed steps {steps - 1}-{steps} max rel. Δ", worst <= 1e-3, worst, "≤ 1e-3")
     ctx.gpu_only("CUDA RNG state restored", "no CUDA RNG on CPU")
 
 
@@ -385,11 +391,11 @@ def section_knn(ctx: Ctx) -> None:
     env = {k: v for k, v in os.environ.items() if k not in RANK_ENV}
     env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
     folder = ctx.work / "folder"
-    cmd = [sys.executable, "-m", "mst_ds.cli", "knn", "--ckpt", str(ctx.work / "run_whole"), "--train", str(folder),
+    cmd = [sys.executable, "-m", "mst_ds.cli", "knn", "--ckpt", str(ctx.work / "run"), "--train", str(folder),
            "--val", str(folder), "--out", str(ctx.work / "knn"), "--k", "5", "--num-workers", "0"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    ctx.expect("mst-ds knn on CPU reads the checkpoint", res.returncode == 0, res.returncode,
-               (res.stdout + res.stderr)[-300:].strip().splitlines()[-1] if (res.stdout + res.stderr).strip() else "")
+    said = (res.stdout if res.returncode == 0 else res.stderr).strip().splitlines()  # the result, or why not
+    ctx.expect("mst-ds knn on CPU reads the checkpoint", res.returncode == 0, res.returncode, said[-1][-300:] if said else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,7 +427,8 @@ def section_kernels(ctx: Ctx) -> None:
 
     from mst_ds.train import train_step
 
-    cfg = config(ctx, "optim.batch_size=8", "engine.precision=" + ("fp32" if ctx.cpu else "bf16"))
+    # Fused attention (the `tiny` preset runs it unfused on CPU), so that SDPA picks a backend to name.
+    cfg = config(ctx, "optim.batch_size=8", "model.fused_attn=true", "engine.precision=" + ("fp32" if ctx.cpu else "bf16"))
     t = build(cfg)
     batch = uint8_views(cfg, 8, 0, pin=not ctx.cpu)
     train_step(t, [batch])  # warm-up

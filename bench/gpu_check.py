@@ -29,6 +29,8 @@ sys.path.insert(0, str(HERE))
 
 from _gpu_runner import Section, failures, read_rows, run_all, table  # noqa: E402
 
+from mst_ds.job import use_extensions_dir  # noqa: E402  (torch-free)
+
 ORDER = ("env", "parity", "zero", "resume", "knn", "kernels", "throughput", "loader")
 # What a section needs from another's result (skipped when that one did not pass); nothing else waits.
 NEEDS = {"knn": ("resume",)}
@@ -83,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.section or args.cpu_steps:
         return in_section(args)
     out = Path(args.out) if args.out else default_out()
+    # One folder for DeepSpeed's JIT-built CPU comm op, exported to every section and the launches they
+    # start (`mst-ds train`'s own choice): with torch's default each process that imports DeepSpeed from
+    # another path to the same environment rebuilds the op (a minute of compiling per section on CPU).
+    use_extensions_dir(announce=False, required=False)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     base = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--work", str(work)]
     base += ["--cpu"] * args.cpu + ["--quick"] * args.quick
