@@ -39,6 +39,7 @@ def test_sixteen_ranks_split_the_data_evenly_resume_at_four_and_measure_their_tr
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "rehearsal.py")], capture_output=True, text=True,
                          timeout=3600, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
+    print(res.stdout[-4000:])  # the table (pytest -s shows it)
     line = next(x for x in res.stdout.splitlines() if x.startswith("REHEARSAL "))
     r = json.loads(line[len("REHEARSAL "):])
     split = r["split"]
