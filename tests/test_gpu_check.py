@@ -104,6 +104,33 @@ def test_the_table_is_rebuilt_from_the_file_of_this_run_only_and_a_torn_line_is_
     assert "speed" in text and "1.235" in text and "\n" + " " * 14 + "y" in text
 
 
+# Each section's CPU path in this process (the end-to-end run below is slow): what each must write.
+SECTION_ROWS = {
+    "env": {"device": "info", "GPUs visible": "pass"},
+    "zero": {"ZeRO-2 bf16: per-param clip max ‖g‖/c": "pass", "ZeRO-2 bf16: EMA vs EMA of fp32 masters": "pass",
+             "ZeRO-3 bf16: loss finite / loss scale": "pass", "ZeRO-2 fp16": "skipped",
+             "precision auto: one step": "pass", "precision autocast_bf16: one step": "pass"},
+    "kernels": {"SDPA backend (aten op that ran)": "pass", "SyncBN vs BN float32 max |Δ|": "skipped",
+                "host syncs per training step": "skipped"},
+    "throughput": {"MST img/s (engine, bf16)": "pass", "GFLOP per image (plan's count)": "info",
+                   "DeepSpeed ÷ plain PyTorch (teacher fp32 both)": "info"},
+    "loader": {"loader wait share (1 workers × 8)": "info"},
+}
+
+
+@pytest.mark.parametrize("name", list(SECTION_ROWS))
+def test_a_section_on_its_cpu_path_writes_its_rows_and_none_fails(name, deepspeed_cpu, tmp_path):
+    from _gpu_sections import SECTIONS, Ctx
+
+    out = tmp_path / "r.jsonl"
+    SECTIONS[name](Ctx(cpu=True, quick=True, work=tmp_path, out=out, run="t", section=name))
+    rows = {r["check"]: r for r in read_rows(out, "t")}
+    assert {c: rows[c]["status"] for c in SECTION_ROWS[name] if c in rows} == SECTION_ROWS[name], rows
+    assert not [c for c, r in rows.items() if r["status"] == "fail"], rows
+    if name == "kernels":  # the aten op SDPA dispatched to on CPU
+        assert "scaled_dot_product" in rows["SDPA backend (aten op that ran)"]["value"]
+
+
 @pytest.mark.slow
 def test_gpu_check_cpu_quick_runs_every_section_end_to_end(deepspeed_cpu, tmp_path):
     """`bench/gpu_check.py --cpu --quick`: every section passes on its CPU path; the JSONL holds each
@@ -114,12 +141,14 @@ def test_gpu_check_cpu_quick_runs_every_section_end_to_end(deepspeed_cpu, tmp_pa
                          capture_output=True, text=True, timeout=2700, cwd=ROOT, env=env)
     rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     closing = {r["section"]: r["status"] for r in rows if r["check"] == SECTION_ROW}
+    print(res.stdout[-8000:])  # the table (pytest -s shows it)
     assert res.returncode == 0, json.dumps(closing) + res.stdout[-3000:] + res.stderr[-2000:]
     assert closing == dict.fromkeys(("env", "parity", "zero", "resume", "knn", "kernels", "throughput", "loader"), "pass")
     checks = {(r["section"], r["check"]): r for r in rows}
     # CPU vs CPU: bit for bit; the kill/resume equals the uninterrupted run; GPU-only checks say why.
     assert checks[("parity", "3 fp32 train_steps: losses max rel. Δ")]["value"] == 0
     assert checks[("resume", "resumed steps 3-4 == uninterrupted (bits)")]["status"] == "pass"
+    assert checks[("resume", "SIGKILL in the step-4 save after 4 steps: non-zero exit")]["status"] == "pass"
     assert checks[("zero", "ZeRO-0 fp16")]["status"] == "skipped"
     assert checks[("kernels", "host syncs per training step")]["status"] == "skipped"
     assert checks[("kernels", "SDPA backend (aten op that ran)")]["status"] == "pass"
