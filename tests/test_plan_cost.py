@@ -173,3 +173,67 @@ def test_plan_of_an_uncounted_architecture_says_so_and_prints_the_rest(capsys):
     out = capsys.readouterr().out
     assert "training cost not shown" in out and "reg_tokens" in out and "GPU-hours" not in out
     assert "Batch and steps" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Communication per optimizer step (issue 30): a torch-free parameter count and DeepSpeed's collectives
+# --------------------------------------------------------------------------------------------------
+_VIT_KW = "model.timm_kwargs={img_size: 32, patch_size: 8, embed_dim: 64, depth: 2, num_heads: 4"
+
+
+@pytest.mark.parametrize("preset,sets", [
+    ("tiny", []), ("mst_deit_s_100ep", []),
+    ("tiny", ["decoder.kind=transposed_conv", "decoder.use_bn=false", "model.head.use_bn=false",
+              "model.head.norm_last_layer=true"]),
+    ("tiny", ["model.head.nlayers=1", _VIT_KW + ", qk_norm: true, init_values: 0.1, qkv_bias: false}"]),
+    ("tiny", ["decoder.enabled=false", "model.head.nlayers=4"]),
+])
+def test_parameter_count_from_the_config_equals_the_built_model(preset, sets):
+    """What DeepSpeed partitions (the optimizer's parameters) and what the EMA reads (the teacher's
+    trained parameters), counted without building anything."""
+    from mst_ds.engine import param_groups
+
+    cfg = load_config(preset, sets).config
+    model = MSTModel.from_config(cfg)
+    count = cost.parameter_count(cfg)
+    assert count.student == sum(p.numel() for g in param_groups(model) for p in g["params"])
+    assert count.teacher == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad
+                                and not n.startswith("decoder."))
+
+
+def test_comm_per_step_prices_deepspeeds_collectives_as_rings():
+    cfg = load_config("tiny", ["engine.zero_stage=2", "engine.precision=fp32"]).config
+    p = cost.parameter_count(cfg).student
+    rows = cost.comm_per_step(cfg, 16, 1)
+    # ZeRO-2 fp32: the gradients all-reduced (DeepSpeed's multi-rank buckets), the parameters all-gathered.
+    assert [(r.collective, r.bytes) for r in rows] == [("all-reduce", 2 * 15 / 16 * p * 4), ("all-gather", 15 / 16 * p * 4)]
+    assert cost.comm_per_step(cfg, 1, 1) == []
+    # ZeRO-2 reduces every micro-batch's gradients; ZeRO-0 once per optimizer step, with no all-gather.
+    assert cost.comm_per_step(cfg, 16, 3)[0].bytes == 3 * rows[0].bytes
+    zero0 = load_config("tiny", ["engine.zero_stage=0", "engine.precision=fp32"]).config
+    assert [(r.collective, r.bytes) for r in cost.comm_per_step(zero0, 16, 3)] == [("all-reduce", rows[0].bytes)]
+    # bf16: half the bytes, plus the EMA's fp32 masters of the teacher; per-parameter clipping adds the gradients in fp32.
+    bf16 = load_config("tiny", ["engine.zero_stage=2", "engine.precision=bf16", "optim.clip_mode=per_param"]).config
+    teacher = cost.parameter_count(bf16).teacher
+    got = {r.what.split(":")[0]: r.bytes for r in cost.comm_per_step(bf16, 16, 1)}
+    assert got == {"gradients (every micro-batch": 2 * 15 / 16 * p * 2, "updated parameters": 15 / 16 * p * 2,
+                   "EMA": 2 * 15 / 16 * teacher * 4, "per-parameter clipping": 2 * 15 / 16 * p * 4}
+
+
+def test_plan_world_size_prints_the_communication_estimate(capsys):
+    assert main(["plan", "--preset", "tiny", "--no-model", "--world-size", "16", "--set", "engine.zero_stage=2"]) == 0
+    out = capsys.readouterr().out
+    total = sum(r.bytes for r in cost.comm_per_step(load_config("tiny", ["engine.zero_stage=2"]).config, 16, 1))
+    assert "Communication per rank and optimizer step" in out and f"{total / 2**20:,.2f}" in out
+    assert main(["plan", "--preset", "tiny", "--no-model"]) == 0  # one rank: nothing to communicate
+    assert "Communication per rank" not in capsys.readouterr().out
+
+
+def test_comm_estimate_is_torch_free():
+    import subprocess
+
+    code = ("import sys; from mst_ds.config import load_config; from mst_ds.cost import comm_per_step; "
+            "print(sum(r.bytes for r in comm_per_step(load_config('mst_deit_s_100ep').config, 128, 1)) > 0, "
+            "'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False"]
