@@ -399,6 +399,48 @@ def section_knn(ctx: Ctx) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# monitor: the online k-NN monitor (mst_ds.eval.monitor) on a few hundred images
+# --------------------------------------------------------------------------------------------------
+def section_monitor(ctx: Ctx) -> None:
+    """The teacher's k-NN on a small labelled ImageFolder, on the device and on the CPU: top-1 equal
+    (bits on CPU; within one query on a GPU), the RNG states untouched, the kept decoded images giving the
+    same result at the next evaluation, and the evaluation's images per second."""
+    import copy
+
+    from mst_ds.eval.monitor import OnlineKNN
+    from mst_ds.model.mst import MSTModel
+
+    n = 200 if ctx.quick else 400
+    folder = ctx.work / "monitor_folder"
+    if not folder.exists():
+        make_jpegs(folder, n, (64, 48))
+    cfg = config(ctx, f"eval.monitor.bank={folder}", "eval.monitor.num_workers=0", "eval.monitor.k=10", preset="tiny")
+    torch.manual_seed(0)
+    teacher = MSTModel.from_config(cfg).make_teacher().backbone
+    on_cpu = copy.deepcopy(teacher)
+    teacher.to(ctx.device)
+    mon = OnlineKNN(cfg, rank=0, world=1, device=ctx.device)
+    states = [torch.get_rng_state()] + ([] if ctx.cpu else [torch.cuda.get_rng_state()])
+    sync(ctx.device)
+    t0 = time.perf_counter()
+    first = mon.evaluate(teacher)
+    sync(ctx.device)
+    seconds = time.perf_counter() - t0
+    after = [torch.get_rng_state()] + ([] if ctx.cpu else [torch.cuda.get_rng_state()])
+    ctx.row(f"k-NN top-1 on {n} images (device)", "info", round(first["monitor_knn_top1"], 2),
+            f"{seconds:.2f} s for the first evaluation (decode included), {n / seconds:.0f} images/s")
+    ctx.expect("RNG states untouched by an evaluation", all(torch.equal(a, b) for a, b in zip(states, after)))
+    again = mon.evaluate(teacher)
+    ctx.expect("next evaluation (decoded images kept) equal", again == first, round(mon.seconds - seconds, 2),
+               "seconds of the second evaluation")
+    ref = OnlineKNN(cfg, rank=0, world=1, device=torch.device("cpu")).evaluate(on_cpu)
+    d = abs(first["monitor_knn_top1"] - ref["monitor_knn_top1"])
+    one_query = 100 / (n * cfg.eval.monitor.query_fraction) * 1.5  # ~a query's share (the cut is by key hash)
+    ctx.expect("top-1 device vs CPU |Δ| (points)", d == 0 if ctx.cpu else d <= one_query, d,
+               "0 on CPU" if ctx.cpu else f"≤ {one_query:.2f} (about one query)")
+
+
+# --------------------------------------------------------------------------------------------------
 # kernels: SyncBN at world 1 vs BN, which SDPA backend, host syncs per step
 # --------------------------------------------------------------------------------------------------
 def section_kernels(ctx: Ctx) -> None:
@@ -611,7 +653,7 @@ def section_loader(ctx: Ctx) -> None:
 
 
 SECTIONS = {"env": section_env, "parity": section_parity, "zero": section_zero, "resume": section_resume,
-            "knn": section_knn, "kernels": section_kernels, "throughput": section_throughput,
+            "knn": section_knn, "monitor": section_monitor, "kernels": section_kernels, "throughput": section_throughput,
             "loader": section_loader}
 
 

@@ -9,6 +9,7 @@ table at the end is rebuilt from that file, so a timeout, a host OOM or a CUDA a
 already measured. The whole holds a hard wall-clock budget (--budget-min, default 8). Sections
 (bench/_gpu_sections.py): env · parity (device vs CPU, fp32) · zero (ZeRO 0-3 × bf16/fp32, fp16) ·
 resume (`mst-ds train` through the launcher, SIGKILL, resume) · knn (the checkpoint read on CPU) ·
+monitor (the online k-NN monitor on a few hundred images, device vs CPU) ·
 kernels (SyncBN world 1, SDPA backend, host syncs) · throughput (vs plain PyTorch, same teacher
 precision) · loader. Exit 0 when every section passed; 1 otherwise; 2 on a usage error.
 """
@@ -31,10 +32,11 @@ from _gpu_runner import Section, failures, read_rows, run_all, table  # noqa: E4
 
 from mst_ds.job import use_extensions_dir  # noqa: E402  (torch-free)
 
-ORDER = ("env", "parity", "zero", "resume", "knn", "kernels", "throughput", "loader")
+ORDER = ("env", "parity", "zero", "resume", "knn", "monitor", "kernels", "throughput", "loader")
 # What a section needs from another's result (skipped when that one did not pass); nothing else waits.
 NEEDS = {"knn": ("resume",)}
-TIMEOUT_S = {"env": 120, "parity": 240, "zero": 300, "resume": 360, "knn": 180, "kernels": 180, "throughput": 300,
+TIMEOUT_S = {"env": 120, "parity": 240, "zero": 300, "resume": 360, "knn": 180, "monitor": 120, "kernels": 180,
+             "throughput": 300,
              "loader": 240}
 CPU_SLOWER = 3  # --cpu: the tiny preset, but a loaded CI machine and ~10 s of imports per process
 

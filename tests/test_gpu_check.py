@@ -115,6 +115,8 @@ SECTION_ROWS = {
     "throughput": {"MST img/s (engine, bf16)": "pass", "GFLOP per image (plan's count)": "info",
                    "DeepSpeed ÷ plain PyTorch (teacher fp32 both)": "info"},
     "loader": {"loader wait share (1 workers × 8)": "info"},
+    "monitor": {"RNG states untouched by an evaluation": "pass", "next evaluation (decoded images kept) equal": "pass",
+                "top-1 device vs CPU |Δ| (points)": "pass"},
 }
 
 
@@ -143,7 +145,8 @@ def test_gpu_check_cpu_quick_runs_every_section_end_to_end(deepspeed_cpu, tmp_pa
     closing = {r["section"]: r["status"] for r in rows if r["check"] == SECTION_ROW}
     print(res.stdout[-8000:])  # the table (pytest -s shows it)
     assert res.returncode == 0, json.dumps(closing) + res.stdout[-3000:] + res.stderr[-2000:]
-    assert closing == dict.fromkeys(("env", "parity", "zero", "resume", "knn", "kernels", "throughput", "loader"), "pass")
+    assert closing == dict.fromkeys(("env", "parity", "zero", "resume", "knn", "monitor", "kernels", "throughput", "loader"),
+                                    "pass")
     checks = {(r["section"], r["check"]): r for r in rows}
     # CPU vs CPU: bit for bit; the kill/resume equals the uninterrupted run; GPU-only checks say why.
     assert checks[("parity", "3 fp32 train_steps: losses max rel. Δ")]["value"] == 0
