@@ -334,18 +334,28 @@ def shards(ctx: Ctx) -> Path:
     return out
 
 
-def _launch(ctx: Ctx, run_dir: Path, steps: int, fault: str = "") -> subprocess.CompletedProcess:
+def resume_sets(steps: int, data: Path, deterministic: bool) -> list[str]:
+    """The `--set`s of the resume section's run (``deterministic``: with ``run.deterministic=true``)."""
+    return ["optim.batch_size=8", "run.log_every=1", "checkpoint.every_steps=2", "run.schedule_steps=40",
+            f"run.max_steps={steps}", f"data.train={data}", "data.num_workers=0", "run.loggers=[]",
+            "engine.precision=fp32", *(["run.deterministic=true"] * deterministic)]
+
+
+def resume_passes(ctx: Ctx) -> list[bool]:
+    """Which kill/resume passes run (``run.deterministic`` off / on): on a GPU both, the flag's pass must
+    repeat bit for bit; on CPU, bit-identical either way, the flag's pass only without --quick."""
+    return [False] if ctx.cpu and ctx.quick else [False, True]
+
+
+def _launch(ctx: Ctx, run_dir: Path, steps: int, fault: str = "", deterministic: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in RANK_ENV}
     # launch.sh and the DeepSpeed launcher run `python` / `deepspeed` from PATH: this interpreter's.
     env.update(PYTHONPATH=str(ROOT), VIRTUAL_ENV=sys.prefix, PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
     if fault:
         env["MST_DS_FAULT"] = fault
     where = ["--cpu", "1"] if ctx.cpu else ["--gpus-per-node", "1"]
-    sets = ["optim.batch_size=8", "run.log_every=1", "checkpoint.every_steps=2", "run.schedule_steps=40",
-            f"run.max_steps={steps}", f"data.train={shards(ctx)}", "data.num_workers=0", "run.loggers=[]",
-            "engine.precision=fp32"]
     cmd = [str(ROOT / "launch.sh"), *where, "--preset", "tiny", "--run-dir", str(run_dir)]
-    for s in sets:
+    for s in resume_sets(steps, shards(ctx), deterministic):
         cmd += ["--set", s]
     # In the section's process group: a timeout's killpg reaches launch.sh, the launcher and the ranks.
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -361,29 +371,40 @@ def _losses(run_dir: Path) -> list[float]:
 def section_resume(ctx: Ctx) -> None:
     """Two launches of one run: the first trains steps 1-N and is SIGKILLed half-way through step N's save
     (after step N's metrics are written); the second resumes from step N − 2's checkpoint. The first
-    launch's steps N − 1 and N are an uninterrupted run's, the resumed ones must equal them."""
+    launch's steps N − 1 and N are an uninterrupted run's, the resumed ones must equal them: bit for bit
+    on CPU and with ``run.deterministic`` (a second pair of launches, resume_passes), else by tolerance."""
     steps = 4 if ctx.cpu else 6  # each CPU launch pays ~10 s of imports in 3 processes
-    run = ctx.work / "run"
-    res = _launch(ctx, run, steps, fault=f"kill_in_save@{steps}")
+    for deterministic in resume_passes(ctx):
+        if not _kill_and_resume(ctx, ctx.work / ("run_deterministic" if deterministic else "run"), steps, deterministic):
+            return
+    ctx.gpu_only("CUDA RNG state restored", "no CUDA RNG on CPU")
+
+
+def _kill_and_resume(ctx: Ctx, run: Path, steps: int, deterministic: bool) -> bool:
+    """One kill/resume pass → whether both launches did what they must (the comparison is its own row)."""
+    flag = " (run.deterministic)" if deterministic else ""
+    res = _launch(ctx, run, steps, fault=f"kill_in_save@{steps}", deterministic=deterministic)
     before = _losses(run) if (run / "metrics.jsonl").exists() else []
     ok = res.returncode != 0 and len(before) == steps
-    if not ctx.expect(f"SIGKILL in the step-{steps} save after {steps} steps: non-zero exit", ok, res.returncode,
+    if not ctx.expect(f"SIGKILL in the step-{steps} save after {steps} steps{flag}: non-zero exit", ok, res.returncode,
                       f"{len(before)} steps logged" + ("" if ok else "; " + (res.stdout + res.stderr)[-300:])):
-        return
-    res = _launch(ctx, run, steps)
-    ctx.expect("resume after SIGKILL: exit 0", res.returncode == 0, res.returncode,
-               "" if res.returncode == 0 else (res.stdout + res.stderr)[-300:])
+        return False
+    res = _launch(ctx, run, steps, deterministic=deterministic)
+    if not ctx.expect(f"resume after SIGKILL{flag}: exit 0", res.returncode == 0, res.returncode,
+                      "" if res.returncode == 0 else (res.stdout + res.stderr)[-300:]):
+        return False
     after = _losses(run)
     # Steps N−1..N: recomputed from the step N−2 checkpoint (the resume truncates the log past it).
     tail_a, tail_b = before[-2:], after[-2:]
     bits = len(after) == steps and tail_a == tail_b
     worst = max((rel(x, y) for x, y in zip(tail_b, tail_a)), default=float("nan"))
-    if ctx.cpu:
-        ctx.expect(f"resumed steps {steps - 1}-{steps} == uninterrupted (bits)", bits, worst)
-    else:  # run.deterministic does not exist yet: bits are reported, the tolerance decides
-        ctx.row(f"resumed steps {steps - 1}-{steps} == uninterrupted (bits)", "info", bits)
+    name = f"resumed steps {steps - 1}-{steps} == uninterrupted{flag} (bits)"
+    if ctx.cpu or deterministic:
+        ctx.expect(name, bits, worst, "max rel. Δ")
+    else:  # without run.deterministic a GPU run may pick other kernels: bits are reported, the tolerance decides
+        ctx.row(name, "info", bits)
         ctx.expect(f"resumed steps {steps - 1}-{steps} max rel. Δ", worst <= 1e-3, worst, "≤ 1e-3")
-    ctx.gpu_only("CUDA RNG state restored", "no CUDA RNG on CPU")
+    return True
 
 
 def section_knn(ctx: Ctx) -> None:

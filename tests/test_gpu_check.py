@@ -133,6 +133,24 @@ def test_a_section_on_its_cpu_path_writes_its_rows_and_none_fails(name, deepspee
         assert "scaled_dot_product" in rows["SDPA backend (aten op that ran)"]["value"]
 
 
+def test_the_resume_section_adds_a_run_deterministic_pass_on_a_gpu_with_valid_settings(tmp_path):
+    """The kill/resume pass with run.deterministic=true: on a GPU always (its resumed steps must then be
+    bit-identical), on CPU (bit-identical either way) only without --quick; its settings load as a config."""
+    from _gpu_sections import Ctx, resume_passes, resume_sets
+
+    from mst_ds.config import load_config
+
+    def ctx(cpu: bool, quick: bool) -> Ctx:
+        return Ctx(cpu=cpu, quick=quick, work=tmp_path, out=tmp_path / "r.jsonl", run="t", section="resume")
+
+    assert resume_passes(ctx(False, True)) == resume_passes(ctx(False, False)) == [False, True]
+    assert resume_passes(ctx(True, True)) == [False] and resume_passes(ctx(True, False)) == [False, True]
+    on = load_config("tiny", resume_sets(6, tmp_path, True)).config
+    off = load_config("tiny", resume_sets(6, tmp_path, False)).config
+    assert on.run.deterministic and not off.run.deterministic
+    assert on.model_dump(exclude={"run"}) == off.model_dump(exclude={"run"}) and on.run.max_steps == 6
+
+
 @pytest.mark.slow
 def test_gpu_check_cpu_quick_runs_every_section_end_to_end(deepspeed_cpu, tmp_path):
     """`bench/gpu_check.py --cpu --quick`: every section passes on its CPU path; the JSONL holds each
