@@ -30,7 +30,7 @@ def test_ring_bytes_per_rank_follow_the_collective(tmp_path):
     t = comm_table(tmp_path, steps=2)
     assert t["ops"]["all_gather_into_tensor"] == {"calls": 4, "message_bytes": 40, "ring_bytes_per_step": 60.0}
     assert t["max_rss_mib"] == [2.0, 4.0] and t["world"] == 4
-    assert t["bytes_per_step_per_rank"] == [30.0, 0.0]  # rank 0: 4 all-gathers of 10 B × 3 / 2 steps; no broadcast
+    assert t["bytes_per_step_per_rank"] == [60.0, 0.0]  # rank 0: 4 all-gathers of 10 B × (W − 1) / 2 steps; no broadcast
 
 
 @pytest.mark.slow
