@@ -281,9 +281,10 @@ class EvalConfig(Section):
     linear_lr: float = Field(0.00024, gt=0, description="[S §5] lr at batch 1024 (scaled linearly with the batch).")
     linear_batch_size: int = Field(1024, gt=0, description="[S §5]")
     linear_epochs: int = Field(100, gt=0, description="[S §5] epochs of `mst-ds linear --protocol dino`.")
-    linear_iters: int = Field(4000, gt=0, description="SGD iterations of the default probe (`--protocol fast`: the "
-                              "grid on cached, standardised features); measured on tiny and small checkpoints on the "
-                              "digits, the best held-out cell stops improving by then (README, Evaluation).")
+    linear_iters: int = Field(8000, gt=0, description="SGD iterations of the default probe (`--protocol fast`: the "
+                              "grid on cached, standardised features, then the chosen cell retrained on all training "
+                              "rows). Measured on the digits (README, Evaluation): tiny 30 steps, val top-1 86.6 at 4000, "
+                              "87.7 at 8000 (scikit-learn 88.3); DINOv2 trains 12,500.")
     linear_momentum: float = Field(0.9, ge=0, lt=1, description="[D] SGD momentum.")
     linear_lr_sweep: list[float] = Field(default_factory=list, description="Extra lrs trained in the same pass (one head each).")
     # DINOv2's linear-eval grid (eval/linear.py: 1e-5 … 0.1 at batch 256) expressed at batch 1024 (× 4),

@@ -80,15 +80,14 @@ def tiny_run(digits_split, tmp_path_factory, deepspeed_cpu) -> Path:
 def test_default_probe_reaches_knn_tiny(digits_split, tiny_run, tmp_path):
     folders, _ = digits_split
     linear, knn, sk = _probe_vs_baselines(tiny_run, folders, tmp_path / "eval")
-    print(f"tiny: linear {linear:.2f}  k-NN {knn:.2f}  sklearn {sk:.2f}")  # measured: 85.52, 49.30, 88.30
+    print(f"tiny: linear {linear:.2f}  k-NN {knn:.2f}  sklearn {sk:.2f}")  # measured: 87.74, 49.30, 88.30
     assert linear >= knn - 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 32's second criterion is not met yet: measured 85.5 % vs scikit-learn "
-                   "88.3 % (-2.8 points); the chosen lr sits at the grid's top (8 @1024)")
 def test_default_probe_reaches_sklearn_tiny(digits_split, tiny_run, tmp_path):
     folders, _ = digits_split
     linear, knn, sk = _probe_vs_baselines(tiny_run, folders, tmp_path / "eval")
+    # measured: 87.74 vs 88.30 (8,000 iterations + refit); 85.52 before (4,000, no refit); 86.63 at 4,000 + refit
     assert linear >= sk - 2.0
 
 
@@ -99,22 +98,26 @@ def test_default_probe_reaches_knn_and_sklearn_small(digits_split, tmp_path, dee
     linear, knn, sk = _probe_vs_baselines(run, folders, tmp_path / "eval")
     print(f"small: linear {linear:.2f}  k-NN {knn:.2f}  sklearn {sk:.2f}")
     assert linear >= knn - 1.0
-    # probe >= scikit-learn - 2 is not met on tiny yet (test_default_probe_reaches_sklearn_tiny, xfail)
+    # Not asserted: probe >= scikit-learn - 2 is NOT met on small (measured 86.35 vs 90.25 at C = 100 chosen on
+    # val; the grid's best cell reaches 88.9 but 130 held-out rows choose among cells within 1-3 of them).
 
 
-@pytest.mark.xfail(strict=False, reason="measured failing: lr 1e30 keeps a finite (huge) loss, so the head is never "
-                   "marked diverged; divergence detection and this test need rework (independence part not reached)")
 def test_grid_heads_are_independent_and_a_divergent_head_stops_alone():
-    """One head trained alone equals the same head inside the grid (bit for bit); an lr that overflows
-    marks only its own head."""
+    """One head trained alone equals the same head inside the grid (to float rounding); an lr that overflows
+    float32 (3e38 × a gradient > 1 is inf, then NaN) marks only its own head. (1e30 does not: softmax's
+    gradient is bounded, so the weights grow huge but stay finite — a bad head, not a dead one, and the
+    held-out choice passes it over.)"""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 16, generator=g)
     y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
     kw = dict(iters=50, batch_size=64, momentum=0.9, seed=3)
-    grid = train_grid(x, y, 4, [0.1, 1e30, 0.5], [0.0, 0.0, 1e-3], **kw)
+    grid = train_grid(x, y, 4, [0.1, 3e38, 0.5], [0.0, 0.0, 1e-3], **kw)
     alone = train_grid(x, y, 4, [0.5], [1e-3], **kw)
     assert grid.diverged.tolist() == [False, True, False]
-    assert torch.equal(grid.weight[2], alone.weight[0]) and torch.equal(grid.bias[2], alone.bias[0])
+    # equal to float rounding, not bit for bit: the batched einsum blocks H = 3 and H = 1 differently
+    # (measured max |diff| ~1e-6); a NaN or another head's update leaking in would be far off
+    torch.testing.assert_close(grid.weight[2], alone.weight[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grid.bias[2], alone.bias[0], rtol=1e-5, atol=1e-5)
     scores = grid.evaluate(x, y)
     assert scores[1]["diverged"] and scores[0]["top1"] > 90 and scores[2]["top1"] > 90
     assert isinstance(grid, GridProbe)

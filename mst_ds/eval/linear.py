@@ -499,6 +499,9 @@ def _linear(args, ctx) -> int:
         h["base_lr"] = base
         h["chosen"] = i == pick
     best = None if pick is None else heads[pick]
+    if fast and best is not None and holdout > 0:
+        best = _refit(best, train_cached, val, num_classes, lr=base_lrs[pick], wd=wds[pick], iters=iters,
+                      global_batch=global_batch, momentum=cfg.eval.linear_momentum, seed=cfg.run.seed)
     budget = {"iters": iters, "batch": batch, "standardised": True} if fast else {"epochs": epochs}
     record = {
         "command": "linear",
@@ -517,6 +520,7 @@ def _linear(args, ctx) -> int:
         "num_classes": num_classes,
         **matched.describe(),
         "selection": {"on": "held-out training samples" if holdout > 0 else "single head",
+                      "refit": bool(best and best.get("refit")),
                       "holdout_fraction": holdout, "n_holdout": 0 if hold is None else int(hold.sum()),
                       "n_train": None if train_cached is None else int(len(train_cached.labels) - int(hold.sum()))},
         "heads": heads,
@@ -527,11 +531,29 @@ def _linear(args, ctx) -> int:
     how = f"{iters} iterations on cached features" if fast else f"{epochs} epochs"
     _print_table(heads, f"linear probe ({args.probe}, {protocol}: {how}) — {ctx.model_label}")
     if best is not None:
-        print(f"chosen on {record['selection']['on']}: lr {best['base_lr']:g} @1024, wd {best['wd']:g} → "
+        refit = " (retrained on all training samples)" if best.get("refit") else ""
+        print(f"chosen on {record['selection']['on']}: lr {best['base_lr']:g} @1024, wd {best['wd']:g}{refit} → "
               f"val top-1 {best['top1']:.2f} %")
     print(f"results: {result_path}")
     ctx.finish()
     return 0
+
+
+def _refit(chosen: dict, train, val, num_classes: int, *, lr: float, wd: float, iters: int, global_batch: int,
+           momentum: float, seed: int) -> dict:
+    """The chosen (lr, wd) cell retrained on every training row, the held-out ones too (scikit-learn's
+    ``GridSearchCV(refit=True)``): the held-out rows only choose, and at small scale they are a tenth of
+    the data. Measured on the digits (tiny, 30 steps): +0.8 point on val. ``chosen`` keeps the grid's
+    numbers as ``grid_top1``/``grid_top5``; a refit that diverges leaves the grid's head."""
+    n = len(train.labels)
+    batch = min(global_batch, n)
+    head = train_grid(train.feats, train.labels, num_classes, [scaled_lr(lr, batch)], [wd], iters=iters,
+                      batch_size=batch, momentum=momentum, seed=seed)
+    score = head.evaluate(val.feats, val.labels)[0]
+    if score["diverged"]:
+        return chosen
+    return {**chosen, "grid_top1": chosen["top1"], "grid_top5": chosen["top5"], "top1": score["top1"],
+            "top5": score["top5"], "refit": True, "refit_batch": batch}
 
 
 def _train_dino(args, ctx, cfg, spec, backbone, train_cached, hold, state_path: Path, *, dim: int, num_classes: int,
