@@ -151,6 +151,22 @@ def test_the_resume_section_adds_a_run_deterministic_pass_on_a_gpu_with_valid_se
     assert on.model_dump(exclude={"run"}) == off.model_dump(exclude={"run"}) and on.run.max_steps == 6
 
 
+def test_gpu_check_cpu_runs_the_parity_section_through_the_real_runner(deepspeed_cpu, tmp_path):
+    """`bench/gpu_check.py --cpu --quick --only parity` in the default set: the section the in-process
+    tests above cannot reach (it starts its own child) runs through the real runner (a subprocess per
+    section, JSONL, table). resume (~9 min here) and knn (reads resume's run) stay in the slow end-to-end
+    test below."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OUT"] = str(tmp_path)
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu", "--quick", "--only", "parity",
+                          "--budget-min", "15"], capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
+    rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    closing = {r["section"]: r["status"] for r in rows if r["check"] == SECTION_ROW}
+    assert res.returncode == 0 and closing == {"parity": "pass"}, (closing, res.stdout[-3000:], res.stderr[-2000:])
+    checks = {(r["section"], r["check"]): r for r in rows}
+    assert checks[("parity", "3 fp32 train_steps: losses max rel. Δ")]["value"] == 0
+
+
 @pytest.mark.slow
 def test_gpu_check_cpu_quick_runs_every_section_end_to_end(deepspeed_cpu, tmp_path):
     """`bench/gpu_check.py --cpu --quick`: every section passes on its CPU path; the JSONL holds each
