@@ -110,6 +110,23 @@ def test_ds_config_is_template_plus_owned_keys(precision, key):
     assert not ({"bf16", "fp16", "torch_autocast"} - {key}) & ds.keys()
 
 
+def test_ds_config_carries_the_communication_data_type(tmp_path):
+    """engine.communication_data_type → DeepSpeed's key: fp32 by default whatever the precision (measured,
+    bench/comm_dtype.py), the configured one otherwise; a template may not set it."""
+    cfg = _cfg()
+    for precision in ("bf16", "fp16", "fp32", "autocast_bf16"):
+        assert eng.build_ds_config(cfg, derive(cfg, 1, 1000), precision)["communication_data_type"] == "fp32"
+    low = _cfg("engine.communication_data_type=bf16")
+    assert eng.build_ds_config(low, derive(low, 1, 1000), "bf16")["communication_data_type"] == "bf16"
+    assert low.hash() != cfg.hash()  # it changes the trajectory: part of the run's identity
+    with pytest.raises(ConfigError):
+        _cfg("engine.communication_data_type=int8")
+    bad = tmp_path / "comm.json"
+    bad.write_text(json.dumps({"communication_data_type": "bf16"}))
+    with pytest.raises(ConfigError, match="communication_data_type"):
+        eng.load_template(str(bad))
+
+
 def test_templates_that_set_owned_keys_are_refused(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_batch_size": 8}))
