@@ -9,9 +9,9 @@ Where the student's exact fp32 values live depends on the engine:
 * fp32 / torch-autocast, ZeRO 0–2: the module's own parameters (complete on every rank);
 * bf16 / fp16 at ZeRO-1/2: the module holds low-precision copies; each rank holds the fp32 masters of
   its partition of every parameter group. :class:`ZeroPartitionMasters` all-gathers each group's local
-  fp32 partition into one flat fp32 buffer per group — one collective per group and step (4 here), where
-  ``safe_get_full_fp32_param`` made one all-reduce per parameter (~200 for a ViT-S/16) — and views it
-  per parameter: the same values, bit for bit (tests/test_ema_partitions.py);
+  fp32 partition into one flat fp32 buffer per group — one collective per group and step (3 for
+  ``mst_deit_s_100ep``), where ``safe_get_full_fp32_param`` made one all-reduce per parameter (181
+  there) — and views it per parameter: the same values, bit for bit (tests/test_ema_partitions.py);
 * bf16 / fp16 at ZeRO-3: ``deepspeed.utils.safe_get_full_fp32_param`` (a collective — every rank calls
   it in the same order);
 * fp16 and bf16 at ZeRO-0 (DeepSpeed's ``FP16_UnfusedOptimizer``, bf16 too with a torch optimizer, or
