@@ -612,13 +612,13 @@ def section_throughput(ctx: Ctx) -> None:
     ctx.row("MFU" if peak_tf else "achieved TFLOP/s", "info", round(achieved / peak_tf, 4) if peak_tf else round(achieved, 4),
             f"{achieved:.2f} TFLOP/s of {peak_tf:g}" if peak_tf else "no peak known for this device (--peak-tflops)")
     t = None  # freed before the plain loops
-    # The teacher runs in fp32 inside the bf16 engine (its weights are fp32, made before the engine).
-    same = _plain_step_s(ctx, cfg, batches, None, n)
-    ctx.row("DeepSpeed ÷ plain PyTorch (teacher fp32 both)", "info", round(engine_s / same, 3),
-            f"plain {same * 1e3:.0f} ms: student autocast bf16, teacher fp32")
-    other = _plain_step_s(ctx, cfg, batches, torch.bfloat16, n)
-    ctx.row("plain teacher bf16 ÷ teacher fp32", "info", round(other / same, 3),
-            f"{other * 1e3:.0f} ms vs {same * 1e3:.0f} ms: the teacher's precision alone")
+    # The engine runs its teacher under bf16 autocast (fp32 weights, Teacher.compute_dtype), as DINO.
+    same = _plain_step_s(ctx, cfg, batches, torch.bfloat16, n)
+    ctx.row("DeepSpeed ÷ plain PyTorch (teacher bf16 both)", "info", round(engine_s / same, 3),
+            f"plain {same * 1e3:.0f} ms: student and teacher autocast bf16")
+    fp32 = _plain_step_s(ctx, cfg, batches, None, n)
+    ctx.row("plain teacher bf16 ÷ teacher fp32", "info", round(same / fp32, 3),
+            f"{same * 1e3:.0f} ms vs {fp32 * 1e3:.0f} ms: the teacher's precision alone")
 
 
 def _count_flops(t, batch: dict) -> float:

@@ -250,6 +250,7 @@ class EngineConfig(Section):
     nan_policy: Literal["stop", "skip"] = Field("stop", description="A non-finite loss stops the run (last good checkpoint kept) or skips the step.")
     sync_bn: bool = Field(True, description="[S §3] convert BN to SyncBN when world size > 1.")
     compile: bool = Field(False, description="[D] torch.compile the student through DeepSpeed's engine.compile(); off until bench/gpu_check.py measures a gain on the GPUs in use.")
+    communication_data_type: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype the gradient all-reduce sums in (DeepSpeed's communication_data_type; its default is the weights' dtype). fp32 as DINO: measured by bench/comm_dtype.py over 128 simulated ranks (real tiny-model gradients in bf16), a bf16 ring sum is 1.2e-2 off the exact sum (relative L2; worst parameter 4.6e-2), 7× the 1.6e-3 of rounding the exact sum once to bf16; an fp32 sum is 8e-9 off. Costs 2× the gradient traffic of bf16.")
 
 
 class CheckpointConfig(Section):
@@ -393,6 +394,10 @@ class MSTConfig(Section):
         legacy = {v: k for k, v in LEGACY_STRATEGY.items()}
         if d["mask"]["policy"] in legacy:
             d["mask"]["strategy"] = legacy[d["mask"].pop("policy")]
+        # Runs saved before engine.communication_data_type existed summed gradients in the weights'
+        # dtype; fp32 ones keep their hash at the default (their trajectory is the same).
+        if d["engine"]["communication_data_type"] == "fp32":
+            d["engine"].pop("communication_data_type")
         for key in ignore:
             parts = key.split(".")
             node = d

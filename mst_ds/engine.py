@@ -32,7 +32,8 @@ DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 # Keys the pydantic config owns; a template that sets them is refused (one source of truth).
 _OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-               "gradient_clipping", "bf16", "fp16", "torch_autocast", "optimizer", "scheduler")
+               "gradient_clipping", "bf16", "fp16", "torch_autocast", "optimizer", "scheduler",
+               "communication_data_type")
 
 # Group names; the loop sets lr / weight decay per name (schedules) and 0 lr on the frozen ones.
 REGULARIZED = "regularized"
@@ -280,6 +281,7 @@ def build_ds_config(cfg: MSTConfig, derived: Derived, precision: str, *, load_un
     )
     ds.setdefault("zero_optimization", {})["stage"] = cfg.engine.zero_stage
     ds.update(_precision_block(precision))
+    ds["communication_data_type"] = cfg.engine.communication_data_type  # bench/comm_dtype.py
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     return ds

@@ -160,7 +160,8 @@ def build_training(cfg: MSTConfig, derived: Derived, *, load_universal: bool = F
     init_source = warm_start(model, cfg.model.init_from, cfg.model.init_from_parts, say=rank == 0) \
         if warm and cfg.model.init_from else None
     model, _ = eng.convert_sync_bn(model, world, cfg.engine.sync_bn, dev)
-    teacher = model.make_teacher().to(dev)  # before deepspeed.initialize (SPEC §7)
+    # before deepspeed.initialize (SPEC §7); fp32 weights, its forward in the run's compute dtype (as DINO)
+    teacher = model.make_teacher(eng.autocast_dtype(precision)).to(dev)
     engine, ds_config = eng.build_engine(model.to(dev), cfg, derived, precision, load_universal=load_universal)
     low = precision in ("bf16", "fp16")
     t = Training(cfg=cfg, derived=derived, engine=engine, teacher=teacher,

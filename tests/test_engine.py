@@ -110,6 +110,23 @@ def test_ds_config_is_template_plus_owned_keys(precision, key):
     assert not ({"bf16", "fp16", "torch_autocast"} - {key}) & ds.keys()
 
 
+def test_ds_config_carries_the_communication_data_type(tmp_path):
+    """engine.communication_data_type → DeepSpeed's key: fp32 by default whatever the precision (measured,
+    bench/comm_dtype.py), the configured one otherwise; a template may not set it."""
+    cfg = _cfg()
+    for precision in ("bf16", "fp16", "fp32", "autocast_bf16"):
+        assert eng.build_ds_config(cfg, derive(cfg, 1, 1000), precision)["communication_data_type"] == "fp32"
+    low = _cfg("engine.communication_data_type=bf16")
+    assert eng.build_ds_config(low, derive(low, 1, 1000), "bf16")["communication_data_type"] == "bf16"
+    assert low.hash() != cfg.hash()  # it changes the trajectory: part of the run's identity
+    with pytest.raises(ConfigError):
+        _cfg("engine.communication_data_type=int8")
+    bad = tmp_path / "comm.json"
+    bad.write_text(json.dumps({"communication_data_type": "bf16"}))
+    with pytest.raises(ConfigError, match="communication_data_type"):
+        eng.load_template(str(bad))
+
+
 def test_templates_that_set_owned_keys_are_refused(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_batch_size": 8}))
@@ -201,7 +218,22 @@ def test_zero_stages_agree_in_fp32(engine_runs):
         got = [s["loss"] for s in engine_runs[(stage, "fp32")]["steps"]]
         assert got == pytest.approx(ref, rel=1e-5, abs=1e-6), stage
     bf16 = [s["loss"] for s in engine_runs[(2, "bf16")]["steps"]]
-    assert bf16 == pytest.approx(ref, rel=2e-2)  # same trajectory, bf16 rounding
+    # Same trajectory, bf16 rounding. Measured on CPU (issue 29), max relative difference to fp32 over the
+    # 3 losses: 1.6e-4 with an fp32 teacher, 2.2e-3 with the teacher under bf16 autocast (as DINO; the
+    # two bf16 runs differ by 2.1e-3, teacher entropy by 1.6e-2). Pinned at ~2× the measured difference.
+    assert bf16 == pytest.approx(ref, rel=5e-3)
+
+
+@pytest.mark.parametrize("stage,precision", ENGINE_RUNS)
+def test_teacher_runs_in_the_runs_precision_with_fp32_weights(engine_runs, stage, precision):
+    """bf16 run: the teacher's forward under bf16 autocast (its logits bf16), its weights and EMA fp32;
+    fp32 run: plain fp32, as before."""
+    t = engine_runs[(stage, precision)]["t"]
+    assert t.teacher.compute_dtype == eng.autocast_dtype(precision)
+    assert all(p.dtype == torch.float32 for p in t.teacher.parameters())
+    views = t.photometric([v for v in sum(_batch(t.cfg, 2, 5)[0].values(), [])])
+    out = t.teacher(views[:2])
+    assert out.logits[0].dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
 def test_last_layer_frozen_and_groups_follow_schedules_under_zero2(engine_runs):

@@ -41,6 +41,7 @@ DEEPSPEED_APIS = [
     ("deepspeed.runtime.engine.DeepSpeedEngine.get_global_grad_norm", "0.14.0", "mst_ds/train.py"),
     ("deepspeed.runtime.zero.partition_parameters.register_external_parameter", "0.14.0", "mst_ds/engine.py"),
     ("deepspeed.zero.GatheredParameters", "0.14.0", "mst_ds/ema.py"),
+    ("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer", "0.14.0", "mst_ds/ema.py"),
     ("deepspeed.utils.tensor_fragment.fragment_address", "0.14.0", "mst_ds/checkpoint.py"),
     ("deepspeed.runtime.zero.config.ZeroStageEnum", "0.14.0", "mst_ds/checkpoint.py"),
     ("deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "0.14.0", "mst_ds/checkpoint.py"),

@@ -190,7 +190,7 @@ def test_gpu_check_cpu_quick_runs_every_section_end_to_end(deepspeed_cpu, tmp_pa
     assert checks[("kernels", "host syncs per training step")]["status"] == "skipped"
     assert checks[("kernels", "SDPA backend (aten op that ran)")]["status"] == "pass"
     assert checks[("throughput", "MST img/s (engine, bf16)")]["value"] > 0
-    assert "DeepSpeed ÷ plain PyTorch (teacher fp32 both)" in res.stdout
+    assert "DeepSpeed ÷ plain PyTorch (teacher bf16 both)" in res.stdout
 
 
 def test_engine_compile_wraps_the_student_in_place(deepspeed_cpu):

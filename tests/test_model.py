@@ -156,6 +156,23 @@ def test_teacher_gets_no_gradient_while_mask_token_head_and_decoder_do():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}.{pname} got no gradient"
 
 
+def test_teacher_under_a_compute_dtype_runs_autocast_and_keeps_fp32_weights():
+    """compute_dtype bf16: logits and attention computed in bf16 (autocast), close to the fp32 teacher's,
+    weights untouched fp32; None: the fp32 forward, bit for bit the same as a teacher made without it."""
+    torch.manual_seed(0)
+    model = MSTModel.from_config(tiny()).train()
+    fp32, low = model.make_teacher(), model.make_teacher(torch.bfloat16)
+    g = views()[:2]
+    ref, out = fp32(g), low(g)
+    assert ref.logits[0].dtype == torch.float32 and out.logits[0].dtype == torch.bfloat16
+    assert out.attn.dtype == torch.bfloat16  # (the CLS leaves a LayerNorm: autocast returns it fp32)
+    assert all(p.dtype == torch.float32 for p in low.parameters())
+    assert not torch.equal(out.logits[0].float(), ref.logits[0])  # it did compute in bf16
+    torch.testing.assert_close(out.logits[0].float(), ref.logits[0], rtol=5e-2, atol=5e-2)
+    assert torch.equal(model.make_teacher(None)(g).logits[0], ref.logits[0])
+    model(views(), low, 0.04, torch.Generator().manual_seed(0))["loss"].backward()  # the step takes it
+
+
 def test_make_teacher_names_subset_no_drop_path_and_a_separate_copy():
     model = MSTModel.from_config(tiny("model.drop_path_rate=0.2"))
     teacher = model.make_teacher()

@@ -8,6 +8,7 @@ With ``mask.enabled`` and ``decoder.enabled`` off the same forward is the DINO b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -35,19 +36,31 @@ class TeacherOutput:
 
 
 class Teacher(nn.Module):
-    """f_t: backbone + head, no drop path, no gradients. Parameter names match the student's."""
+    """f_t: backbone + head, no drop path, no gradients. Parameter names match the student's.
 
-    def __init__(self, backbone: Backbone, head: DINOHead) -> None:
+    ``compute_dtype``: the run's low-precision compute dtype (bf16 / fp16; None = fp32). The forward runs
+    under ``torch.autocast`` of it, as DINO runs its teacher under the student's autocast: matmuls at the
+    tensor-core rate, while the weights (and so the EMA) stay fp32. None runs plain fp32, as before."""
+
+    def __init__(self, backbone: Backbone, head: DINOHead, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.compute_dtype = compute_dtype
+
+    def _autocast(self, device_type: str) -> contextlib.AbstractContextManager:
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.compute_dtype)
 
     @torch.no_grad()
     def forward(self, global_views: list[Tensor], return_attn: bool = True) -> TeacherOutput:
-        """global_views: 2 × (B, 3, G, G), run batched in one pass → TeacherOutput."""
+        """global_views: 2 × (B, 3, G, G), run batched in one pass → TeacherOutput (logits, attention
+        and CLS in ``compute_dtype`` when one is set, the losses read them as float32)."""
         B = global_views[0].shape[0]
-        out = self.backbone(torch.cat(global_views), return_attn=return_attn)
-        logits = self.head(out.cls)
+        with self._autocast(global_views[0].device.type):
+            out = self.backbone(torch.cat(global_views), return_attn=return_attn)
+            logits = self.head(out.cls)
         return TeacherOutput(logits=list(logits.split(B)), attn=out.attn, cls=out.cls)
 
 
@@ -83,9 +96,10 @@ class MSTModel(nn.Module):
     def from_config(cls, cfg: MSTConfig) -> MSTModel:
         return cls(cfg)
 
-    def make_teacher(self) -> Teacher:
-        """Deep copy of backbone + head with drop path off and requires_grad False."""
-        teacher = Teacher(copy.deepcopy(self.backbone), copy.deepcopy(self.head))
+    def make_teacher(self, compute_dtype: torch.dtype | None = None) -> Teacher:
+        """Deep copy of backbone + head with drop path off and requires_grad False; fp32 weights, its
+        forward under autocast of ``compute_dtype`` when given (:class:`Teacher`)."""
+        teacher = Teacher(copy.deepcopy(self.backbone), copy.deepcopy(self.head), compute_dtype)
         for m in teacher.modules():
             if isinstance(m, DropPath):
                 m.drop_prob = 0.0
