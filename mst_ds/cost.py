@@ -334,6 +334,7 @@ def _decoder_params(cfg: MSTConfig, s: VitShape) -> int:
 # communication_data_type defaults to the engine's dtype; torch autocast keeps fp32 parameters;
 # `auto` resolves to bf16 on every device but a V100, where it is fp16: 2 bytes either way).
 PARAM_BYTES = {"fp32": 4, "autocast_bf16": 4, "bf16": 2, "fp16": 2, "auto": 2}
+COMM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # engine.communication_data_type
 
 
 @dataclass(frozen=True)
@@ -353,8 +354,8 @@ def comm_per_step(cfg: MSTConfig, world: int, grad_accum: int, params: ParamCoun
     every micro-batch's backward, bucket by bucket — its multi-rank buckets are all-reduced, not
     reduce-scattered — then an all-gather of the updated parameters. ZeRO-3: a reduce-scatter of the
     gradients per micro-batch and the parameters all-gathered for each forward and backward. On top, with
-    bf16/fp16 at ZeRO-1/2, the EMA reads every teacher parameter's fp32 master through
-    ``safe_get_full_fp32_param`` (an fp32 all-reduce each), and ``optim.clip_mode: per_param`` reads each
+    bf16/fp16 at ZeRO-1/2, the EMA all-gathers every rank's fp32 master partition (one all-gather per
+    parameter group: :class:`mst_ds.ema.ZeroPartitionMasters`, the decoder's included), and ``optim.clip_mode: per_param`` reads each
     gradient through ``safe_get_full_grad`` (an fp32 all-reduce each). Not counted: scalars (the gradient
     norm, overflow flags), SyncBN's statistics (torch.distributed, per BN layer and forward), the online
     monitor, checkpoints, and DeepSpeed's padding of the flat partitions to a multiple of W."""
@@ -362,21 +363,22 @@ def comm_per_step(cfg: MSTConfig, world: int, grad_accum: int, params: ParamCoun
     if world <= 1:
         return []
     b, stage, W = PARAM_BYTES[cfg.engine.precision], cfg.engine.zero_stage, world
+    g = COMM_BYTES[cfg.engine.communication_data_type]  # gradients are cast to it before they are summed
     ring, gather = 2 * (W - 1) / W, (W - 1) / W
     rows: list[CommRow] = []
     if stage <= 1:
-        rows.append(CommRow("gradients (once per optimizer step)", "all-reduce", ring * p.student * b))
+        rows.append(CommRow("gradients (once per optimizer step)", "all-reduce", ring * p.student * g))
     elif stage == 2:
-        rows.append(CommRow(f"gradients (every micro-batch: × {grad_accum})", "all-reduce", grad_accum * ring * p.student * b))
+        rows.append(CommRow(f"gradients (every micro-batch: × {grad_accum})", "all-reduce", grad_accum * ring * p.student * g))
     else:
-        rows.append(CommRow(f"gradients (every micro-batch: × {grad_accum})", "reduce-scatter", grad_accum * gather * p.student * b))
+        rows.append(CommRow(f"gradients (every micro-batch: × {grad_accum})", "reduce-scatter", grad_accum * gather * p.student * g))
     if stage == 1 or stage == 2:
         rows.append(CommRow("updated parameters", "all-gather", gather * p.student * b))
     elif stage == 3:
         rows.append(CommRow(f"parameters for forward and backward (× 2 × {grad_accum})", "all-gather",
                             2 * grad_accum * gather * p.student * b))
     if stage in (1, 2) and b == 2:
-        rows.append(CommRow("EMA: the teacher's fp32 masters", "all-reduce", ring * p.teacher * 4))
+        rows.append(CommRow("EMA: the fp32 master partitions (one per parameter group)", "all-gather", gather * p.student * 4))
     if cfg.optim.clip_mode == "per_param" and stage in (1, 2):
         rows.append(CommRow("per-parameter clipping: full gradients", "all-reduce", ring * p.student * 4))
     return rows

@@ -212,12 +212,15 @@ def test_comm_per_step_prices_deepspeeds_collectives_as_rings():
     assert cost.comm_per_step(cfg, 16, 3)[0].bytes == 3 * rows[0].bytes
     zero0 = load_config("tiny", ["engine.zero_stage=0", "engine.precision=fp32"]).config
     assert [(r.collective, r.bytes) for r in cost.comm_per_step(zero0, 16, 3)] == [("all-reduce", rows[0].bytes)]
-    # bf16: half the bytes, plus the EMA's fp32 masters of the teacher; per-parameter clipping adds the gradients in fp32.
+    # bf16: the parameters all-gathered in half the bytes, the gradients summed in engine.communication_data_type
+    # (fp32 by default), the EMA's fp32 master partitions all-gathered; per-parameter clipping adds full fp32 gradients.
     bf16 = load_config("tiny", ["engine.zero_stage=2", "engine.precision=bf16", "optim.clip_mode=per_param"]).config
-    teacher = cost.parameter_count(bf16).teacher
     got = {r.what.split(":")[0]: r.bytes for r in cost.comm_per_step(bf16, 16, 1)}
-    assert got == {"gradients (every micro-batch": 2 * 15 / 16 * p * 2, "updated parameters": 15 / 16 * p * 2,
-                   "EMA": 2 * 15 / 16 * teacher * 4, "per-parameter clipping": 2 * 15 / 16 * p * 4}
+    assert got == {"gradients (every micro-batch": 2 * 15 / 16 * p * 4, "updated parameters": 15 / 16 * p * 2,
+                   "EMA": 15 / 16 * p * 4, "per-parameter clipping": 2 * 15 / 16 * p * 4}
+    bf16_comm = load_config("tiny", ["engine.zero_stage=2", "engine.precision=bf16",
+                                     "engine.communication_data_type=bf16"]).config
+    assert cost.comm_per_step(bf16_comm, 16, 1)[0].bytes == 2 * 15 / 16 * p * 2
 
 
 def test_plan_world_size_prints_the_communication_estimate(capsys):
