@@ -113,7 +113,7 @@ SECTION_ROWS = {
     "kernels": {"SDPA backend (aten op that ran)": "pass", "SyncBN vs BN float32 max |Δ|": "skipped",
                 "host syncs per training step": "skipped"},
     "throughput": {"MST img/s (engine, bf16)": "pass", "GFLOP per image (plan's count)": "info",
-                   "DeepSpeed ÷ plain PyTorch (teacher fp32 both)": "info"},
+                   "DeepSpeed ÷ plain PyTorch (teacher bf16 both)": "info"},
     "loader": {"loader wait share (1 workers × 8)": "info"},
     "monitor": {"RNG states untouched by an evaluation": "pass", "next evaluation (decoded images kept) equal": "pass",
                 "top-1 device vs CPU |Δ| (points)": "pass"},
