@@ -521,8 +521,7 @@ def _check_data(train: str, val: str) -> dict[str, Any]:
 
 
 def run(args) -> int:
-    if not args.cpu and not args.launcher:
-        args.cpu = 1 if not _has_gpu() else None
+    default_launch(args, gpu_visible=_has_gpu())
     study = study_from_args(args)
     _check_out_dir(study.out)
     data = _check_data(study.train, study.val)
@@ -548,6 +547,13 @@ def run(args) -> int:
         raise RunFailure(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); the table leaves them out "
                          "(n per row); rerun the same command to retry them")
     return 0
+
+
+def default_launch(args, *, gpu_visible: bool) -> None:
+    """Neither ``--cpu`` nor ``--launcher``: one CPU process per run where no GPU is visible, else
+    launch.sh's own default (every local GPU)."""
+    if not args.cpu and not args.launcher:
+        args.cpu = None if gpu_visible else 1
 
 
 def _has_gpu() -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -275,7 +276,8 @@ class Loop:
         t, d = self.t, self.t.derived
         epoch, pos = divmod(step, self.spe)
         loader = make_train_loader(t.cfg.data.train, t.cfg, rank=t.rank, world_size=t.world, micro_batch=d.micro_batch,
-                                   epoch=epoch, skip_batches=pos * d.grad_accum_steps, manifest=t.manifest)
+                                   epoch=epoch, skip_batches=pos * d.grad_accum_steps, manifest=t.manifest,
+                                   pin_memory=t.platform.kind != "cpu")
         if len(loader) < d.grad_accum_steps:
             raise RuntimeError(f"the loader of epoch {epoch} has no batch left at step {step} (plan mismatch)")
         return epoch, loader
@@ -354,10 +356,16 @@ class Loop:
         return None
 
 
+def default_accelerator(env: MutableMapping[str, str], *, gpu_visible: bool) -> None:
+    """DeepSpeed's accelerator where the user named none: its CPU one when no GPU is visible (else it
+    probes and warns on every rank); with a GPU, DeepSpeed detects CUDA / ROCm itself."""
+    if not gpu_visible:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def run(args) -> int:
     """``mst-ds train --preset NAME [--set k=v ...] [--run-dir DIR]``."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    default_accelerator(os.environ, gpu_visible=torch.cuda.is_available())
     cfg = load_config(args.preset, args.sets).config
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.output_dir) / cfg.run.name
     launched = "LOCAL_RANK" in os.environ or os.environ.get("SLURM_PROCID", "0") != "0"

@@ -367,3 +367,80 @@ def test_sync_bn_converts_on_gpu_ranks_only():
                                 (2, False, torch.device("cuda", 0))):
         kept, on = eng.convert_sync_bn(model(), world, enabled, dev)
         assert not on and not isinstance(kept[1], nn.SyncBatchNorm)
+
+
+# --------------------------------------------------------------------------------------------------
+# The photometric stage, the loader, metrics, and the commands' defaults
+# --------------------------------------------------------------------------------------------------
+def test_photometric_accelerator_branches_equal_the_cpu_branches(monkeypatch):
+    """An accelerator's tensors take the plain branches (NCHW blur, ``index_copy_``, one batch per local
+    view, no fused kernels). Faked: ``augment.cpu_branches`` answers False for these CPU tensors, so those
+    branches run here; their output equals the CPU-tuned branches' bit for bit (the same draws)."""
+    from mst_ds.config import AugmentConfig
+    from mst_ds.data import augment
+
+    # fuse_cpu off: the compiled kernels (CPU-only, bit-identical to eager) are tests/test_augment.py's
+    cfg = AugmentConfig(blur_p=(1.0, 0.5), local_blur_p=1.0, solarize_p=(0.5, 0.5), fuse_cpu=False)
+    ph = augment.Photometric.from_config(cfg)
+    u8 = torch.randint(0, 256, (40, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    views = [u8[:8], u8[8:16], u8[16:24, :, :12, :12], u8[24:32, :, :12, :12], u8[32:40, :, :12, :12]]
+    tuned = ph(views, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(augment, "cpu_branches", lambda x: False)
+    assert not ph._batch_locals(views[2:])
+    plain = ph(views, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(tuned, plain))
+    rows = torch.tensor([3, 0])
+    y = torch.rand(2, 3, 4, 4)
+    monkeypatch.setattr(augment, "cpu_branches", lambda x: True)
+    by_row = augment.put_rows(torch.zeros(5, 3, 4, 4), rows, y)
+    monkeypatch.setattr(augment, "cpu_branches", lambda x: False)
+    assert torch.equal(augment.put_rows(torch.zeros(5, 3, 4, 4), rows, y), by_row)
+
+
+def test_a_gpu_rank_pins_its_loader_memory(digits_shards):
+    """The trainer asks for pinned memory on a GPU platform (``pin_memory=t.platform.kind != "cpu"``); the
+    loader hands it to its DataLoader. Only the flag is checked: pinning itself needs an accelerator."""
+    from mst_ds.config import load_config
+    from mst_ds.data.reader import make_train_loader
+
+    cfg = load_config("tiny", ["data.num_workers=2"]).config
+    for pin in (False, True):
+        loader = make_train_loader(str(digits_shards), cfg, rank=0, world_size=1, micro_batch=8, epoch=0, pin_memory=pin)
+        assert loader.worker_loader().pin_memory is pin
+
+
+def test_peak_memory_of_a_gpu_rank_is_its_allocator_peak(monkeypatch):
+    """On a GPU the peak is torch's allocator peak of this rank's device, in GiB (faked:
+    ``torch.cuda.max_memory_allocated``); on CPU the process's peak RSS."""
+    from mst_ds import metrics
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: asked.append(d) or 3 * 2**30)
+    assert metrics.peak_memory_gb(torch.device("cuda", 1)) == 3.0 and asked == [torch.device("cuda", 1)]
+    assert 0 < metrics.peak_memory_gb(torch.device("cpu")) < 1024 and len(asked) == 1
+
+
+def test_train_names_deepspeeds_cpu_accelerator_only_without_a_gpu():
+    from mst_ds.train import default_accelerator
+
+    for gpu, env, want in ((False, {}, "cpu"), (True, {}, None), (False, {"DS_ACCELERATOR": "cuda"}, "cuda")):
+        default_accelerator(env, gpu_visible=gpu)
+        assert env.get("DS_ACCELERATOR") == want
+
+
+def test_study_runs_on_one_cpu_process_only_without_a_gpu():
+    from mst_ds.study import default_launch
+
+    def args(cpu=None, launcher=None):
+        return SimpleNamespace(cpu=cpu, launcher=launcher)
+
+    a = args()
+    default_launch(a, gpu_visible=False)
+    assert a.cpu == 1
+    a = args()
+    default_launch(a, gpu_visible=True)
+    assert a.cpu is None and a.launcher is None  # launch.sh's default: every local GPU
+    for given in (args(cpu=4), args(launcher="--nodes 2")):
+        before = dict(vars(given))
+        default_launch(given, gpu_visible=False)
+        assert vars(given) == before

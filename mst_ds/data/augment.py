@@ -188,6 +188,13 @@ ELEMENTWISE = {"brightness": adjust_brightness, "blend": blend, "saturation": ad
                "hue": adjust_hue, "normalize": normalize}
 
 
+def cpu_branches(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the branches tuned by measurement on CPU (channels-last blur, row copies, local
+    views batched, the fused kernels); an accelerator's tensors take the plain ones. The one place the
+    stage asks, so a test can force the accelerator branches on CPU tensors."""
+    return x.device.type == "cpu"
+
+
 def _blur_fixed_radius(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
     b, c, h, w = x.shape
     k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
@@ -199,7 +206,7 @@ def _blur_fixed_radius(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> tor
     y = F.pad(y, (pad_w, pad_w, pad_h, pad_h), mode="replicate")
     if radius > pad_w or radius > pad_h:
         y = F.pad(y, (radius - pad_w,) * 2 + (radius - pad_h,) * 2)
-    if y.device.type == "cpu":
+    if cpu_branches(y):
         # oneDNN's depthwise 1×K and K×1 kernels ran 1.5–4× faster on channels-last than on NCHW here,
         # conversions included, with the same results (tests compare); accelerators keep their layout.
         y = y.contiguous(memory_format=torch.channels_last)
@@ -221,7 +228,7 @@ def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def put_rows(x: torch.Tensor, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x[rows] = y in place, → x. On CPU as one copy per sample: ATen's index_put computes an offset per
     element and ran 2–3× slower than the row copies on 224-px views."""
-    if x.device.type == "cpu":
+    if cpu_branches(x):
         for j, i in enumerate(rows.tolist()):
             x[i].copy_(y[j])
     else:
@@ -272,7 +279,7 @@ class Photometric:
 
     def _run(self, name: str, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         """``ELEMENTWISE[name](x, *args)``, fused when on CPU and ``fuse_cpu``."""
-        if self.fused is not None and x.device.type == "cpu":
+        if self.fused is not None and cpu_branches(x):
             return self.fused(name, x, *args)
         return ELEMENTWISE[name](x, *args)
 
@@ -376,7 +383,7 @@ class Photometric:
         serial pass; above it, alone in its group, in two passes split over threads. CUDA sizes its
         reduction blocks by the group, so other devices keep one batch per view."""
         shapes = {tuple(u8.shape[1:]) for u8 in local}
-        return (len(shapes) == 1 and local[0].device.type == "cpu"
+        return (len(shapes) == 1 and cpu_branches(local[0])
                 and local[0].shape[-2] * local[0].shape[-1] < 2**15)
 
     def augment_view(self, u8: torch.Tensor, v: int, generator: torch.Generator | None = None,

@@ -381,8 +381,10 @@ class TrainLoader:
     """
 
     def __init__(self, manifest: Manifest, plan: EpochPlan, *, rank: int, seed: int, skip_batches: int,
-                 augment: MultiCropCPU, num_workers: int, shuffle_buffer: int, corrupt_policy: str):
+                 augment: MultiCropCPU, num_workers: int, shuffle_buffer: int, corrupt_policy: str,
+                 pin_memory: bool = False):
         self.manifest, self.plan, self.rank = manifest, plan, rank
+        self.pin_memory = pin_memory
         self.skip_batches = min(skip_batches, plan.n_batches)
         self.num_workers = num_workers
         self.corrupt_count = 0
@@ -413,13 +415,16 @@ class TrainLoader:
         out, self._corrupt = self._corrupt, []
         return out
 
+    def worker_loader(self) -> DataLoader:
+        """The DataLoader over the worker streams (``num_workers`` > 0)."""
+        return DataLoader(self.dataset, batch_size=None, num_workers=self.plan.streams, prefetch_factor=2,
+                          persistent_workers=False, multiprocessing_context="fork", pin_memory=self.pin_memory)
+
     def _batches(self) -> Iterator[dict]:
         if self.num_workers == 0:
             yield from self.dataset
             return
-        dl = DataLoader(self.dataset, batch_size=None, num_workers=self.plan.streams, prefetch_factor=2,
-                        persistent_workers=False, multiprocessing_context="fork", pin_memory=torch.cuda.is_available())
-        yield from dl
+        yield from self.worker_loader()
 
     def __iter__(self) -> Iterator[dict]:
         expected = self.skip_batches
@@ -446,8 +451,9 @@ def _resolve_manifest(source: str, manifest: Manifest | None = None) -> Manifest
 
 def make_train_loader(source: str, cfg: MSTConfig, *, rank: int, world_size: int, micro_batch: int, epoch: int,
                       skip_batches: int = 0, num_workers: int | None = None,
-                      manifest: Manifest | None = None) -> TrainLoader:
-    """The training loader of ``rank`` for ``epoch`` (see the module doc).
+                      manifest: Manifest | None = None, pin_memory: bool = False) -> TrainLoader:
+    """The training loader of ``rank`` for ``epoch`` (see the module doc). ``pin_memory``: the workers'
+    batches land in page-locked memory (for a GPU rank: its host-to-device copies can overlap).
 
     The batch composition depends on (manifest, seed, epoch, world_size, micro_batch,
     ``cfg.data.num_workers``, ``cfg.data.shuffle_buffer``) only. ``num_workers=0`` loads in the calling
@@ -468,7 +474,8 @@ def make_train_loader(source: str, cfg: MSTConfig, *, rank: int, world_size: int
     workers = cfg.data.num_workers if num_workers is None else num_workers
     return TrainLoader(manifest, plan, rank=rank, seed=cfg.run.seed, skip_batches=skip_batches,
                        augment=MultiCropCPU.from_config(cfg.augment), num_workers=0 if workers == 0 else streams,
-                       shuffle_buffer=cfg.data.shuffle_buffer, corrupt_policy=cfg.data.corrupt_policy)
+                       shuffle_buffer=cfg.data.shuffle_buffer, corrupt_policy=cfg.data.corrupt_policy,
+                       pin_memory=pin_memory)
 
 
 def derive_for_training(cfg: MSTConfig, world_size: int, manifest: Manifest | None = None) -> Derived:
