@@ -142,14 +142,18 @@ def _linear(p):
     p.add_argument("--lr-sweep", default=None, help="comma-separated extra lrs (at batch 1024) trained in the same pass, one head each (default: eval.linear_lr_sweep)")
     p.add_argument("--lr-grid", default=None, help="comma-separated lrs (at batch 1024) replacing eval.linear_lr and eval.linear_lr_grid "
                    "(e.g. 0.00024 with --holdout 0: the paper's single head)")
-    p.add_argument("--wd-grid", default=None, help="comma-separated weight decays, each with every lr (default: eval.linear_wd_grid)")
+    p.add_argument("--wd-grid", default=None, help="comma-separated weight decays (default: eval.linear_lbfgs_wd_grid for "
+                   "the L-BFGS solver; eval.linear_wd_grid, each with every lr, for SGD)")
     p.add_argument("--holdout", type=float, default=None, help="fraction of the training samples held out to choose the best head "
                    "(default: eval.linear_holdout; the val set is never used to choose)")
     p.add_argument("--avgpool", action="store_true", default=None, help="append average-pooled patch tokens (default: eval.avgpool_patch_tokens)")
     p.add_argument("--no-augment", action="store_true", help="--protocol dino only: train on cached center-crop features instead of random-resized-crop + flip")
     p.add_argument("--protocol", choices=["fast", "dino"], default="fast", help="fast (default): the grid on cached, standardised "
-                   "features for --iters iterations; dino: DINO's / the paper's epochs of SGD with augmentation (resumable)")
-    p.add_argument("--iters", type=int, default=None, help="--protocol fast: SGD iterations (default: eval.linear_iters)")
+                   "features (--solver); dino: DINO's / the paper's epochs of SGD with augmentation (resumable)")
+    p.add_argument("--solver", choices=["auto", "lbfgs", "sgd"], default=None, help="--protocol fast: lbfgs solves logistic "
+                   "regression per weight decay (CLIP's protocol), sgd trains the lr x wd grid (DINOv2's); auto (default: "
+                   "eval.linear_solver) takes lbfgs where it costs no more than SGD, i.e. on small training sets")
+    p.add_argument("--iters", type=int, default=None, help="--protocol fast, SGD solver: iterations (default: eval.linear_iters)")
     _add_local_rank(p)
 
 

@@ -96,8 +96,10 @@ def test_linear_probe_command_and_resume(digits, tmp_path, capsys):
     assert main([*args[:-1], "eval.linear_batch_size=64"]) == 2
 
 
-def test_linear_grid_is_chosen_on_held_out_training_data_never_on_val(digits, tmp_path, capsys):
-    """The default grid (no flags) picks its head on held-out training samples: scrambling the val
+@pytest.mark.parametrize("solver", [["--solver", "sgd", "--iters", "300"], ["--solver", "lbfgs"], []],
+                         ids=["sgd", "lbfgs", "auto"])
+def test_linear_grid_is_chosen_on_held_out_training_data_never_on_val(solver, digits, tmp_path, capsys):
+    """The default grid of either solver picks its head on held-out training samples: scrambling the val
     labels (class folders renamed in a cycle) changes the val numbers but not which head is chosen."""
     import shutil
 
@@ -106,12 +108,13 @@ def test_linear_grid_is_chosen_on_held_out_training_data_never_on_val(digits, tm
     for i, name in enumerate(names):
         shutil.copytree(digits.val / name, scrambled / names[(i + 1) % len(names)])
     common = ["linear", "--preset", "tiny", "--train", str(digits.train), "--num-workers", "0", "--probe", "cls",
-              "--iters", "300", "--set", "eval.linear_batch_size=64"]
+              *solver, "--set", "eval.linear_batch_size=64"]
     assert main([*common, "--val", str(digits.val), "--out", str(tmp_path / "a")]) == 0
     assert main([*common, "--val", str(scrambled), "--out", str(tmp_path / "b")]) == 0
     a = json.loads((tmp_path / "a" / "linear_cls.json").read_text())
     b = json.loads((tmp_path / "b" / "linear_cls.json").read_text())
     assert len(a["heads"]) >= 10  # the default grid
+    assert a["solver"] == ("sgd" if "sgd" in solver else "lbfgs")  # auto: 450 training rows → L-BFGS
     chosen = [h["chosen"] for h in a["heads"]]
     assert chosen == [h["chosen"] for h in b["heads"]] and chosen.count(True) == 1
     assert a["best"]["top1"] > 25 > 15 > b["best"]["top1"]  # scrambled labels: near chance, same head
@@ -119,6 +122,22 @@ def test_linear_grid_is_chosen_on_held_out_training_data_never_on_val(digits, tm
     capsys.readouterr()
     assert main([*common, "--val", str(digits.val), "--out", str(tmp_path / "c"), "--holdout", "0"]) == 2
     assert "no held-out training data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--solver", "lbfgs", "--lr-grid", "0.1"], "--lr-grid"),
+    (["--solver", "lbfgs", "--iters", "100"], "--iters"),
+    (["--protocol", "dino", "--solver", "sgd"], "--solver"),
+    (["--solver", "lbfgs", "--wd-grid", "1e-3,-1"], "--wd-grid"),
+    (["--set", "eval.linear_lbfgs_wd_grid=[-1e-3]"], "linear_lbfgs_wd_grid"),
+])
+def test_linear_solver_flags_it_would_ignore_are_refused_in_one_line(flags, named, digits, tmp_path, capsys):
+    args = ["linear", "--preset", "tiny", "--train", str(digits.train), "--val", str(digits.val), "--num-workers", "0",
+            "--probe", "cls", "--out", str(tmp_path / "o"), *flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o" / "linear_cls.json").exists()
 
 
 def test_linear_probe_with_augmentation(digits, tmp_path):
