@@ -152,7 +152,7 @@ def _linear(p):
                    "features (--solver); dino: DINO's / the paper's epochs of SGD with augmentation (resumable)")
     p.add_argument("--solver", choices=["auto", "lbfgs", "sgd"], default=None, help="--protocol fast: lbfgs solves logistic "
                    "regression per weight decay (CLIP's protocol), sgd trains the lr x wd grid (DINOv2's); auto (default: "
-                   "eval.linear_solver) takes lbfgs where it costs no more than SGD, i.e. on small training sets")
+                   "eval.linear_solver) takes lbfgs up to eval.linear_lbfgs_max_rows training rows, sgd above")
     p.add_argument("--iters", type=int, default=None, help="--protocol fast, SGD solver: iterations (default: eval.linear_iters)")
     _add_local_rank(p)
 

@@ -289,9 +289,10 @@ class EvalConfig(Section):
     linear_solver: Literal["auto", "lbfgs", "sgd"] = Field(
         "auto", description="Solver of the default probe (`--protocol fast`): lbfgs solves logistic regression to "
         "its optimum for every weight decay of linear_lbfgs_wd_grid (CLIP's protocol); sgd trains the lr × wd grid for "
-        "linear_iters (DINOv2's); auto takes lbfgs when its most work (linear_lbfgs_iters full passes per weight decay) "
-        "is no more than the SGD grid's, i.e. on small training sets. Measured on the digits (README, Evaluation): "
-        "small 60 steps, val top-1 SGD 86.4, L-BFGS 91.6, scikit-learn 90.3.")
+        "linear_iters (DINOv2's); auto takes lbfgs up to linear_lbfgs_max_rows training rows, sgd above. Measured on "
+        "the digits (README, Evaluation): small 60 steps, val top-1 SGD 86.4, L-BFGS 91.6, scikit-learn 90.3.")
+    linear_lbfgs_max_rows: int = Field(60_000, ge=0, description="`linear_solver: auto` takes lbfgs up to this many "
+                                       "training rows (the digits, MNIST, CIFAR), sgd above (IN-100, ImageNet).")
     linear_lbfgs_iters: int = Field(1000, gt=0, description="Most L-BFGS iterations (full passes) per weight decay.")
     linear_lbfgs_wd_grid: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7], min_length=1,

@@ -114,7 +114,7 @@ def test_linear_grid_is_chosen_on_held_out_training_data_never_on_val(solver, di
     a = json.loads((tmp_path / "a" / "linear_cls.json").read_text())
     b = json.loads((tmp_path / "b" / "linear_cls.json").read_text())
     assert len(a["heads"]) >= 10  # the default grid
-    assert a["solver"] == ("sgd" if "sgd" in solver else "lbfgs")  # auto: 450 training rows → L-BFGS
+    assert a["solver"] == ("sgd" if "sgd" in solver else "lbfgs")  # auto: 450 training rows, L-BFGS
     chosen = [h["chosen"] for h in a["heads"]]
     assert chosen == [h["chosen"] for h in b["heads"]] and chosen.count(True) == 1
     assert a["best"]["top1"] > 25 > 15 > b["best"]["top1"]  # scrambled labels: near chance, same head

@@ -1,7 +1,7 @@
 """The default linear probe reads what its features allow (issue 32): on real trained checkpoints (tiny
 and small, trained briefly here on the digits) it reaches at least k-NN top-1 − 1 point and at least
 scikit-learn's LogisticRegression on the very same cached features − 2 points. Its L-BFGS solver
-reaches scikit-learn's optimum; ``auto`` picks it exactly where it costs no more than the SGD grid. And the probe state carries
+reaches scikit-learn's optimum; ``auto`` picks it up to its row limit. And the probe state carries
 the identity of its network and data (issue 33, defect 1); user files in --out are never replaced (defect 7)."""
 
 from __future__ import annotations
@@ -126,17 +126,21 @@ def test_lbfgs_cells_reach_scikit_learns_optimum():
     assert norms[0] < norms[1] < norms[2]
 
 
-def test_auto_solver_takes_lbfgs_exactly_where_it_costs_no_more_than_sgd():
-    """auto compares the most work of each: L-BFGS iterations × rows × weight decays against SGD
-    iterations × batch × heads; an lr flag asks for SGD; an explicit solver is kept."""
-    kw = dict(sgd_iters=8000, sgd_batch=1024, sgd_heads=17, lbfgs_iters=1000, lbfgs_cells=11)
-    edge = 8000 * 1024 * 17 // (1000 * 11)  # 12,663 rows with the defaults
-    assert resolve_solver("auto", lr_flags=False, n_rows=1308, **kw) == "lbfgs"  # the digits
-    assert resolve_solver("auto", lr_flags=False, n_rows=edge, **kw) == "lbfgs"
-    assert resolve_solver("auto", lr_flags=False, n_rows=edge + 1, **kw) == "sgd"
-    assert resolve_solver("auto", lr_flags=False, n_rows=1_153_050, **kw) == "sgd"  # ImageNet-1k less 10 %
-    assert resolve_solver("auto", lr_flags=True, n_rows=1308, **kw) == "sgd"
-    assert resolve_solver("lbfgs", lr_flags=False, n_rows=1_153_050, **kw) == "lbfgs"
+def test_auto_solver_takes_lbfgs_up_to_its_row_limit():
+    """auto: L-BFGS up to eval.linear_lbfgs_max_rows training rows, SGD above; an lr flag asks for SGD;
+    an explicit solver is kept."""
+    from mst_ds.config import load_config
+
+    limit = load_config("tiny", []).config.eval.linear_lbfgs_max_rows
+    assert limit == 60_000
+    assert resolve_solver("auto", lr_flags=False, n_rows=1308, lbfgs_max_rows=limit) == "lbfgs"  # the digits
+    assert resolve_solver("auto", lr_flags=False, n_rows=3600, lbfgs_max_rows=limit) == "lbfgs"  # the MNIST studies
+    assert resolve_solver("auto", lr_flags=False, n_rows=limit, lbfgs_max_rows=limit) == "lbfgs"
+    assert resolve_solver("auto", lr_flags=False, n_rows=limit + 1, lbfgs_max_rows=limit) == "sgd"
+    assert resolve_solver("auto", lr_flags=False, n_rows=1_153_050, lbfgs_max_rows=limit) == "sgd"  # ImageNet-1k
+    assert resolve_solver("auto", lr_flags=True, n_rows=1308, lbfgs_max_rows=limit) == "sgd"
+    assert resolve_solver("lbfgs", lr_flags=False, n_rows=1_153_050, lbfgs_max_rows=limit) == "lbfgs"
+    assert resolve_solver("sgd", lr_flags=False, n_rows=10, lbfgs_max_rows=limit) == "sgd"
 
 
 def test_grid_heads_are_independent_and_a_divergent_head_stops_alone():
