@@ -722,7 +722,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _default_sigterm() -> None:
+    """A forked worker starts with SIGTERM's default action, whatever handler its parent had installed
+    (a caller's record-only handler would let the worker outlive ``Pool.terminate`` and hang the join)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _worker(out: Path, plans: list[ShardPlan], q: mp.Queue, opts: WriteOptions) -> None:
+    _default_sigterm()
     _die_with_parent()
     parent = os.getppid()
     try:
@@ -1003,9 +1010,12 @@ def _write_all(folder: OutFolder, plans: list[ShardPlan], workers: int, opts: Wr
     # Checking a finished shard means hashing it: spread that over the workers too.
     candidates = [p for p in plans if p.name in folder.owned and (out / p.name).exists()]
     if workers > 1 and len(candidates) > 1:
-        with mp.get_context("fork").Pool(min(workers, len(candidates))) as pool:
+        with mp.get_context("fork").Pool(min(workers, len(candidates)), initializer=_default_sigterm) as pool:
             found = dict(zip([p.name for p in candidates],
                              pool.starmap(finished_record, [(out, p, opts.checksum) for p in candidates])))
+            # Workers leave on the pool's sentinels; terminate() (the with's exit) is left for errors.
+            pool.close()
+            pool.join()
     else:
         found = {p.name: finished_record(out, p, opts.checksum) for p in candidates}
     for p in plans:

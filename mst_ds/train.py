@@ -377,6 +377,12 @@ def run(args) -> int:
         return 0
     manifest = check_training_data(cfg)  # the one read of the training manifest in this process
     stop = job.StopSignals().install()  # SIGTERM/SIGUSR1: finish the step, save it, exit EXIT_STOPPED
-    if "LOCAL_RANK" in os.environ:  # started by a launcher: die with it, never train on as an orphan
-        job.die_with_launcher(stop)
-    return train(cfg, run_dir, stop=stop, manifest=manifest)
+    try:
+        if "LOCAL_RANK" in os.environ:  # started by a launcher: die with it, never train on as an orphan
+            job.die_with_launcher(stop)
+        return train(cfg, run_dir, stop=stop, manifest=manifest)
+    finally:
+        # Called in-process (tests, notebooks), the caller gets its handlers back: a record-only SIGTERM
+        # handler left behind is inherited by every process the caller forks later, which then outlive
+        # a terminate() (seen: the shard writer's pool hung a test session).
+        stop.uninstall()

@@ -48,6 +48,24 @@ def test_sigterm_saves_the_current_step_and_the_resumed_run_is_bit_identical(tra
     _same_weights(trained_run, run_dir)
 
 
+def test_the_train_command_in_process_gives_the_callers_handlers_back(digits_shards, tmp_path):
+    """`mst-ds train` called in-process (tests, notebooks) installs its stop handlers for the run only: a
+    record-only SIGTERM handler left behind is inherited by every process the caller forks later, which
+    then outlive a terminate() (seen: the shard writer's pool hung a CI session at test_shards_trust)."""
+    from conftest import TRAIN_SETS
+
+    from mst_ds.cli import main
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    argv = ["train", "--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--set", f"data.train={digits_shards}",
+            "--set", "run.max_steps=1"]
+    for s in TRAIN_SETS:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()  # it trained: the handlers were installed
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def test_sigusr1_stops_like_sigterm(digits_shards, tmp_path):
     stop = job.StopSignals().install()
     try:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -455,3 +456,27 @@ def test_background_and_inline_writing_give_the_same_shard(small_src, tmp_path, 
         assert err.value.errno == errno.ENOSPC
         assert sorted(p.name for p in out.iterdir()) == [PROGRESS_DIR, plan.name]  # no temp file left
     assert written[True] == written[False]
+
+
+def test_a_callers_sigterm_handler_does_not_keep_the_workers_alive(small_src, tmp_path):
+    """A process that calls the writer with a record-only SIGTERM handler installed (as `mst-ds train`
+    used to leave behind in-process): the rerun's checking pool ends on its sentinels (close + join), and
+    its workers start with SIGTERM's default action, so ``Pool.terminate`` would end them too. Before, a
+    rerun could hang in the pool's join (a fresh-clone CI stopped at test_rerun_touches_only_its_own_files;
+    a script hung at its 9th pair). A race, so this can miss it: 30 write + rerun pairs in a child
+    process, which the timeout ends if they hang (it passed unfixed once in this test's first run)."""
+    script = f"""
+import signal
+from pathlib import Path
+from data_tools.cli import main
+signal.signal(signal.SIGTERM, lambda s, f: None)
+for i in range(30):
+    out = Path({str(tmp_path)!r}) / f"out{{i}}"
+    for count in ("2", "5"):  # the rerun checks the finished shards in a worker pool
+        assert main(["write", "--src", {str(small_src)!r}, "--out", str(out), "--quiet", "--split", "train",
+                     "--max-count", count, "--workers", "2"]) == 0
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
