@@ -73,27 +73,22 @@ _atomic_write = atomic.write_text
 # --------------------------------------------------------------------------------------------------
 # RNG
 # --------------------------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    """This process's torch / python / numpy RNG state, and that of every GPU it sees ("cuda": a list)."""
+def rng_state(gpus: int) -> dict[str, Any]:
+    """This process's torch / python / numpy RNG state, and that of each of the ``gpus`` GPUs it sees
+    (``engine.Platform.device_count``, passed in: "cuda" is a list, absent on CPU)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if gpus:
+        state["cuda"] = [torch.cuda.get_rng_state(index) for index in range(gpus)]
     return state
 
 
-def visible_gpus() -> int:
-    """GPUs this process sees (0 on CPU)."""
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def set_rng_state(state: dict[str, Any], gpus: int | None = None) -> None:
-    """Restore :func:`rng_state`'s ``state``. GPU states are restored for the devices this process has
-    (``gpus``, default :func:`visible_gpus`): a task that sees fewer GPUs than the saver (one GPU per
-    task, a smaller node) restores the ones it has; more GPUs than saved keep their seeded state."""
+def set_rng_state(state: dict[str, Any], gpus: int) -> None:
+    """Restore :func:`rng_state`'s ``state``. GPU states are restored for the ``gpus`` devices this process
+    has (``engine.Platform.device_count``): a task that sees fewer GPUs than the saver (one GPU per task,
+    a smaller node) restores the ones it has; more GPUs than saved keep their seeded state."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    gpus = visible_gpus() if gpus is None else gpus
     for index, cuda_state in enumerate(state.get("cuda", [])[:gpus]):
         torch.cuda.set_rng_state(cuda_state, index)
 
@@ -358,7 +353,7 @@ class _DiskFullWriter:
 
 
 def save(engine, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], meta: dict[str, Any],
-         loader_position: dict[str, int], keep_last: int, rank: int, faults: Faults = Faults()) -> str:
+         loader_position: dict[str, int], keep_last: int, rank: int, gpus: int, faults: Faults = Faults()) -> str:
     """Save a complete checkpoint of every rank, then point ``latest`` to it; prune to keep_last.
 
     All ranks call this. ``client_state`` must be rank-invariant (only rank 0's copy is kept). A write
@@ -391,7 +386,7 @@ def save(engine, ckpt_dir: Path, *, step: int, client_state: dict[str, Any], met
             with atomic.atomic_path(tag_dir / f"rng_rank{rank:05d}.pt") as tmp:
                 if _save_fault(faults, "enospc_in_save", step, rank):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
-                torch.save({"rng": rng_state(), "loader": loader_position, "step": step}, tmp)
+                torch.save({"rng": rng_state(gpus), "loader": loader_position, "step": step}, tmp)
         except OSError as err:
             error = f"rank {rank}: {err}"
     # Every rank's files are on disk (or its error is known). Each rank lists the tag; the largest size
@@ -495,7 +490,7 @@ def convert_to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
     return out_tag
 
 
-def load(engine, ckpt_dir: Path, tag: str, *, rank: int, same_world: bool, gpus: int | None = None) -> dict[str, Any]:
+def load(engine, ckpt_dir: Path, tag: str, *, rank: int, same_world: bool, gpus: int) -> dict[str, Any]:
     """Load engine state and this rank's RNG (of the ``gpus`` it sees, :func:`set_rng_state`) →
     client_state (+ "loader" position).
 

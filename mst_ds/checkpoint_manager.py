@@ -135,4 +135,4 @@ def save(t: Any, ckpt_dir: Path, spe: int) -> str:
         os.kill(os.getpid(), signal.SIGKILL)
     return ckpt.save(t.engine, ckpt_dir, step=t.step, client_state=client, meta=meta,
                      loader_position={"epoch": t.step // spe, "skip_batches": (t.step % spe) * accum},
-                     keep_last=t.cfg.checkpoint.keep_last, rank=t.rank, faults=t.faults)
+                     keep_last=t.cfg.checkpoint.keep_last, rank=t.rank, gpus=t.platform.device_count, faults=t.faults)

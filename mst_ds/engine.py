@@ -175,6 +175,13 @@ def device(platform: Platform | None = None) -> torch.device:
 ROCM_BF16_ARCHS = ("gfx90a", "gfx94", "gfx95")
 
 
+def gpu_visible() -> bool:
+    """Whether this process sees a CUDA / ROCm GPU: the question the commands ask before DeepSpeed picks
+    its accelerator (``train.default_accelerator``, ``study.default_launch``), where :meth:`Platform.current`
+    cannot be asked yet. Everything after that takes the :class:`Platform`."""
+    return torch.cuda.is_available()
+
+
 @dataclass(frozen=True)
 class Platform:
     """What this process's accelerator offers, asked once (:meth:`current`) and passed in, so every

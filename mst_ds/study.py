@@ -521,7 +521,7 @@ def _check_data(train: str, val: str) -> dict[str, Any]:
 
 
 def run(args) -> int:
-    default_launch(args, gpu_visible=_has_gpu())
+    default_launch(args, gpu_visible=_gpu_visible())
     study = study_from_args(args)
     _check_out_dir(study.out)
     data = _check_data(study.train, study.val)
@@ -556,10 +556,11 @@ def default_launch(args, *, gpu_visible: bool) -> None:
         args.cpu = None if gpu_visible else 1
 
 
-def _has_gpu() -> bool:
-    import torch
+def _gpu_visible() -> bool:
+    # torch comes with the engine module: imported only when a study runs (plan --study is torch-free)
+    from mst_ds.engine import gpu_visible
 
-    return torch.cuda.is_available()
+    return gpu_visible()
 
 
 # --------------------------------------------------------------------------------------------------

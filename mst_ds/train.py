@@ -365,7 +365,7 @@ def default_accelerator(env: MutableMapping[str, str], *, gpu_visible: bool) -> 
 
 def run(args) -> int:
     """``mst-ds train --preset NAME [--set k=v ...] [--run-dir DIR]``."""
-    default_accelerator(os.environ, gpu_visible=torch.cuda.is_available())
+    default_accelerator(os.environ, gpu_visible=eng.gpu_visible())
     cfg = load_config(args.preset, args.sets).config
     run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.output_dir) / cfg.run.name
     launched = "LOCAL_RANK" in os.environ or os.environ.get("SLURM_PROCID", "0") != "0"

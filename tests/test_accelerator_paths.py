@@ -306,9 +306,10 @@ def test_blockwise_adamw_leaves_accelerator_tensors_to_torch():
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("saved,visible,restored", [(4, 1, [0]), (2, 2, [0, 1]), (2, 4, [0, 1])])
 def test_gpu_rng_restore_sets_only_the_devices_this_task_has(monkeypatch, saved, visible, restored):
-    """Faked: torch.cuda.is_available / device_count and set_rng_state, which raises IndexError for an
-    ordinal the process does not have (as torch's does: ``default_generators[idx]``). Before: the
-    saver's every device was restored → IndexError in a task that sees fewer."""
+    """The GPU count comes from the platform, passed in. Faked: torch.cuda.get_rng_state, and
+    set_rng_state, which raises IndexError for an ordinal the process does not have (as torch's does:
+    ``default_generators[idx]``). Before: the saver's every device was restored → IndexError in a task
+    that sees fewer."""
     calls = []
 
     def set_rng_state(state, device=0):
@@ -316,15 +317,12 @@ def test_gpu_rng_restore_sets_only_the_devices_this_task_has(monkeypatch, saved,
             raise IndexError(f"tuple index out of range ({device})")
         calls.append(device)
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
     monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.full((8,), i, dtype=torch.uint8)
-                                                                  for i in range(saved)])
-    state = ckpt.rng_state()  # the saver's: one state per GPU it saw
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=0: torch.full((8,), device, dtype=torch.uint8))
+    state = ckpt.rng_state(saved)  # the saver's: one state per GPU its platform counted
     assert len(state["cuda"]) == saved
-    ckpt.set_rng_state(state)
+    ckpt.set_rng_state(state, visible)  # the restoring task's platform count
     assert calls == restored
     calls.clear()
     ckpt.set_rng_state(state, gpus=0)  # a CPU process given the platform's count
